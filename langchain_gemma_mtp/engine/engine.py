@@ -1,0 +1,205 @@
+"""The Engine: a target, a drafter and per-hint draft schedules; token ids in, verified bursts out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+from transformers import PreTrainedModel
+
+from ..errors import InvalidRequestError
+from .drafters import DecodeState, DraftModelDrafter, Drafter, MTPDrafter, NgramDrafter, NoDrafter
+from .loading import (
+    check_drafter_name,
+    find_assistant,
+    is_assistant_checkpoint,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    stop_ids_of,
+    validate_draft_model,
+    validate_mtp_pair,
+)
+from .loop import speculative_decode
+from .schedule import DraftScheduler
+from .target import TargetModel
+from .types import Burst, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+
+log = logging.getLogger(__name__)
+
+
+class BurstStream:
+    """Iterator over one request's bursts; `stats`, `token_ids` and `finish_reason` fill as it runs.
+
+    Each step runs under the engine's lock and torch inference mode, so requests from several
+    threads interleave at verification-step granularity and the consumer's own code between
+    bursts runs outside inference mode.
+    """
+
+    def __init__(self, bursts: Iterator[Burst], stats: SpeculativeStats, lock: threading.Lock, prompt_tokens: int):
+        self._bursts = bursts
+        self._lock = lock
+        self.stats = stats
+        self.prompt_tokens = prompt_tokens
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> BurstStream:
+        return self
+
+    def __next__(self) -> Burst:
+        with self._lock, torch.inference_mode():
+            burst = next(self._bursts)
+        self.token_ids.extend(burst.token_ids)
+        self.finish_reason = burst.finish_reason or self.finish_reason
+        return burst
+
+    def close(self) -> None:
+        """Stop the request; its cache is freed."""
+        with self._lock:
+            self._bursts.close()
+
+    def result(self) -> GenerationResult:
+        """Run to the end and return the whole result."""
+        for _ in self:
+            pass
+        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+
+
+class Engine:
+    """Speculative decoding over a transformers target with a pluggable drafter."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        drafter: Drafter | None = None,
+        tokenizer: object | None = None,
+        *,
+        stop_token_ids: Iterable[int] | None = None,
+        name: str | None = None,
+    ):
+        self.model = target.eval()
+        self.target = TargetModel(self.model)
+        self.drafter: Drafter = drafter or NoDrafter()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(target.config, "_name_or_path", "") or type(target).__name__
+        self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_ids_of(target)
+        self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        drafter: str = "auto",
+        assistant: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        gguf_file: str | None = None,
+    ) -> Engine:
+        """Load a target and pair it with a drafter.
+
+        drafter: "auto" (an MTP assistant when one is given or found as `X-assistant`, a draft
+        model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "draft_model",
+        "ngram" or "none".
+        """
+        check_drafter_name(drafter)
+        if drafter == "draft_model" and assistant is None:
+            raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
+        dev, dt = resolve_device(device), resolve_dtype(dtype, resolve_device(device))
+        if drafter in ("auto", "mtp") and assistant is None:
+            assistant = find_assistant(model)
+            if assistant is None and drafter == "mtp":
+                raise InvalidRequestError(
+                    f"drafter='mtp' but no assistant was given or found beside {model!s} "
+                    "(looked for X-assistant): pass assistant=<dir or hub id>."
+                )
+        if drafter == "auto":
+            if assistant is None:
+                drafter = "ngram"
+            else:
+                drafter = "mtp" if is_assistant_checkpoint(assistant) else "draft_model"
+        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
+        target = TargetModel(target_model)
+        chosen: Drafter
+        if drafter == "mtp":
+            helper, _ = load_causal_lm(assistant, dev, dt)
+            validate_mtp_pair(target, helper)
+            chosen = MTPDrafter(helper, target)
+        elif drafter == "draft_model":
+            draft_lm, _ = load_causal_lm(assistant, dev, dt)
+            draft = TargetModel(draft_lm)
+            validate_draft_model(target, draft)
+            chosen = DraftModelDrafter(draft)
+        elif drafter == "ngram":
+            chosen = NgramDrafter()
+        else:
+            chosen = NoDrafter()
+        log.info("loaded %s with drafter %s (%s, %s)", model, chosen.name, dev, dt)
+        return cls(target_model, chosen, tokenizer, name=str(model))
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def make_request(
+        self,
+        prompt_ids: Iterable[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        num_draft_tokens: int | None = None,
+        draft_hint: str | int | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+    ) -> GenerationRequest:
+        """A validated request; raises InvalidRequestError before any forward pass."""
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        request = GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(float(temperature), float(top_p), int(top_k) if top_k is not None else 0),
+            seed=seed,
+            num_draft_tokens=num_draft_tokens,
+            draft_hint=draft_hint,
+            stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
+        )
+        request.validate(self.target.vocab_size, self.target.max_positions)
+        return request
+
+    def stream(self, prompt_ids: Iterable[int], **kwargs) -> BurstStream:
+        """Bursts of verified tokens, one per target forward. Arguments as `generate`."""
+        request = self.make_request(prompt_ids, **kwargs)
+        return self.stream_request(request)
+
+    def stream_request(self, request: GenerationRequest) -> BurstStream:
+        stats = SpeculativeStats(drafter=self.drafter.name)
+        policy = self.scheduler.policy(request, can_draft=not isinstance(self.drafter, NoDrafter))
+        generator = None
+        if not request.sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            if request.seed is not None:
+                generator.manual_seed(request.seed)
+            else:
+                generator.seed()
+        bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator)
+        return BurstStream(bursts, stats, self._lock, len(request.prompt_ids))
+
+    def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
+        """Generate new token ids.
+
+        kwargs: max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+        num_draft_tokens=None (fixed draft length for this call), draft_hint=None ("code",
+        "prose", "tool_call", "long_form", "auto" or an int), stop_token_ids=None (default: the
+        checkpoint's eos ids).
+        """
+        return self.stream(prompt_ids, **kwargs).result()
+
+
+__all__ = ["BurstStream", "DecodeState", "Engine"]

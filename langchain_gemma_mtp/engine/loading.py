@@ -1,0 +1,185 @@
+"""Resolve ids, paths and GGUF files to loaded models; pair a target with its drafter and validate the pair."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
+from .drafters import DRAFTER_NAMES
+from .target import TargetModel, text_config_of
+
+log = logging.getLogger(__name__)
+
+ASSISTANT_MODEL_TYPES = ("gemma4_assistant",)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when torch has it, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a dtype or its name; default bf16 on CUDA, fp32 on CPU (exact identity)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(dtype, dtype)
+    resolved = getattr(torch, str(name), None)
+    if not isinstance(resolved, torch.dtype):
+        raise InvalidRequestError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+    return resolved
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory for a path or a hub id (from the local hub cache first, then the hub).
+
+    Fails fast with ModelNotFoundError when offline or unreachable, naming how to pass a local dir.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{name_or_path!s} is not a model directory: pass a folder holding config.json.")
+    from huggingface_hub import snapshot_download
+
+    repo = str(name_or_path)
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline:
+        try:
+            return Path(snapshot_download(repo))
+        except Exception as exc:  # network refused, repo gated or missing: all end the same way
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    raise ModelNotFoundError(
+        f"model {repo!r} is not in the local hub cache and could not be downloaded ({why}). "
+        "Download it where the hub is reachable (`huggingface-cli download " + repo + " --local-dir DIR`) "
+        "and pass model=DIR, a local directory."
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None
+) -> tuple[PreTrainedModel, object | None]:
+    """Load a causal LM (and its tokenizer when it has one) and check every weight was found."""
+    path = resolve_checkpoint(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load {path}: {exc}") from exc
+    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
+    if missing:
+        # transformers fills missing weights with random values and only reports it; refuse instead.
+        raise ModelLoadError(
+            f"{path}: {len(missing)} weight(s) missing from the checkpoint (e.g. {missing[:3]}); "
+            "the model class does not match the checkpoint, or it is incomplete."
+        )
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception:  # the engine works on ids; a checkpoint without a tokenizer is fine
+        tokenizer = None
+    return model, tokenizer
+
+
+def is_assistant_checkpoint(name_or_path: str | os.PathLike) -> bool:
+    config = AutoConfig.from_pretrained(resolve_checkpoint(name_or_path))
+    return config.model_type in ASSISTANT_MODEL_TYPES
+
+
+def find_assistant(model: str | os.PathLike) -> str | None:
+    """The MTP assistant that pairs with `model`: `X-assistant` beside a local dir or on the hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        for candidate in (path.parent / f"{path.name}-assistant", path / "assistant"):
+            if (candidate / "config.json").is_file():
+                return str(candidate)
+        return None
+    repo = f"{model}-assistant"
+    try:
+        resolve_checkpoint(repo)
+    except ModelNotFoundError:
+        return None
+    return repo
+
+
+def _layer_attr(config, layer_idx: int, name: str):
+    per_layer = getattr(config, "per_layer_config", None)
+    if per_layer is not None:
+        return getattr(per_layer[layer_idx], name)
+    return getattr(config, name)
+
+
+def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
+    """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state."""
+    tc, ac = target.config, assistant.config
+    atc = ac.get_text_config()
+    problems = []
+    if atc.vocab_size != tc.vocab_size:
+        problems.append(f"vocab size {atc.vocab_size} != target's {tc.vocab_size}")
+    if ac.backbone_hidden_size != tc.hidden_size:
+        problems.append(f"backbone_hidden_size {ac.backbone_hidden_size} != target hidden size {tc.hidden_size}")
+    if not target.kv_layers:
+        problems.append("the target has no sliding/full layer types to share K/V from")
+    for i, layer_type in enumerate(atc.layer_types):
+        j = target.kv_layers.get(layer_type)
+        if j is None:
+            problems.append(f"assistant layer {i} reads {layer_type} K/V, which the target does not have")
+            continue
+        if target.returns_shared_kv:
+            # The producing layer of each type is the last non-shared one.
+            modes = tc.kv_sharing_modes
+            j = max(idx for idx, lt in enumerate(tc.layer_types) if lt == layer_type and modes[idx] != "reuse")
+        for attr in ("head_dim", "num_key_value_heads"):
+            a, t = _layer_attr(atc, i, attr), _layer_attr(tc, j, attr)
+            if a != t:
+                problems.append(f"{layer_type} {attr} {a} != target's {t}")
+    rope_a, rope_t = getattr(atc, "rope_parameters", None), getattr(tc, "rope_parameters", None)
+    if isinstance(rope_a, dict) and isinstance(rope_t, dict):
+        for layer_type in set(atc.layer_types):
+            a, t = rope_a.get(layer_type, rope_a), rope_t.get(layer_type, rope_t)
+            if a != t:
+                problems.append(f"{layer_type} rope parameters {a} != target's {t}")
+    if "sliding_attention" in atc.layer_types and atc.sliding_window != getattr(tc, "sliding_window", None):
+        problems.append(f"sliding_window {atc.sliding_window} != target's {getattr(tc, 'sliding_window', None)}")
+    if problems:
+        raise IncompatibleDrafterError(
+            "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
+            + ". Use the assistant released with this target (X-assistant for X), or drafter='ngram'."
+        )
+
+
+def validate_draft_model(target: TargetModel, draft: TargetModel) -> None:
+    if draft.vocab_size != target.vocab_size:
+        raise IncompatibleDrafterError(
+            f"draft model vocab size {draft.vocab_size} != target's {target.vocab_size}: a draft model must share "
+            "the target's tokenizer. Use a smaller model of the same family, or drafter='ngram'."
+        )
+
+
+def check_drafter_name(drafter: str) -> None:
+    if drafter not in DRAFTER_NAMES:
+        raise InvalidRequestError(f"unknown drafter {drafter!r}: use one of {DRAFTER_NAMES}.")
+
+
+def stop_ids_of(model: PreTrainedModel) -> frozenset[int]:
+    """Stop tokens from the checkpoint's generation config (eos_token_id may be a list)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(text_config_of(model), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

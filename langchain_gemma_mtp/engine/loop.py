@@ -1,0 +1,75 @@
+"""One request's speculative loop: prefill, then draft -> verify -> roll back, one burst per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .drafters import DecodeState, Drafter
+from .schedule import DraftPolicy
+from .target import TargetModel
+from .types import Burst, GenerationRequest, SpeculativeStats
+from .verify import process_logits, sample_or_argmax, verify_greedy, verify_sampled
+
+
+def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[list[int], str | None]:
+    """Cut a step's tokens at the first stop token (kept) or at max_new_tokens."""
+    for i, tok in enumerate(new):
+        if tok in request.stop_token_ids:
+            return new[: i + 1], "stop"
+    room = request.max_new_tokens - produced
+    if len(new) >= room:
+        return new[:room], "length"
+    return new, None
+
+
+def speculative_decode(
+    target: TargetModel,
+    drafter: Drafter,
+    request: GenerationRequest,
+    policy: DraftPolicy,
+    stats: SpeculativeStats,
+    generator: torch.Generator | None,
+) -> Iterator[Burst]:
+    """Yield bursts of verified tokens for one request; the caller holds the model."""
+    sampling = request.sampling
+    cache = target.new_cache()
+    prompt = list(request.prompt_ids)
+
+    fwd = target.forward(prompt, cache, prefill=True)
+    first, _ = sample_or_argmax(target.logits(fwd.hidden[-1]), sampling, generator)
+    stats.target_forwards += 1
+    state = DecodeState(
+        tokens=prompt + [first],
+        prompt_len=len(prompt),
+        hidden=fwd.hidden[-1:].unsqueeze(0),
+        shared_kv=target.rollback(cache, fwd, 0),
+        sampling=sampling,
+        generator=generator,
+    )
+    new, finish = _finish([first], 0, request)
+    yield Burst(new, 0, 0, finish)
+    produced = len(new)
+    drafter.start(state)
+
+    while finish is None:
+        # Never draft past max_new_tokens: the target adds one token of its own each step.
+        k = min(policy.next_length(), request.max_new_tokens - produced - 1)
+        draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
+        fwd = target.forward([state.tokens[-1]] + draft, cache)
+        logits = target.logits(fwd.hidden)
+        if sampling.greedy:
+            n, nxt = verify_greedy(logits, draft)
+        else:
+            n, nxt = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
+        state.shared_kv = target.rollback(cache, fwd, len(draft) - n)
+        state.hidden = fwd.hidden[n:n + 1].unsqueeze(0)
+        stats.record_step(len(draft), n)
+        policy.observe(len(draft), n)
+
+        new, finish = _finish(draft[:n] + [nxt], produced, request)
+        state.tokens.extend(draft[:n] + [nxt])
+        drafter.commit(state, n)
+        produced += len(new)
+        yield Burst(new, len(draft), n, finish)

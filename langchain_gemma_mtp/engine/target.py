@@ -1,0 +1,92 @@
+"""The verifying model: a transformers causal LM driven one forward at a time, with KV rollback."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def text_config_of(model: PreTrainedModel):
+    """The text decoder's config (the whole config for text-only models)."""
+    return model.config.get_text_config()
+
+
+@dataclass
+class Forward:
+    """What one target forward leaves for the next step."""
+
+    hidden: torch.Tensor  # (L, H) final normed hidden states of the fed tokens
+    shared_kv: KV | None  # keys/values the MTP drafter attends to, covering the cache
+
+
+class TargetModel:
+    """Splits a causal LM into decoder, head and softcap so we compute logits only where needed.
+
+    Gemma 4 targets return `shared_kv_states` themselves; other targets with sliding and full
+    layers (Gemma 3) hold the same tensors in their cache, read from the last layer of each type.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.config = text_config_of(model)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.vocab_size = int(self.config.vocab_size)
+        self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self.device = self.lm_head.weight.device
+        self.dtype = self.lm_head.weight.dtype
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.returns_shared_kv = hasattr(self.config, "kv_sharing_modes")
+        has_ple = bool(getattr(self.config, "hidden_size_per_layer_input", 0))
+        # Only Gemma 4 skips its kv-shared layers for positions whose logits are not needed, and
+        # only with per-layer inputs (without them its slicing path crashes).
+        self._prefill_keep = 1 if self.returns_shared_kv and has_ple and self.config.num_kv_shared_layers else None
+        layer_types = list(getattr(self.config, "layer_types", None) or [])
+        self.kv_layers = {t: max(i for i, lt in enumerate(layer_types) if lt == t) for t in set(layer_types)}
+
+    def new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self.config)
+        # Sliding layers must keep past states until cropped, or rejected drafts could not be rolled back.
+        cache.activate_past_recording()
+        return cache
+
+    def forward(self, token_ids: list[int], cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True) -> Forward:
+        """Feed tokens after what `cache` holds; return final hidden states of the fed tokens."""
+        ids = torch.tensor([token_ids], device=self.device)
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self.returns_shared_kv:
+            kwargs["return_shared_kv_states"] = want_kv
+            kwargs["logits_to_keep"] = self._prefill_keep if prefill else None
+        out = self.decoder(input_ids=ids, **kwargs)
+        kv = out.shared_kv_states if self.returns_shared_kv and want_kv else None
+        return Forward(out.last_hidden_state[0], dict(kv) if kv is not None else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the given hidden rows, with the model's final softcap."""
+        logits = self.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int) -> KV | None:
+        """Drop rejected tokens from the cache; return the drafter's K/V without them.
+
+        `crop` runs every step, also with 0, so sliding layers shrink back to their window.
+        """
+        cache.crop(-n_rejected)
+        if fwd.shared_kv is not None:
+            if not n_rejected:
+                return fwd.shared_kv
+            return {t: (k[:, :, :-n_rejected], v[:, :, :-n_rejected]) for t, (k, v) in fwd.shared_kv.items()}
+        if not self.kv_layers:
+            return None
+        layers = cache.layers
+        return {t: (layers[i].keys, layers[i].values) for t, i in self.kv_layers.items()}

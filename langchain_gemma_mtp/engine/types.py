@@ -1,0 +1,145 @@
+"""Plain data of the engine: requests, bursts of verified tokens, speculative stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequestError
+
+DRAFT_HINTS = ("auto", "code", "prose", "tool_call", "long_form")
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One call's inputs, validated before any forward pass."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    num_draft_tokens: int | None = None
+    draft_hint: str | int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def validate(self, vocab_size: int, max_positions: int | None) -> None:
+        """Raise InvalidRequestError naming the problem and the fix."""
+        if not self.prompt_ids:
+            raise InvalidRequestError("prompt_ids is empty: pass at least one token id (e.g. the BOS token).")
+        bad = [t for t in self.prompt_ids if not isinstance(t, int) or t < 0 or t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt_ids holds {len(bad)} id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: "
+                "tokenize with this model's own tokenizer."
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise InvalidRequestError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        if max_positions is not None and len(self.prompt_ids) + self.max_new_tokens > max_positions:
+            raise InvalidRequestError(
+                f"prompt ({len(self.prompt_ids)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
+                f"model's context of {max_positions} tokens: shorten the prompt or lower max_new_tokens."
+            )
+        s = self.sampling
+        if s.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {s.temperature}.")
+        if not 0.0 < s.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}.")
+        if not isinstance(s.top_k, int) or s.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an int >= 0 (0 disables it), got {s.top_k!r}.")
+        if self.num_draft_tokens is not None:
+            n = self.num_draft_tokens
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_DRAFT_TOKENS:
+                raise InvalidRequestError(
+                    f"num_draft_tokens must be an int in [0, {MAX_DRAFT_TOKENS}], got {n!r}."
+                )
+        hint = self.draft_hint
+        if hint is not None and not isinstance(hint, int) and hint not in DRAFT_HINTS:
+            raise InvalidRequestError(f"unknown draft_hint {hint!r}: use one of {DRAFT_HINTS} or an int.")
+        if isinstance(hint, int) and (isinstance(hint, bool) or not 0 <= hint <= MAX_DRAFT_TOKENS):
+            raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint!r}.")
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one request's speculative decoding (or aggregated over many)."""
+
+    drafter: str = "none"
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    steps: int = 0
+    draft_lengths: list[int] = field(default_factory=list)
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: how often it was verified
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: how often it was accepted
+
+    def record_step(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.target_forwards += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.draft_lengths.append(drafted)
+        while len(self.drafted_at) < drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(drafted):
+            self.drafted_at[i] += 1
+            if i < accepted:
+                self.accepted_at[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per verification step (accepted drafts + the target's own token)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    def as_dict(self) -> dict:
+        return {
+            "drafter": self.drafter,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "target_forwards": self.target_forwards,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "per_position_acceptance": self.per_position_acceptance,
+            "draft_lengths": list(self.draft_lengths),
+        }
+
+
+@dataclass
+class Burst:
+    """Tokens verified by one target forward pass, in order."""
+
+    token_ids: list[int]
+    drafted: int
+    accepted: int
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" on the last burst
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: new tokens only (a final stop token included, as transformers does)."""
+
+    token_ids: list[int]
+    finish_reason: str
+    stats: SpeculativeStats
+    prompt_tokens: int

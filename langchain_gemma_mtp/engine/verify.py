@@ -1,0 +1,80 @@
+"""Verification of drafts by the target: greedy prefix match and lossless rejection sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from .types import SamplingParams
+
+
+def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Return float32 probabilities after temperature, top-k and top-p, row by row.
+
+    The same processing is applied to target and drafter logits, so that the
+    rejection rule compares the distributions that are really sampled from.
+    """
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the top token always stays.
+        drop_sorted = (cum - sorted_scores.softmax(-1)) >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(-1)
+
+
+def verify_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
+    """Accept the longest draft prefix equal to the target's argmax; return (n_accepted, next_token).
+
+    `target_logits` holds k+1 rows: the predictions after the pending token and after each draft token.
+    """
+    preds = target_logits.argmax(-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == preds[n]:
+        n += 1
+    return n, preds[n]
+
+
+def verify_sampled(
+    target_probs: torch.Tensor,
+    draft: list[int],
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Leviathan et al. speculative sampling; return (n_accepted, next_token).
+
+    Draft token x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first
+    rejection the next token is drawn from norm(max(0, p_i - q_i)); after a full accept a bonus
+    token is drawn from p_k. A deterministic drafter passes `draft_probs=None`: q is then a point
+    mass, so acceptance is p(d) and the residual is p with d removed; the same formula covers it.
+    """
+    k = len(draft)
+    p = target_probs
+    n = k
+    if k:
+        d = torch.tensor(draft, device=p.device)
+        q = draft_probs if draft_probs is not None else torch.nn.functional.one_hot(d, p.shape[-1]).to(p.dtype)
+        rows = torch.arange(k, device=p.device)
+        px, qx = p[rows, d], q[rows, d].to(p.dtype)
+        r = torch.rand(k, generator=generator, device=p.device)
+        rejected = (r * qx >= px).nonzero()
+        if rejected.numel():
+            n = int(rejected[0, 0])
+            residual = (p[n] - q[n].to(p.dtype)).clamp_min(0.0)
+            total = residual.sum()
+            # A rejection implies p(x) < q(x), hence mass elsewhere; guard against rounding to zero.
+            dist = residual / total if total > 0 else p[n]
+            return n, int(torch.multinomial(dist, 1, generator=generator))
+    return n, int(torch.multinomial(p[n], 1, generator=generator))
+
+
+def sample_or_argmax(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """Pick one token from a single row of logits; return it with the processed probabilities (None when greedy)."""
+    if sampling.greedy:
+        return int(logits.argmax(-1)), None
+    probs = process_logits(logits, sampling)
+    return int(torch.multinomial(probs, 1, generator=generator)), probs

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny real Gemma checkpoints saved to disk, and a memorizing target with a distilled drafter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import EOS, VOCAB, build_assistant, build_target, memorize, save  # noqa: E402
+
+torch.set_num_threads(2)
+
+TARGET_KINDS = ("shared_ple", "noshare", "conditional", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny targets of every kind; beside each `<kind>-assistant` (ordered embeddings) and
+    `<kind>-plain-assistant` (full-vocab head)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for kind in TARGET_KINDS:
+        target = build_target(kind)
+        paths[kind] = save(target, root / kind)
+        save(build_assistant(target, ordered=True), root / f"{kind}-assistant")
+        save(build_assistant(target, ordered=False), root / f"{kind}-plain-assistant")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def memorized_sequences() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [[2] + torch.randint(3, VOCAB, (60,), generator=g).tolist() + [EOS] for _ in range(3)]
+
+
+@pytest.fixture(scope="session")
+def memorizing_target(memorized_sequences):
+    """A tiny Gemma 4 target trained for seconds to reproduce three token transcripts (plumbing only)."""
+    target = build_target("shared_ple", seed=3)
+    loss = memorize(target, memorized_sequences, steps=240, lr=5e-3)
+    assert loss < 0.1, f"the fixture failed to memorize its transcripts (loss {loss:.3f})"
+    return target
