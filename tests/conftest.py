@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import EOS, VOCAB, build_assistant, build_target, memorize, save  # noqa: E402
 
 torch.set_num_threads(2)
+transformers.utils.logging.disable_progress_bar()
 
 TARGET_KINDS = ("shared_ple", "noshare", "conditional", "gemma3")
 

@@ -70,7 +70,7 @@ def test_greedy_identity_every_drafter(engines, references, kind, drafter, k):
 class ScriptedDrafter:
     """Proposes a fixed script of continuations: the true one (oracle) or a shifted one (always wrong)."""
 
-    cost_per_draft_token = 0.0
+    cost_per_draft_token = 0.1  # priced like the MTP drafter, for the adaptive schedule
 
     def __init__(self, continuation: list[int], shift: int, name: str):
         self.continuation, self.shift, self.name = continuation, shift, name

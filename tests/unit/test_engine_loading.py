@@ -1,0 +1,117 @@
+"""Loading through Engine.from_pretrained: drafter pairing, validation errors, offline failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.errors import (
+    IncompatibleDrafterError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from tiny_models import build_assistant, build_target, save
+
+
+def test_auto_pairs_with_the_assistant_beside_the_target(checkpoints):
+    assert Engine.from_pretrained(checkpoints["noshare"]).drafter.name == "mtp"
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="ngram").drafter.name == "ngram"
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="none").drafter.name == "none"
+
+
+def test_auto_falls_back_to_ngram_without_an_assistant(tmp_path):
+    path = save(build_target("noshare"), tmp_path / "lonely")
+    assert Engine.from_pretrained(path).drafter.name == "ngram"
+    with pytest.raises(InvalidRequestError, match="assistant="):
+        Engine.from_pretrained(path, drafter="mtp")
+
+
+def test_auto_uses_a_causal_lm_assistant_as_draft_model(checkpoints, tmp_path):
+    draft = save(build_target("gemma3", seed=9), tmp_path / "draft")
+    engine = Engine.from_pretrained(checkpoints["noshare"], assistant=draft)
+    assert engine.drafter.name == "draft_model"
+
+
+def test_unknown_drafter_name_fails_before_loading(checkpoints):
+    with pytest.raises(InvalidRequestError, match="unknown drafter 'eagle'"):
+        Engine.from_pretrained(checkpoints["noshare"], drafter="eagle")
+
+
+def test_dtype_and_device_arguments(checkpoints):
+    engine = Engine.from_pretrained(checkpoints["noshare"], drafter="none", dtype="bfloat16", device="cpu")
+    assert engine.target.dtype == torch.bfloat16 and engine.device.type == "cpu"
+    with pytest.raises(InvalidRequestError, match="unknown dtype"):
+        Engine.from_pretrained(checkpoints["noshare"], dtype="float7")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(vocab=256), "vocab size 512 != target's 256"),
+        (dict(hidden=32), "backbone_hidden_size 64 != target hidden size 32"),
+    ],
+)
+def test_mtp_pair_validation(tmp_path, change, message):
+    assistant = build_assistant(build_target("noshare"), ordered=False)
+    target = build_target("noshare", **change)
+    save(target, tmp_path / "t")
+    save(assistant, tmp_path / "a")
+    with pytest.raises(IncompatibleDrafterError, match=message):
+        Engine.from_pretrained(tmp_path / "t", drafter="mtp", assistant=tmp_path / "a")
+
+
+def test_mtp_validation_of_heads_and_rope(tmp_path):
+    target = build_target("noshare")
+    assistant = build_assistant(target, ordered=False)
+    cfg = assistant.config.get_text_config()
+    cfg.rope_parameters = {**cfg.rope_parameters, "sliding_attention": {"rope_type": "default", "rope_theta": 5.0}}
+    save(target, tmp_path / "t")
+    save(assistant, tmp_path / "a")
+    with pytest.raises(IncompatibleDrafterError, match="sliding_attention rope parameters"):
+        Engine.from_pretrained(tmp_path / "t", drafter="mtp", assistant=tmp_path / "a")
+
+
+def test_mtp_validation_of_kv_heads(tmp_path):
+    from tiny_models import gemma4_text_config
+    from transformers import Gemma4ForCausalLM
+
+    config = gemma4_text_config(shared=False, ple=False, num_global_key_value_heads=None)
+    config.num_key_value_heads = 2
+    target = Gemma4ForCausalLM(gemma4_text_config(shared=False, ple=False))
+    wide = Gemma4ForCausalLM(config)
+    save(wide, tmp_path / "t")
+    save(build_assistant(target, ordered=False), tmp_path / "a")
+    with pytest.raises(IncompatibleDrafterError, match="num_key_value_heads 1 != target's 2"):
+        Engine.from_pretrained(tmp_path / "t", drafter="mtp", assistant=tmp_path / "a")
+
+
+def test_draft_model_vocab_mismatch(tmp_path):
+    save(build_target("noshare"), tmp_path / "t")
+    save(build_target("noshare", vocab=256), tmp_path / "d")
+    with pytest.raises(IncompatibleDrafterError, match="draft model vocab size 256"):
+        Engine.from_pretrained(tmp_path / "t", drafter="draft_model", assistant=tmp_path / "d")
+
+
+def test_missing_model_offline_fails_fast_and_says_how(monkeypatch, tmp_path):
+    # The hub cannot exist here; HF_HUB_OFFLINE is the real switch users set in that situation.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="pass model=DIR, a local directory"):
+        Engine.from_pretrained("google/gemma-4-E2B-it")
+    assert time.monotonic() - start < 30  # no hang: it never waits on a network
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a model directory"):
+        Engine.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_stop_ids_may_be_a_list(tmp_path):
+    target = build_target("noshare")
+    target.generation_config.eos_token_id = [1, 106 % 512]
+    path = save(target, tmp_path / "t")
+    assert Engine.from_pretrained(path, drafter="none").stop_token_ids == frozenset({1, 106})

@@ -1,0 +1,52 @@
+"""Bad requests fail with a clear InvalidRequestError before any forward pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.errors import InvalidRequestError
+from tiny_models import MAX_POS, VOCAB
+
+
+@pytest.fixture(scope="module")
+def counted(checkpoints):
+    engine = Engine.from_pretrained(checkpoints["shared_ple"])
+    calls = []
+    engine.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    engine.target.decoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    return engine, calls
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,message",
+    [
+        ([], {}, "prompt_ids is empty"),
+        ([2, VOCAB + 5], {}, "outside the vocabulary"),
+        ([2, -1], {}, "outside the vocabulary"),
+        ([2] * (MAX_POS - 10), {"max_new_tokens": 20}, f"exceeds the model's context of {MAX_POS}"),
+        ([2, 3], {"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+        ([2, 3], {"max_new_tokens": -4}, "max_new_tokens must be a positive int"),
+        ([2, 3], {"num_draft_tokens": 17}, "num_draft_tokens must be an int in"),
+        ([2, 3], {"num_draft_tokens": -1}, "num_draft_tokens must be an int in"),
+        ([2, 3], {"draft_hint": "poetry"}, "unknown draft_hint 'poetry'"),
+        ([2, 3], {"draft_hint": 40}, "an int draft_hint must be in"),
+        ([2, 3], {"temperature": -1.0}, "temperature must be >= 0"),
+        ([2, 3], {"top_p": 0.0}, "top_p must be in"),
+        ([2, 3], {"top_k": -2}, "top_k must be"),
+    ],
+)
+def test_bad_requests_raise_before_any_forward(counted, prompt, kwargs, message):
+    engine, calls = counted
+    before = len(calls)
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.stream(prompt, **kwargs)  # raises eagerly, not at the first next()
+    with pytest.raises(ValueError, match=message):  # also a ValueError, for callers that catch that
+        engine.generate(prompt, **kwargs)
+    assert len(calls) == before
+
+
+def test_good_request_after_bad_ones(counted):
+    engine, calls = counted
+    assert len(engine.generate([2, 3, 4], max_new_tokens=5, stop_token_ids=[]).token_ids) == 5
+    assert calls

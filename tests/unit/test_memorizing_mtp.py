@@ -1,0 +1,58 @@
+"""A memorizing tiny target with a drafter distilled in seconds: high acceptance, few target forwards.
+
+Plumbing only: the target memorized three token transcripts, so what is measured is that the
+MTP path carries the target's state correctly, not how well a drafter generalizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from langchain_gemma_mtp.distill import distill_assistant
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters import MTPDrafter
+from langchain_gemma_mtp.engine.target import TargetModel
+from tiny_models import build_assistant, save
+
+
+@pytest.fixture(scope="module")
+def distilled(memorizing_target, memorized_sequences):
+    target = TargetModel(memorizing_target)
+    untrained = build_assistant(memorizing_target, ordered=False, seed=4)
+    trained = build_assistant(memorizing_target, ordered=False, seed=4)
+    losses = distill_assistant(trained, target, memorized_sequences, steps=120, draft_steps=4)
+    assert losses[-1] < losses[0] / 5
+    return untrained, trained
+
+
+def test_memorizing_target_with_distilled_drafter(memorizing_target, memorized_sequences, distilled):
+    untrained, trained = distilled
+    target = TargetModel(memorizing_target)
+    plain = Engine(memorizing_target)
+    fast = Engine(memorizing_target, MTPDrafter(trained, target))
+    slow = Engine(memorizing_target, MTPDrafter(untrained, target))
+    for seq in memorized_sequences:
+        head, tail = seq[:8], seq[8:]
+        expected = plain.generate(head, max_new_tokens=80).token_ids
+        assert expected == tail  # the fixture memorized its transcript, EOS included
+        result = fast.generate(head, max_new_tokens=80, num_draft_tokens=4)
+        assert result.token_ids == expected and result.finish_reason == "stop"
+        assert result.stats.acceptance_rate > 0.8
+        assert result.stats.target_forwards < len(result.token_ids) / 2
+        baseline = slow.generate(head, max_new_tokens=80, num_draft_tokens=4)
+        assert baseline.token_ids == expected
+        assert baseline.stats.acceptance_rate < result.stats.acceptance_rate - 0.5
+
+
+def test_distilled_drafter_saves_and_reloads(memorizing_target, memorized_sequences, distilled, tmp_path):
+    _, trained = distilled
+    save(memorizing_target, tmp_path / "mem")
+    save(trained, tmp_path / "mem-assistant")
+    engine = Engine.from_pretrained(tmp_path / "mem")
+    assert engine.drafter.name == "mtp"
+    in_memory = Engine(memorizing_target, MTPDrafter(trained, TargetModel(memorizing_target)))
+    seq = memorized_sequences[1]
+    a = engine.generate(seq[:8], max_new_tokens=80, num_draft_tokens=4)
+    b = in_memory.generate(seq[:8], max_new_tokens=80, num_draft_tokens=4)
+    assert a.token_ids == b.token_ids == seq[8:]
+    assert a.stats.draft_lengths == b.stats.draft_lengths and a.stats.accepted == b.stats.accepted
