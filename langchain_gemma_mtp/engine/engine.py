@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from transformers import PreTrainedModel
 
 from ..errors import InvalidRequestError
-from .drafters import DecodeState, DraftModelDrafter, Drafter, MTPDrafter, NgramDrafter, NoDrafter
+from .drafters import DraftModelDrafter, Drafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
     check_drafter_name,
     find_assistant,
@@ -26,47 +25,10 @@ from .loading import (
 from .loop import speculative_decode
 from .schedule import DraftScheduler
 from .target import TargetModel
-from .types import Burst, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+from .types import GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+from .worker import EngineWorker, RequestHandle
 
 log = logging.getLogger(__name__)
-
-
-class BurstStream:
-    """Iterator over one request's bursts; `stats`, `token_ids` and `finish_reason` fill as it runs.
-
-    Each step runs under the engine's lock and torch inference mode, so requests from several
-    threads interleave at verification-step granularity and the consumer's own code between
-    bursts runs outside inference mode.
-    """
-
-    def __init__(self, bursts: Iterator[Burst], stats: SpeculativeStats, lock: threading.Lock, prompt_tokens: int):
-        self._bursts = bursts
-        self._lock = lock
-        self.stats = stats
-        self.prompt_tokens = prompt_tokens
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-
-    def __iter__(self) -> BurstStream:
-        return self
-
-    def __next__(self) -> Burst:
-        with self._lock, torch.inference_mode():
-            burst = next(self._bursts)
-        self.token_ids.extend(burst.token_ids)
-        self.finish_reason = burst.finish_reason or self.finish_reason
-        return burst
-
-    def close(self) -> None:
-        """Stop the request; its cache is freed."""
-        with self._lock:
-            self._bursts.close()
-
-    def result(self) -> GenerationResult:
-        """Run to the end and return the whole result."""
-        for _ in self:
-            pass
-        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
 
 
 class Engine:
@@ -88,7 +50,7 @@ class Engine:
         self.name = name or getattr(target.config, "_name_or_path", "") or type(target).__name__
         self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_ids_of(target)
         self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
-        self._lock = threading.Lock()
+        self.worker = EngineWorker(self.name)
 
     @classmethod
     def from_pretrained(
@@ -173,12 +135,15 @@ class Engine:
         request.validate(self.target.vocab_size, self.target.max_positions)
         return request
 
-    def stream(self, prompt_ids: Iterable[int], **kwargs) -> BurstStream:
-        """Bursts of verified tokens, one per target forward. Arguments as `generate`."""
-        request = self.make_request(prompt_ids, **kwargs)
-        return self.stream_request(request)
+    def submit(self, prompt_ids: Iterable[int], **kwargs) -> RequestHandle:
+        """Queue a request on the engine's owner thread; iterate the handle (sync or async) for
+        bursts of verified tokens, one per target forward. Arguments as `generate`; a bad request
+        raises InvalidRequestError here, before any forward pass."""
+        return self.submit_request(self.make_request(prompt_ids, **kwargs))
 
-    def stream_request(self, request: GenerationRequest) -> BurstStream:
+    stream = submit
+
+    def submit_request(self, request: GenerationRequest) -> RequestHandle:
         stats = SpeculativeStats(drafter=self.drafter.name)
         policy = self.scheduler.policy(request, can_draft=not isinstance(self.drafter, NoDrafter))
         generator = None
@@ -189,7 +154,7 @@ class Engine:
             else:
                 generator.seed()
         bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator)
-        return BurstStream(bursts, stats, self._lock, len(request.prompt_ids))
+        return self.worker.submit(bursts, stats, len(request.prompt_ids))
 
     def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """Generate new token ids.
@@ -199,7 +164,11 @@ class Engine:
         "prose", "tool_call", "long_form", "auto" or an int), stop_token_ids=None (default: the
         checkpoint's eos ids).
         """
-        return self.stream(prompt_ids, **kwargs).result()
+        return self.submit(prompt_ids, **kwargs).result()
+
+    async def agenerate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
+        """`generate` for asyncio: awaits the owner thread without blocking the event loop."""
+        return await self.submit(prompt_ids, **kwargs).aresult()
 
 
-__all__ = ["BurstStream", "DecodeState", "Engine"]
+__all__ = ["Engine"]

@@ -1,0 +1,202 @@
+"""The single owner thread that runs the model: a round-robin queue of requests, cancellable per step."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import threading
+import weakref
+from collections.abc import Iterator
+
+import torch
+
+from .types import Burst, GenerationResult, SpeculativeStats
+
+_END = object()
+_WORKERS: weakref.WeakSet[EngineWorker] = weakref.WeakSet()
+
+
+class _Job:
+    """Worker-side state of one request: its step generator and its outbox."""
+
+    def __init__(self, bursts: Iterator[Burst]):
+        self.bursts = bursts
+        self.cancelled = False
+        self.outbox: collections.deque = collections.deque()
+        self.ready = threading.Condition()
+        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    def put(self, item: object) -> None:
+        with self.ready:
+            self.outbox.append(item)
+            self.ready.notify_all()
+            waiters, self.waiters = self.waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+            except RuntimeError:  # that event loop is closed: nobody is waiting there any more
+                pass
+
+
+class RequestHandle:
+    """Consumer side of one request: iterate bursts from any thread, or `async for` from asyncio.
+
+    `stats`, `token_ids` and `finish_reason` fill as bursts arrive. Dropping the handle, breaking
+    out and calling `cancel()` all stop the request at its next verification step.
+    """
+
+    def __init__(self, job: _Job, worker: EngineWorker, stats: SpeculativeStats, prompt_tokens: int):
+        self._job = job
+        self._worker = worker
+        self.stats = stats
+        self.prompt_tokens = prompt_tokens
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self._done = False
+
+    def _take(self, item: object) -> Burst:
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self.token_ids.extend(item.token_ids)
+        self.finish_reason = item.finish_reason or self.finish_reason
+        return item
+
+    def __iter__(self) -> RequestHandle:
+        return self
+
+    def __next__(self) -> Burst:
+        if self._done:
+            raise StopIteration
+        job = self._job
+        with job.ready:
+            job.ready.wait_for(lambda: job.outbox)
+            item = job.outbox.popleft()
+        return self._take(item)
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> Burst:
+        if self._done:
+            raise StopAsyncIteration
+        job = self._job
+        loop = asyncio.get_running_loop()
+        while True:
+            with job.ready:
+                if job.outbox:
+                    item = job.outbox.popleft()
+                    break
+                fut = loop.create_future()
+                job.waiters.append((loop, fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with job.ready:
+                    if (loop, fut) in job.waiters:
+                        job.waiters.remove((loop, fut))
+                self.cancel()
+                raise
+        try:
+            return self._take(item)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step; iteration then ends."""
+        if not self._done:
+            self._job.cancelled = True
+            self._worker.wake()
+
+    def result(self) -> GenerationResult:
+        """Run to the end and return the whole result."""
+        for _ in self:
+            pass
+        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+
+    async def aresult(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+
+    def __del__(self) -> None:
+        self._job.cancelled = True
+
+
+class EngineWorker:
+    """Owns the model: every forward pass runs on this one thread, under inference mode.
+
+    Active requests take turns one verification step at a time, so a new request's first burst
+    does not wait for a long one to finish and every stream keeps moving.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._active: collections.deque[_Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        _WORKERS.add(self)
+
+    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int) -> RequestHandle:
+        job = _Job(bursts)
+        with self._wake:
+            self._active.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"gemma-mtp:{self.name}", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return RequestHandle(job, self, stats, prompt_tokens)
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after its current step (pending requests end with it)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    self._wake.wait_for(lambda: self._active or self._stopping)
+                    if self._stopping:
+                        for job in self._active:
+                            job.put(_END)
+                        return
+                    job = self._active.popleft()
+                if job.cancelled:
+                    job.bursts.close()
+                    job.put(_END)
+                    continue
+                try:
+                    burst = next(job.bursts)
+                except StopIteration:
+                    job.put(_END)
+                    continue
+                except BaseException as exc:  # handed to the consumer; the worker serves the others
+                    job.put(exc)
+                    continue
+                job.put(burst)
+                if burst.finish_reason is not None:
+                    job.bursts.close()
+                    job.put(_END)
+                else:
+                    with self._wake:
+                        self._active.append(job)
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # A thread still inside torch when the interpreter exits aborts the process.
+    for worker in list(_WORKERS):
+        worker.stop()

@@ -1,0 +1,117 @@
+"""The owner thread: concurrent callers from threads and asyncio, fair interleaving, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from langchain_gemma_mtp.engine import Engine
+from test_engine_greedy import prompt
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    return Engine.from_pretrained(checkpoints["shared_ple"])
+
+
+@pytest.fixture(scope="module")
+def expected(engine):
+    return {s: engine.generate(prompt(s), max_new_tokens=30, stop_token_ids=[]).token_ids for s in range(4)}
+
+
+def test_model_runs_only_on_the_owner_thread(engine):
+    seen = set()
+    hook = engine.target.decoder.register_forward_pre_hook(lambda *a: seen.add(threading.current_thread().name))
+    try:
+        engine.generate(prompt(0), max_new_tokens=5)
+    finally:
+        hook.remove()
+    assert seen and all(name.startswith("gemma-mtp:") for name in seen)
+
+
+def test_concurrent_threads_get_their_own_exact_outputs(engine, expected):
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda s: engine.generate(prompt(s), max_new_tokens=30, stop_token_ids=[]).token_ids, list(range(4)) * 2))
+    assert results == [expected[s] for s in list(range(4)) * 2]
+
+
+def test_concurrent_asyncio_tasks(engine, expected):
+    async def main():
+        return await asyncio.gather(*[
+            engine.agenerate(prompt(s), max_new_tokens=30, stop_token_ids=[]) for s in range(4)
+        ])
+
+    results = asyncio.run(main())
+    assert [r.token_ids for r in results] == [expected[s] for s in range(4)]
+
+
+def test_new_request_is_served_while_a_long_one_runs(engine):
+    long = engine.submit(prompt(1), max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+    next(long)
+    short = engine.submit(prompt(2), max_new_tokens=3, stop_token_ids=[])
+    short.result()  # finishes while the long request is still in flight
+    assert long.finish_reason is None and len(long.token_ids) < 200
+    long.cancel()
+    list(long)
+    assert len(long.token_ids) < 200
+
+
+def test_breaking_out_of_a_stream_cancels_it(engine, expected):
+    handle = engine.submit(prompt(3), max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+    for _ in handle:
+        break
+    handle.cancel()
+    rest = list(handle)
+    assert len(handle.token_ids) < 200 and len(rest) <= 2
+    # The engine serves the next request normally.
+    assert engine.generate(prompt(3), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[3]
+
+
+def test_cancelled_asyncio_task_cancels_its_request(engine, expected):
+    async def main():
+        handle = engine.submit(prompt(2), max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+
+        async def consume():
+            async for _ in handle:
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return handle
+
+    handle = asyncio.run(main())
+    assert handle._job.cancelled and len(handle.token_ids) < 200
+    assert engine.generate(prompt(2), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[2]
+
+
+def test_dropping_a_handle_cancels_its_request(engine):
+    handle = engine.submit(prompt(1), max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+    job = handle._job
+    next(handle)
+    del handle
+    with job.ready:
+        job.ready.wait_for(lambda: job.outbox and job.outbox[-1] is not None and job.outbox[-1].__class__ is object, timeout=60)
+    assert job.cancelled
+
+
+def test_an_error_inside_a_step_reaches_its_caller_and_the_worker_survives(engine, expected):
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*args):
+        raise Boom("drafter failed")
+
+    engine.drafter.propose, saved = explode, engine.drafter.propose
+    try:
+        with pytest.raises(Boom):
+            engine.generate(prompt(0), max_new_tokens=10, stop_token_ids=[])
+    finally:
+        engine.drafter.propose = saved
+    assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
