@@ -16,7 +16,7 @@ from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
 from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
-DRAWS = 1000
+DRAWS = {"mtp": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
 P_MIN = 1e-3  # fixed seeds make each test deterministic; this only sets how strict it is
 
 
@@ -106,7 +106,7 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
     exact = exact_marginals(model, prompt, sampling, n_tokens)
     draws = [[] for _ in range(n_tokens)]
     stats_drafted = 0
-    for seed in range(DRAWS):
+    for seed in range(DRAWS[drafter]):
         result = engine.generate(
             prompt, max_new_tokens=n_tokens + 1, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, seed=seed, num_draft_tokens=3, stop_token_ids=[],
@@ -114,7 +114,7 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
         stats_drafted += result.stats.drafted
         for i in range(n_tokens):
             draws[i].append(result.token_ids[i])
-    assert stats_drafted >= DRAWS  # speculation really happened on (almost) every draw
+    assert stats_drafted >= DRAWS[drafter]  # speculation really happened on (almost) every draw
     for i in range(n_tokens):
         assert _chi2_ok(draws[i], exact[i].float()) > P_MIN, f"token {i + 1} off the target's distribution"
 
