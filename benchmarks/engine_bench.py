@@ -50,12 +50,17 @@ def hf_run(model, ids, max_new, calls, **kw):
     return out[0, len(ids):].tolist(), secs, calls[0] - before
 
 
-def ours_run(engine, ids, max_new, k):
-    result, secs = timed(lambda: engine.generate(ids, max_new_tokens=max_new, num_draft_tokens=k))
+# The draft hint each workload kind would get from an agent step.
+KIND_HINT = {"code": "code", "copy_edit": "code", "prose": "prose", "long_form": "long_form", "rag": "prose",
+             "tool_call": "tool_call"}
+
+
+def ours_run(engine, ids, max_new, k, hint=None):
+    result, secs = timed(lambda: engine.generate(ids, max_new_tokens=max_new, num_draft_tokens=k, draft_hint=hint))
     return result.token_ids, secs, result.stats
 
 
-def bench_prompt(model, engines, assistant, ids, max_new, k, calls, repeats):
+def bench_prompt(model, engines, assistant, ids, kind, max_new, k, calls, repeats):
     """All methods on one prompt; the best of `repeats` timings per method."""
     rows = {}
 
@@ -77,7 +82,32 @@ def bench_prompt(model, engines, assistant, ids, max_new, k, calls, repeats):
         label = f"ours {name}" + ("" if name == "none" else f" k={k}")
         rows[label] = dict(tokens=len(toks), secs=secs, forwards=stats.target_forwards,
                            acceptance=stats.acceptance_rate if name != "none" else None, same=toks == ref)
+        if name != "none":  # the per-call hint with its adaptive length, as an agent node would run it
+            hint = KIND_HINT.get(kind, "auto")
+            toks, secs, stats = best(lambda: ours_run(engine, ids, max_new, None, hint))
+            rows[f"ours {name} hint"] = dict(tokens=len(toks), secs=secs, forwards=stats.target_forwards,
+                                            acceptance=stats.acceptance_rate, same=toks == ref)
     return rows
+
+
+def plain_turns(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Workload messages as alternating user/assistant text turns for a template without tool roles
+    (the base Gemma 3 GGUF): tool calls and results become text, tool declarations join the system text."""
+    turns = []
+    for m in messages:
+        role = {"tool": "user", "system": "user"}.get(m["role"], m["role"])
+        text = m.get("content") or ""
+        if m.get("tool_calls"):
+            text += "".join(json.dumps(c["function"]) for c in m["tool_calls"])
+        if m["role"] == "tool":
+            text = f"Tool result: {text}"
+        if m["role"] == "system" and tools:
+            text += "\nTools: " + json.dumps([t["function"] for t in tools])
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    return turns
 
 
 def embedded_setup(dtype):
@@ -90,7 +120,8 @@ def embedded_setup(dtype):
     for w in workloads:
         if "messages" not in w:
             continue
-        ids = tok.apply_chat_template(w["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        turns = plain_turns(w["messages"], w.get("tools"))
+        ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompts.append((w["id"], w.get("kind", "?"), list(ids)))
     return base.model, None, prompts, "Gemma 3 270M (embedded)"
 
@@ -134,7 +165,7 @@ def main() -> None:
     hf_run(model, prompts[0][2][:8], 4, calls)  # warm up kernels outside the timings
     results = []
     for pid, kind, ids in prompts:
-        rows = bench_prompt(model, engines, assistant, ids, args.max_new, args.k, calls, args.repeats)
+        rows = bench_prompt(model, engines, assistant, ids, kind, args.max_new, args.k, calls, args.repeats)
         base = rows["hf greedy"]
         for method, r in rows.items():
             r.update(id=pid, kind=kind, method=method, tok_s=r["tokens"] / r["secs"],
