@@ -153,3 +153,17 @@ def test_long_sequences_past_the_window_with_repeated_calls(engines):
         ids = prompt(s, length=50)
         assert engine.generate(ids, max_new_tokens=90, num_draft_tokens=5, stop_token_ids=[]).token_ids == \
             hf_greedy(engine.model, ids, 90)
+
+
+@pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
+def test_greedy_identity_random_prompts_and_lengths(engines, kind):
+    """Many random prompts, prompt lengths, draft lengths and budgets against plain greedy."""
+    g = torch.Generator().manual_seed(len(kind))
+    engine = engines[kind, "mtp-ordered"]
+    for trial in range(8):
+        length = int(torch.randint(1, 60, (1,), generator=g))
+        k = int(torch.randint(1, 17, (1,), generator=g))
+        budget = int(torch.randint(1, 50, (1,), generator=g))
+        ids = [2] + torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        got = engine.generate(ids, max_new_tokens=budget, num_draft_tokens=k, stop_token_ids=[]).token_ids
+        assert got == hf_greedy(engine.model, ids, budget), f"trial {trial}: len {length}, k {k}, budget {budget}"
