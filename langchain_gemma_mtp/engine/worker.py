@@ -112,16 +112,19 @@ class RequestHandle:
             self._job.cancelled = True
             self._worker.wake()
 
+    def _result(self) -> GenerationResult:
+        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+
     def result(self) -> GenerationResult:
         """Run to the end and return the whole result."""
         for _ in self:
             pass
-        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+        return self._result()
 
     async def aresult(self) -> GenerationResult:
         async for _ in self:
             pass
-        return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
+        return self._result()
 
     def __del__(self) -> None:
         self._job.cancelled = True
