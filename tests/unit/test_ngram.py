@@ -26,3 +26,8 @@ def test_no_match_or_nothing_asked():
     assert lookup_continuation([1, 2, 1], 0) == []
     assert lookup_continuation([7], 4) == []
     assert lookup_continuation([1, 2, 1], 4, min_ngram=2) == []
+
+
+def test_a_repeating_run_drafts_the_whole_k():
+    # The most recent occurrence of [..., 5, 5] is one token from the end; an earlier one has room.
+    assert lookup_continuation([3, 5, 5, 5, 5, 5, 5], 4) == [5, 5, 5, 5]

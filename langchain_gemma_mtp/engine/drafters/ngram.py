@@ -10,31 +10,33 @@ MAX_MATCH = 8  # how far back a match is compared when choosing between occurren
 
 
 def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> list[int]:
-    """Up to k tokens that followed the earlier occurrence of the sequence's suffix that matches it
-    longest (compared up to MAX_MATCH tokens back; the most recent wins ties), or [] when no
+    """Up to k tokens that followed an earlier occurrence of the sequence's suffix, or [] when no
     occurrence matches at least `min_ngram` tokens.
 
-    The draft is capped at twice the match length: a one-token match predicts little, and every
-    drafted token widens the verification forward.
+    Each occurrence may yield min(k, 2 * match length, tokens after it) drafts: a one-token match
+    predicts little, and every drafted token widens the verification forward. The occurrence with
+    the most usable drafts wins, then the longer match (compared up to MAX_MATCH tokens back),
+    then the most recent.
     """
     n = len(tokens)
     if n < 2 or k <= 0:
         return []
     last = tokens[-1]
-    best_end, best_len = -1, 0
+    best_key, best_end, best_usable = (0, 0), -1, 0
     for end in range(n - 2, -1, -1):  # most recent first
         if tokens[end] != last:
             continue
         length = 1
         while length < MAX_MATCH and end - length >= 0 and tokens[end - length] == tokens[n - 1 - length]:
             length += 1
-        if length > best_len:
-            best_end, best_len = end, length
-            if length == MAX_MATCH:
+        if length < min_ngram:
+            continue
+        usable = min(k, 2 * length, n - 1 - end)
+        if (usable, length) > best_key:
+            best_key, best_end, best_usable = (usable, length), end, usable
+            if usable == k and length == MAX_MATCH:
                 break
-    if best_len < min_ngram:
-        return []
-    return tokens[best_end + 1:best_end + 1 + min(k, 2 * best_len)]
+    return tokens[best_end + 1:best_end + 1 + best_usable] if best_usable else []
 
 
 class NgramDrafter:
