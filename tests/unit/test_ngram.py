@@ -6,7 +6,8 @@ from langchain_gemma_mtp.engine.drafters import lookup_continuation
 def test_copies_after_the_longest_matching_occurrence():
     #            0  1  2  3  4  5  6  7  8  9
     tokens = [1, 2, 3, 9, 7, 2, 3, 4, 5, 6, 1, 2, 3]
-    # Suffix [1, 2, 3] matches at 0..2 (3 tokens), [2, 3] alone at 5..6: the longer match wins.
+    # Suffix [1, 2, 3] matches at 0..2 (3 tokens), [2, 3] alone at 5..6: both leave 4 tokens to
+    # copy, so the longer match wins.
     assert lookup_continuation(tokens, 4) == [9, 7, 2, 3]
 
 
@@ -15,10 +16,10 @@ def test_most_recent_occurrence_wins_ties():
     assert lookup_continuation(tokens, 1) == [2]
 
 
-def test_draft_capped_by_match_length_and_k():
+def test_draft_capped_by_k_and_by_what_follows():
     tokens = [4, 8, 9, 10, 11, 12, 13, 4]
-    assert lookup_continuation(tokens, 10) == [8, 9]  # a one-token match drafts at most two
-    assert lookup_continuation(tokens, 1) == [8]
+    assert lookup_continuation(tokens, 3) == [8, 9, 10]
+    assert lookup_continuation(tokens, 10) == [8, 9, 10, 11, 12, 13, 4]
 
 
 def test_no_match_or_nothing_asked():
