@@ -95,6 +95,6 @@ def distill_assistant(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
     assistant.eval()
     return history

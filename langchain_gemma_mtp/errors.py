@@ -21,3 +21,15 @@ class IncompatibleDrafterError(GemmaMTPError, ValueError):
 
 class ModelLoadError(GemmaMTPError, RuntimeError):
     """A checkpoint was found but could not be loaded correctly."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt does not fit in the model's context window."""
+
+
+class UnsupportedContentError(InvalidRequestError):
+    """A message holds content this model path cannot read (images, audio, files on a text-only model)."""
+
+
+class ToolSchemaError(InvalidRequestError):
+    """A tool definition cannot be used: not JSON-serializable, or without a name."""

@@ -140,4 +140,4 @@ def memorize(model, sequences: list[list[int]], steps: int = 150, lr: float = 3e
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return loss.item()

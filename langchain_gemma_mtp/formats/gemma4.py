@@ -20,6 +20,11 @@ _CHANNEL_NAME = re.compile(r"\w*")
 _CALL_HEAD = re.compile(r"\s*call:\s*([^\s{}]+)\s*(?=\{)")
 
 
+def forced_call_prefix(name: str | None) -> str:
+    """Output text that commits the model to a call: of tool `name`, or of any tool when None."""
+    return TOOL_CALL.open + "call:" + (f"{name}{{" if name is not None else "")
+
+
 def to_gemma4_value(obj: Any) -> str:
     """Render a JSON value in Gemma 4 syntax, exactly as our chat template does.
 

@@ -1,0 +1,391 @@
+"""ChatGemmaMTP: the LangChain chat model over a local Gemma with lossless speculative decoding.
+
+The class only converts: LangChain messages and call options become a `ChatRequest`, the backend
+(`backends.py`) runs it, and its OpenAI-style deltas become `AIMessageChunk`s (one per verified
+burst that adds output). It holds no model state: engines live in a process-wide registry and
+load on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from .backends import Backend, in_process_backend
+from .errors import InvalidRequestError
+from .hints import DraftHint, check_draft_hint
+from .messages import convert_tools, from_langchain, normalize_tool_choice
+from .runtime import ChatRequest
+
+DEFAULT_MODEL = "google/gemma-4-E2B-it"
+PROVIDER = "gemma_mtp"
+
+# Options a call may pass (invoke kwargs, `.bind`, `bind_tools`, create_agent model settings).
+_CALL_OPTIONS = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "reasoning",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "draft_hint",
+        "num_draft_tokens",
+        "model",
+    }
+)
+_PER_CALL_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "draft_hint", "num_draft_tokens", "reasoning")
+
+
+class ChatGemmaMTP(BaseChatModel):
+    """Local Gemma with lossless speculative decoding, as a LangChain chat model.
+
+    .. code-block:: python
+
+        llm = ChatGemmaMTP(model="google/gemma-4-E2B-it")        # pairs with ...-it-assistant (MTP)
+        llm.invoke("Hello")
+        llm.invoke(msgs, draft_hint="code")                       # per call
+        coder = llm.bind_tools(tools).bind(draft_hint="code")     # per LangGraph node
+        for chunk in llm.stream(msgs): ...                        # one chunk per verified burst
+
+    Construction loads nothing: the weights load on first use and are shared by every instance
+    with the same (model, drafter, assistant_model, device, dtype). Pass `engine=` to use an Engine
+    you built yourself.
+
+    Draft hints: `draft_hint` ("auto", "code", "prose", "tool_call", "long_form" or an int 0..16)
+    and `num_draft_tokens` set the draft length per call; see `langchain_gemma_mtp.hints` for how
+    each maps to a length. A call takes them from its kwargs (invoke, `.bind`, `bind_tools`,
+    create_agent model settings), else from `configurable["draft_hint"]` of its RunnableConfig,
+    else from this instance.
+
+    Output: text as `content`; the thought channel (with `reasoning=True`) as reasoning content
+    (`additional_kwargs["reasoning_content"]`, a `reasoning` block in `content_blocks`); tool calls
+    as `tool_call_chunks` while streaming and `tool_calls` on the message. A call that does not
+    parse or names an undeclared tool becomes an `invalid_tool_calls` entry carrying the raw text
+    and the reason; while streaming, LangChain rebuilds invalid calls from the chunks without
+    their reason, so the reasons also come on the last chunk as
+    `response_metadata["invalid_tool_call_errors"]` ({call id: reason}).
+
+    The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
+    `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
+    drafted, accepted, acceptance_rate, mean_accepted_length, target_forwards, tokens_per_second).
+    """
+
+    model: str = Field(default=DEFAULT_MODEL, alias="model_name")
+    """Hub id or local directory of the target model."""
+    drafter: Literal["auto", "mtp", "draft_model", "ngram", "none"] = "auto"
+    """"auto": the model's MTP assistant (X-assistant) when there is one, a draft model when
+    `assistant_model` is an ordinary causal LM, else n-gram drafting."""
+    assistant_model: str | None = None
+    """Hub id or directory of the MTP assistant or draft model (default: found beside `model`)."""
+    temperature: float = 0.0
+    max_tokens: int = 512
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    draft_hint: DraftHint = "auto"
+    num_draft_tokens: int | None = Field(default=None, ge=0, le=16)
+    reasoning: bool = False
+    """Ask the model to think first; its thoughts come back as reasoning content."""
+    device: str | None = None
+    dtype: str | None = None
+    streaming: bool = False
+    """Make `invoke` stream under the hood (callbacks then see every burst)."""
+    engine: Any = Field(default=None, exclude=True)
+    """A ready `langchain_gemma_mtp.engine.Engine` to use instead of loading `model`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    _backend: Backend | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_engine(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("engine") is not None and not ({"model", "model_name"} & values.keys()):
+            values = {**values, "model": values["engine"].name}
+        return values
+
+    @field_validator("draft_hint")
+    @classmethod
+    def _check_draft_hint(cls, value: DraftHint) -> DraftHint:
+        check_draft_hint(value)
+        return value
+
+    @property
+    def _llm_type(self) -> str:
+        return "gemma-mtp"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "drafter": self.drafter,
+            "assistant_model": self.assistant_model,
+            "device": self.device,
+            "dtype": self.dtype,
+            **{name: getattr(self, name) for name in _PER_CALL_FIELDS},
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = PROVIDER
+        if "ls_stop" not in params and self.stop:
+            params["ls_stop"] = self.stop
+        return params
+
+    # -- call options ---------------------------------------------------------------------------
+
+    def _backend_for_calls(self) -> Backend:
+        if self._backend is None:
+            self._backend = in_process_backend(
+                self.model, self.drafter, self.assistant_model, self.device, self.dtype, engine=self.engine
+            )
+        return self._backend
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        unknown = sorted(kwargs.keys() - _CALL_OPTIONS)
+        if unknown:
+            raise InvalidRequestError(f"unknown option(s) {unknown} for ChatGemmaMTP; known: {sorted(_CALL_OPTIONS)}.")
+        model = kwargs.pop("model", None)
+        if model is not None and model != self.model:
+            raise InvalidRequestError(
+                f"this ChatGemmaMTP runs {self.model!r} and cannot switch to {model!r} per call: "
+                "make another ChatGemmaMTP(model=...)."
+            )
+        options = {name: getattr(self, name) for name in _PER_CALL_FIELDS}
+        options.update(kwargs)
+        return ChatRequest(messages=from_langchain(messages), stop=list(stop if stop is not None else self.stop or []), **options)
+
+    @staticmethod
+    def _with_config_hint(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call options with the RunnableConfig's `configurable["draft_hint"]` as a fallback."""
+        hint = ensure_config(config).get("configurable", {}).get("draft_hint")
+        if hint is None or "draft_hint" in kwargs:
+            return kwargs
+        return {**kwargs, "draft_hint": hint}
+
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        return super().invoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
+
+    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        return await super().ainvoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
+
+    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        result = self._backend_for_calls().complete(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(result))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        result = await self._backend_for_calls().acomplete(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(result))])
+
+    # run_manager is unused on purpose: LangChain calls on_llm_new_token for every chunk we yield,
+    # and passes no run_manager at all from `stream` and under LangGraph.
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request, chunks = self._request(messages, stop, kwargs), _ChunkBuilder(self.model)
+        for delta in self._backend_for_calls().stream(request):
+            yield chunks.build(delta)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request, chunks = self._request(messages, stop, kwargs), _ChunkBuilder(self.model)
+        async for delta in self._backend_for_calls().astream(request):
+            yield chunks.build(delta)
+
+    def _message(self, result: Mapping[str, Any]) -> AIMessage:
+        calls = [
+            tool_call(name=c["function"]["name"], args=json.loads(c["function"]["arguments"] or "{}"), id=c["id"])
+            for c in result["tool_calls"]
+        ]
+        invalid = [invalid_tool_call(name=c["name"], args=c["raw"], id=c["id"], error=c["error"]) for c in result["invalid_tool_calls"]]
+        return AIMessage(
+            content=result["content"],
+            additional_kwargs={"reasoning_content": result["reasoning"]} if result["reasoning"] else {},
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=_usage(result["usage"]),
+            response_metadata=_response_metadata(self.model, result),
+        )
+
+    # -- tools and structured output ------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (stored OpenAI-format under `tools`) and how they must be used.
+
+        tool_choice: None/"auto" (the model decides), "none" (no tool call), "any"/"required"
+        (some tool must be called), True (the only tool must be called), or a tool name (that
+        tool must be called). A forced call is enforced: the prompt ends with the opening of the
+        call, so the model can only write its arguments. parallel_tool_calls=False stops
+        generation after the first call. Other kwargs (draft_hint, num_draft_tokens, ...) bind
+        as call options. Raises ValueError at once for an unknown tool name or a schema that is
+        not JSON-serializable.
+        """
+        formatted = convert_tools(tools)
+        options: dict[str, Any] = {"tools": formatted}
+        choice = normalize_tool_choice(tool_choice, formatted)
+        if choice is not None:
+            options["tool_choice"] = choice
+        if parallel_tool_calls is not None:
+            options["parallel_tool_calls"] = parallel_tool_calls
+        if "draft_hint" in kwargs:
+            check_draft_hint(kwargs["draft_hint"])
+        return super().bind(**options, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Answers parsed into `schema` (a pydantic class, TypedDict, or JSON schema).
+
+        method: "function_calling" forces a call of a tool made from the schema; "json_schema"
+        and "json_mode" force an answer that opens with "{" (the schema is shown to the model with
+        "json_schema"). `strict` is accepted for compatibility and changes nothing: outputs are
+        parsed, not constrained by a grammar.
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments {sorted(kwargs)} for with_structured_output")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        parser: Runnable
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, **trace)
+            if is_pydantic:
+                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)
+            else:
+                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                spec = {"name": json_schema.get("title", "response"), "schema": json_schema}
+                response_format: dict[str, Any] = {"type": "json_schema", "json_schema": spec}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, **trace)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"unknown method {method!r}: use 'function_calling', 'json_schema' or 'json_mode'.")
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+class _ChunkBuilder:
+    """Deltas of one stream to ChatGenerationChunks; remembers invalid-call reasons for the last chunk."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.errors: dict[str, str] = {}
+
+    def build(self, delta: Mapping[str, Any]) -> ChatGenerationChunk:
+        pieces = [
+            tool_call_chunk(name=c["function"].get("name"), args=c["function"].get("arguments"), id=c.get("id"), index=c["index"])
+            for c in delta.get("tool_calls", ())
+        ]
+        for bad in delta.get("invalid_tool_calls", ()):
+            # The raw text as arguments: it never parses as JSON, so LangChain keeps the call invalid.
+            pieces.append(tool_call_chunk(name=bad["name"], args=bad["raw"], id=bad["id"], index=bad["index"]))
+            self.errors[bad["id"]] = bad["error"]
+        last = "finish_reason" in delta
+        metadata = _response_metadata(self.model_name, delta) if last else {}
+        if last and self.errors:
+            metadata["invalid_tool_call_errors"] = dict(self.errors)
+        message = AIMessageChunk(
+            content=delta.get("content", ""),
+            additional_kwargs={"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {},
+            tool_call_chunks=pieces,
+            usage_metadata=_usage(delta["usage"]) if last else None,
+            response_metadata=metadata,
+            chunk_position="last" if last else None,
+        )
+        return ChatGenerationChunk(message=message)
+
+
+def _usage(usage: Mapping[str, Any]) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=usage["prompt_tokens"],
+        output_tokens=usage["completion_tokens"],
+        total_tokens=usage["total_tokens"],
+        input_token_details={"cache_read": usage["prompt_tokens_details"]["cached_tokens"]},
+    )
+
+
+def _response_metadata(model_name: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "model_name": model_name,
+        "model_provider": PROVIDER,
+        "finish_reason": result["finish_reason"],
+        "speculative": dict(result["speculative"]),
+    }
