@@ -10,7 +10,7 @@ from .drafters import DecodeState, Drafter
 from .schedule import DraftPolicy
 from .target import TargetModel
 from .types import Burst, GenerationRequest, SpeculativeStats
-from .verify import process_logits, sample_or_argmax, verify_greedy, verify_sampled
+from .verify import choose_token, process_logits, verify_greedy, verify_sampled
 
 
 def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[list[int], str | None]:
@@ -38,7 +38,7 @@ def speculative_decode(
     prompt = list(request.prompt_ids)
 
     fwd = target.forward(prompt, cache, prefill=True)
-    first, _ = sample_or_argmax(target.logits(fwd.hidden[-1]), sampling, generator)
+    first = int(choose_token(target.logits(fwd.hidden[-1]), sampling, generator)[0])
     stats.target_forwards += 1
     state = DecodeState(
         tokens=prompt + [first],

@@ -58,9 +58,10 @@ class TargetModel:
         cache.activate_past_recording()
         return cache
 
-    def forward(self, token_ids: list[int], cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True) -> Forward:
-        """Feed tokens after what `cache` holds; return final hidden states of the fed tokens."""
-        ids = torch.tensor([token_ids], device=self.device)
+    def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True) -> Forward:
+        """Feed tokens (ids, or a (1, L) tensor already on the device) after what `cache` holds;
+        return final hidden states of the fed tokens."""
+        ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor([token_ids], device=self.device)
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self.returns_shared_kv:
             kwargs["return_shared_kv_states"] = want_kv

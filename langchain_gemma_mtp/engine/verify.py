@@ -72,9 +72,10 @@ def verify_sampled(
     return n, int(torch.multinomial(p[n], 1, generator=generator))
 
 
-def sample_or_argmax(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
-    """Pick one token from a single row of logits; return it with the processed probabilities (None when greedy)."""
+def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token from a single row of logits, greedy or sampled, as a (1, 1) tensor on the logits'
+    device (no host sync), with the processed probabilities it was drawn from (None when greedy)."""
     if sampling.greedy:
-        return int(logits.argmax(-1)), None
+        return logits.argmax(-1).view(1, 1), None
     probs = process_logits(logits, sampling)
-    return int(torch.multinomial(probs, 1, generator=generator)), probs
+    return torch.multinomial(probs, 1, generator=generator).view(1, 1), probs

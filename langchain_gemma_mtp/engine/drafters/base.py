@@ -9,7 +9,7 @@ import torch
 
 from ..target import KV
 from ..types import SamplingParams
-from ..verify import sample_or_argmax
+from ..verify import choose_token
 
 
 @dataclass
@@ -64,10 +64,12 @@ class NoDrafter:
         pass
 
 
-def pick_token(logits: torch.Tensor, state: DecodeState) -> tuple[int, torch.Tensor | None]:
-    """Greedy or sampled choice of a draft token from one row of logits, as the request samples."""
-    return sample_or_argmax(logits, state.sampling, state.generator)
+def draft_token(logits: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A draft token chosen as the request samples (see verify.choose_token)."""
+    return choose_token(logits, state.sampling, state.generator)
 
 
-def stack_probs(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return torch.stack(rows) if rows and rows[0] is not None else None
+def finish_draft(tokens: list[torch.Tensor], probs: list[torch.Tensor | None]) -> tuple[list[int], torch.Tensor | None]:
+    """Draft tensors to ids (one host sync per step) and stacked probabilities (None when greedy)."""
+    ids = torch.cat(tokens).view(-1).tolist() if tokens else []
+    return ids, torch.stack(probs) if probs and probs[0] is not None else None

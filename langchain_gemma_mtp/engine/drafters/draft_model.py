@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from ..target import TargetModel
-from .base import DecodeState, pick_token, stack_probs
+from .base import DecodeState, draft_token, finish_draft
 
 
 @dataclass
@@ -29,9 +29,8 @@ class DraftModelDrafter:
     def start(self, state: DecodeState) -> None:
         state.drafter_state = _DraftCache(self.model.new_cache())
 
-    def _feed(self, dc: _DraftCache, token_ids: list[int]) -> torch.Tensor:
+    def _feed(self, dc: _DraftCache, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         fwd = self.model.forward(token_ids, dc.cache, want_kv=False)
-        dc.cached.extend(token_ids)
         return self.model.logits(fwd.hidden[-1])
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
@@ -39,14 +38,17 @@ class DraftModelDrafter:
             return [], None
         dc = state.drafter_state
         logits = self._feed(dc, state.tokens[len(dc.cached):])
+        dc.cached = list(state.tokens)
         drafts, probs = [], []
         for i in range(k):
-            token, q = pick_token(logits, state)
+            token, q = draft_token(logits, state)
             drafts.append(token)
             probs.append(q)
             if i < k - 1:
-                logits = self._feed(dc, [token])
-        return drafts, stack_probs(probs)
+                logits = self._feed(dc, token)
+        ids, stacked = finish_draft(drafts, probs)
+        dc.cached.extend(ids[:-1])
+        return ids, stacked
 
     def commit(self, state: DecodeState, n_accepted: int) -> None:
         dc = state.drafter_state

@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..target import TargetModel
-from .base import DecodeState, pick_token, stack_probs
+from .base import DecodeState, draft_token, finish_draft
 
 
 class MTPDrafter:
@@ -32,20 +32,19 @@ class MTPDrafter:
             return [], None
         device = self.target.device
         position = torch.tensor([[len(state.tokens) - 1]], device=device)
-        token, h = state.tokens[-1], state.hidden
+        token, h = torch.tensor([[state.tokens[-1]]], device=device), state.hidden
         drafts, probs = [], []
         for _ in range(k):
-            emb = self.target.embed(torch.tensor([[token]], device=device))
             out = self.assistant(
-                inputs_embeds=torch.cat([emb, h], dim=-1),
+                inputs_embeds=torch.cat([self.target.embed(token), h], dim=-1),
                 position_ids=position,
                 shared_kv_states=state.shared_kv,
             )
-            token, q = pick_token(out.logits[0, -1], state)
+            token, q = draft_token(out.logits[0, -1], state)
             h = out.last_hidden_state
             drafts.append(token)
             probs.append(q)
-        return drafts, stack_probs(probs)
+        return finish_draft(drafts, probs)
 
     def commit(self, state: DecodeState, n_accepted: int) -> None:
         pass
