@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import time
 
 import pytest
 
@@ -90,12 +89,10 @@ def test_second_call_reuses_cache(model_dir: pathlib.Path) -> None:
     weights = model_dir / "model.safetensors"
     marker = model_dir / embedded._MARKER
     before = (weights.stat().st_mtime_ns, weights.stat().st_ino, marker.stat().st_mtime_ns)
-    start = time.perf_counter()
     again = embedded_model_dir(progress=False)
-    elapsed = time.perf_counter() - start
     assert again == model_dir
+    # Same files, untouched: nothing was reconverted or rewritten.
     assert (weights.stat().st_mtime_ns, weights.stat().st_ino, marker.stat().st_mtime_ns) == before
-    assert elapsed < 1.0, f"second call took {elapsed:.2f}s: it should not reconvert"
 
 
 def test_missing_extra_raises_import_error(tmp_path, monkeypatch) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -95,14 +93,13 @@ def test_draft_model_vocab_mismatch(tmp_path):
         Engine.from_pretrained(tmp_path / "t", drafter="draft_model", assistant=tmp_path / "d")
 
 
+@pytest.mark.timeout(60)  # a hang (waiting on a network) fails the test instead of the suite
 def test_missing_model_offline_fails_fast_and_says_how(monkeypatch, tmp_path):
     # The hub cannot exist here; HF_HUB_OFFLINE is the real switch users set in that situation.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    start = time.monotonic()
     with pytest.raises(ModelNotFoundError, match="pass model=DIR, a local directory"):
         Engine.from_pretrained("google/gemma-4-E2B-it")
-    assert time.monotonic() - start < 30  # no hang: it never waits on a network
 
 
 def test_missing_local_path(tmp_path):
