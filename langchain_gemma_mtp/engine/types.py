@@ -112,18 +112,6 @@ class SpeculativeStats:
     def per_position_acceptance(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
-    def as_dict(self) -> dict:
-        return {
-            "drafter": self.drafter,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "target_forwards": self.target_forwards,
-            "acceptance_rate": self.acceptance_rate,
-            "mean_accepted_length": self.mean_accepted_length,
-            "per_position_acceptance": self.per_position_acceptance,
-            "draft_lengths": list(self.draft_lengths),
-        }
-
 
 @dataclass
 class Burst:
