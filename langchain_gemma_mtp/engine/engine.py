@@ -36,19 +36,19 @@ class Engine:
 
     def __init__(
         self,
-        target: PreTrainedModel,
+        target: PreTrainedModel | TargetModel,
         drafter: Drafter | None = None,
         tokenizer: object | None = None,
         *,
         stop_token_ids: Iterable[int] | None = None,
         name: str | None = None,
     ):
-        self.model = target.eval()
-        self.target = TargetModel(self.model)
+        self.target = target if isinstance(target, TargetModel) else TargetModel(target)
+        self.model = self.target.model.eval()
         self.drafter: Drafter = drafter or NoDrafter()
         self.tokenizer = tokenizer
-        self.name = name or getattr(target.config, "_name_or_path", "") or type(target).__name__
-        self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_ids_of(target)
+        self.name = name or getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_ids_of(self.model)
         self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
         self.worker = EngineWorker(self.name)
 
@@ -72,7 +72,8 @@ class Engine:
         check_drafter_name(drafter)
         if drafter == "draft_model" and assistant is None:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
-        dev, dt = resolve_device(device), resolve_dtype(dtype, resolve_device(device))
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
         if drafter in ("auto", "mtp") and assistant is None:
             assistant = find_assistant(model)
             if assistant is None and drafter == "mtp":
@@ -102,7 +103,7 @@ class Engine:
         else:
             chosen = NoDrafter()
         log.info("loaded %s with drafter %s (%s, %s)", model, chosen.name, dev, dt)
-        return cls(target_model, chosen, tokenizer, name=str(model))
+        return cls(target, chosen, tokenizer, name=str(model))
 
     @property
     def device(self) -> torch.device:

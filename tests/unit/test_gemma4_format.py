@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -18,6 +17,7 @@ from langchain_gemma_mtp.formats import (
     parse_gemma4_value,
     to_gemma4_value,
 )
+from parser_helpers import drain
 
 QUOTE = '<|"|>'
 # Single special tokens in real output, so a model cannot write them inside a string.
@@ -25,15 +25,7 @@ CALL_MARKERS = (QUOTE, "<|tool_call>", "<tool_call|>")
 
 
 def parse(pieces: list[str], tool_names: set[str] | None = None, thinking: bool = False) -> ParsedDelta:
-    """Feed `pieces` one by one and merge every delta; ids are blanked so runs compare equal."""
-    parser = Gemma4OutputParser(tool_names, thinking=thinking)
-    total = ParsedDelta()
-    for piece in pieces:
-        total.extend(parser.feed(piece))
-    total.extend(parser.finish())
-    total.tool_calls = [dataclasses.replace(c, id=None) for c in total.tool_calls]
-    total.invalid_tool_calls = [dataclasses.replace(c, id="") for c in total.invalid_tool_calls]
-    return total
+    return drain(Gemma4OutputParser(tool_names, thinking=thinking), pieces)
 
 
 def call_text(name: str, arguments: dict) -> str:

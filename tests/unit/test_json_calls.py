@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -17,18 +16,11 @@ from langchain_gemma_mtp.formats import (
     ToolCallDelta,
     format_json_tool_call,
 )
+from parser_helpers import drain
 
 
 def parse(pieces: list[str], tool_names: set[str] | None = None) -> ParsedDelta:
-    """Feed `pieces` one by one and merge every delta; ids are blanked so runs compare equal."""
-    parser = JsonToolCallParser(tool_names)
-    total = ParsedDelta()
-    for piece in pieces:
-        total.extend(parser.feed(piece))
-    total.extend(parser.finish())
-    total.tool_calls = [dataclasses.replace(c, id=None) for c in total.tool_calls]
-    total.invalid_tool_calls = [dataclasses.replace(c, id="") for c in total.invalid_tool_calls]
-    return total
+    return drain(JsonToolCallParser(tool_names), pieces)
 
 
 json_text = st.text().filter(lambda s: "</tool_call>" not in s and "<tool_call>" not in s)
