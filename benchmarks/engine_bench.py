@@ -9,6 +9,7 @@ output equals HF greedy's (fp32: must; bf16: agreement only).
 
     python benchmarks/engine_bench.py --model embedded --dtype float32
     python benchmarks/engine_bench.py --model tiny
+    python benchmarks/plot_results.py benchmarks/results/engine-270m-*.json --out docs/img/engine-270m.png
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ KIND_HINT = {"code": "code", "copy_edit": "code", "prose": "prose", "long_form":
 
 
 def ours_run(engine, ids, max_new, k, hint=None):
+    engine.forget()  # a single cold call, like HF's: no prefix cache, no n-gram index from earlier runs
     result, secs = timed(lambda: engine.generate(ids, max_new_tokens=max_new, num_draft_tokens=k, draft_hint=hint))
     return result.token_ids, secs, result.stats
 

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import InvalidRequestError
-from .drafters import DraftModelDrafter, Drafter, MTPDrafter, NgramDrafter, NoDrafter
+from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
     check_drafter_name,
     find_assistant,
@@ -22,6 +22,7 @@ from .loading import (
     validate_draft_model,
     validate_mtp_pair,
 )
+from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
 from .schedule import DraftScheduler
 from .target import TargetModel
@@ -42,6 +43,7 @@ class Engine:
         *,
         stop_token_ids: Iterable[int] | None = None,
         name: str | None = None,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         self.target = target if isinstance(target, TargetModel) else TargetModel(target)
         self.model = self.target.model.eval()
@@ -50,6 +52,8 @@ class Engine:
         self.name = name or getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
         self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_ids_of(self.model)
         self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
+        # KV of recent requests, so agent steps that resend the same history prefill only what is new.
+        self.prefix_cache = PrefixCache(prefix_cache_mb)
         self.worker = EngineWorker(self.name)
 
     @classmethod
@@ -62,37 +66,40 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         *,
         gguf_file: str | None = None,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> Engine:
         """Load a target and pair it with a drafter.
 
-        drafter: "auto" (an MTP assistant when one is given or found as `X-assistant`, a draft
-        model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "draft_model",
-        "ngram" or "none".
+        drafter: "auto" (hybrid when an MTP assistant is given or found as `X-assistant`, a draft
+        model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
+        n-gram matches copied, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
         """
         check_drafter_name(drafter)
         if drafter == "draft_model" and assistant is None:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if drafter in ("auto", "mtp") and assistant is None:
+        if drafter in ("auto", "mtp", "hybrid") and assistant is None:
             assistant = find_assistant(model)
-            if assistant is None and drafter == "mtp":
+            if assistant is None and drafter != "auto":
                 raise InvalidRequestError(
-                    f"drafter='mtp' but no assistant was given or found beside {model!s} "
+                    f"drafter={drafter!r} needs an MTP assistant, and none was given or found beside {model!s} "
                     "(looked for X-assistant): pass assistant=<dir or hub id>."
                 )
         if drafter == "auto":
             if assistant is None:
                 drafter = "ngram"
             else:
-                drafter = "mtp" if is_assistant_checkpoint(assistant) else "draft_model"
+                drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
         target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
         target = TargetModel(target_model)
         chosen: Drafter
-        if drafter == "mtp":
+        if drafter in ("mtp", "hybrid"):
             helper, _ = load_causal_lm(assistant, dev, dt)
             validate_mtp_pair(target, helper)
             chosen = MTPDrafter(helper, target)
+            if drafter == "hybrid":
+                chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
             draft_lm, _ = load_causal_lm(assistant, dev, dt)
             draft = TargetModel(draft_lm)
@@ -103,7 +110,13 @@ class Engine:
         else:
             chosen = NoDrafter()
         log.info("loaded %s with drafter %s (%s, %s)", model, chosen.name, dev, dt)
-        return cls(target, chosen, tokenizer, name=str(model))
+        return cls(target, chosen, tokenizer, name=str(model), prefix_cache_mb=prefix_cache_mb)
+
+    def forget(self) -> None:
+        """Drop everything learned across calls (prefix cache, the n-gram index): the next call runs
+        cold. Call it between unrelated workloads or before timing single calls."""
+        self.prefix_cache.clear()
+        self.drafter.forget()
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +167,7 @@ class Engine:
                 generator.manual_seed(request.seed)
             else:
                 generator.seed()
-        bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator)
+        bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator, self.prefix_cache)
         return self.worker.submit(bursts, stats, len(request.prompt_ids))
 
     def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:

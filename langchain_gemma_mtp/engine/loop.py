@@ -1,4 +1,5 @@
-"""One request's speculative loop: prefill, then draft -> verify -> roll back, one burst per step."""
+"""One request's speculative loop: prefill after the longest cached prefix, then draft -> verify -> roll
+back, one burst per step."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from collections.abc import Iterator
 
 import torch
 
+from .cache import PrefixCache
 from .drafters import DecodeState, Drafter
 from .schedule import DraftPolicy
 from .target import TargetModel
 from .types import Burst, GenerationRequest, SpeculativeStats
 from .verify import choose_token, process_logits, verify_greedy, verify_sampled
+
+TARGET = "target"  # the target's namespace in the prefix cache
 
 
 def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[list[int], str | None]:
@@ -31,15 +35,21 @@ def speculative_decode(
     policy: DraftPolicy,
     stats: SpeculativeStats,
     generator: torch.Generator | None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[Burst]:
     """Yield bursts of verified tokens for one request; the caller holds the model."""
     sampling = request.sampling
-    cache = target.new_cache()
     prompt = list(request.prompt_ids)
+    # Reuse the longest cached prefix, but feed at least one token: its logits choose the first token.
+    reused, layers = prefix_cache.lookup(TARGET, prompt[:-1]) if prefix_cache is not None else (0, None)
+    cache = target.new_cache(layers, reused)
+    stats.cached_tokens = reused
 
-    fwd = target.forward(prompt, cache, prefill=True)
+    fwd = target.forward(prompt[reused:], cache, prefill=True)
     first = int(choose_token(target.logits(fwd.hidden[-1]), sampling, generator)[0])
     stats.target_forwards += 1
+    if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
+        prefix_cache.insert(TARGET, prompt, cache)
     state = DecodeState(
         tokens=prompt + [first],
         prompt_len=len(prompt),
@@ -47,29 +57,37 @@ def speculative_decode(
         shared_kv=target.rollback(cache, fwd, 0),
         sampling=sampling,
         generator=generator,
+        prefix_cache=prefix_cache,
+        reproducible=request.seed is not None and not sampling.greedy,
     )
     new, finish = _finish([first], 0, request)
-    yield Burst(new, 0, 0, finish)
     produced = len(new)
     drafter.start(state)
+    try:
+        yield Burst(new, 0, 0, finish)
+        while finish is None:
+            # Never draft past max_new_tokens: the target adds one token of its own each step.
+            state.draft_limit = request.max_new_tokens - produced - 1
+            k = min(policy.next_length(), state.draft_limit)
+            draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
+            fwd = target.forward([state.tokens[-1]] + draft, cache)
+            logits = target.logits(fwd.hidden)
+            if sampling.greedy:
+                n, nxt = verify_greedy(logits, draft)
+            else:
+                n, nxt = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
+            state.shared_kv = target.rollback(cache, fwd, len(draft) - n)
+            state.hidden = fwd.hidden[n:n + 1].unsqueeze(0)
+            stats.record_step(len(draft), n)
+            policy.observe(len(draft), n)
 
-    while finish is None:
-        # Never draft past max_new_tokens: the target adds one token of its own each step.
-        k = min(policy.next_length(), request.max_new_tokens - produced - 1)
-        draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
-        fwd = target.forward([state.tokens[-1]] + draft, cache)
-        logits = target.logits(fwd.hidden)
-        if sampling.greedy:
-            n, nxt = verify_greedy(logits, draft)
-        else:
-            n, nxt = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
-        state.shared_kv = target.rollback(cache, fwd, len(draft) - n)
-        state.hidden = fwd.hidden[n:n + 1].unsqueeze(0)
-        stats.record_step(len(draft), n)
-        policy.observe(len(draft), n)
-
-        new, finish = _finish(draft[:n] + [nxt], produced, request)
-        state.tokens.extend(draft[:n] + [nxt])
-        drafter.commit(state, n)
-        produced += len(new)
-        yield Burst(new, len(draft), n, finish)
+            new, finish = _finish(draft[:n] + [nxt], produced, request)
+            state.tokens.extend(draft[:n] + [nxt])
+            drafter.commit(state, n)
+            produced += len(new)
+            yield Burst(new, len(draft), n, finish)
+    finally:
+        drafter.finish(state)
+        # Keep what the cache holds (all but the pending token) unless a step failed halfway.
+        if prefix_cache is not None and cache.get_seq_length() == len(state.tokens) - 1:
+            prefix_cache.insert(TARGET, state.tokens[:-1], cache)

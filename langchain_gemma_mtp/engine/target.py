@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .cache import LayerKV, new_cache
+
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -52,11 +54,9 @@ class TargetModel:
         layer_types = list(getattr(self.config, "layer_types", None) or [])
         self.kv_layers = {t: max(i for i, lt in enumerate(layer_types) if lt == t) for t in set(layer_types)}
 
-    def new_cache(self) -> DynamicCache:
-        cache = DynamicCache(config=self.config)
-        # Sliding layers must keep past states until cropped, or rejected drafts could not be rolled back.
-        cache.activate_past_recording()
-        return cache
+    def new_cache(self, prefix: list[LayerKV] | None = None, length: int = 0) -> DynamicCache:
+        """An empty cache, or one starting with the first `length` positions of a stored prefix."""
+        return new_cache(self.config, prefix, length)
 
     def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True) -> Forward:
         """Feed tokens (ids, or a (1, L) tensor already on the device) after what `cache` holds;
@@ -78,10 +78,7 @@ class TargetModel:
         return logits
 
     def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int) -> KV | None:
-        """Drop rejected tokens from the cache; return the drafter's K/V without them.
-
-        `crop` runs every step, also with 0, so sliding layers shrink back to their window.
-        """
+        """Drop rejected tokens from the cache; return the drafter's K/V without them."""
         cache.crop(-n_rejected)
         if fwd.shared_kv is not None:
             if not n_rejected:
@@ -89,5 +86,11 @@ class TargetModel:
             return {t: (k[:, :, :-n_rejected], v[:, :, :-n_rejected]) for t, (k, v) in fwd.shared_kv.items()}
         if not self.kv_layers:
             return None
-        layers = cache.layers
-        return {t: (layers[i].keys, layers[i].values) for t, i in self.kv_layers.items()}
+        kv = {}
+        for t, i in self.kv_layers.items():
+            layer = cache.layers[i]
+            keys, values = layer.keys, layer.values
+            if layer.is_sliding:  # the layer keeps its history; the drafter sees what attention sees
+                keys, values = keys[..., 1 - layer.sliding_window:, :], values[..., 1 - layer.sliding_window:, :]
+            kv[t] = (keys, values)
+        return kv

@@ -77,6 +77,7 @@ class SpeculativeStats:
     """Counters of one request's speculative decoding (or aggregated over many)."""
 
     drafter: str = "none"
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     drafted: int = 0
     accepted: int = 0
     target_forwards: int = 0

@@ -55,6 +55,11 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self._done = False
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache supplied (known once the first burst arrived)."""
+        return self.stats.cached_tokens
+
     def _take(self, item: object) -> Burst:
         if item is _END:
             self._done = True

@@ -41,8 +41,9 @@ class TestChatGemmaMTPIntegration(ChatModelIntegrationTests):
         return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
 
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
-        # No prefix cache in the engine yet: cache_read is reported, as 0.
+        # The second call of the same prompt reads all but its last token from the prefix cache.
         llm = ChatGemmaMTP(**self.chat_model_params)
+        llm.invoke("Hello")
         if not stream:
             return llm.invoke("Hello")
         full = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from tiny_models import VOCAB, build_target
 
@@ -33,9 +33,11 @@ def engines(checkpoints):
     """One engine per (target kind, drafter), loaded through Engine.from_pretrained."""
     built = {}
     for kind, path in checkpoints.items():
-        mtp = Engine.from_pretrained(path)  # auto: finds <kind>-assistant beside it
-        assert mtp.drafter.name == "mtp"
+        hybrid = Engine.from_pretrained(path)  # auto: finds <kind>-assistant beside it
+        assert hybrid.drafter.name == "hybrid"
+        mtp = Engine.from_pretrained(path, drafter="mtp")
         plain = Engine.from_pretrained(path, drafter="mtp", assistant=path.parent / f"{kind}-plain-assistant")
+        built[kind, "hybrid"] = hybrid
         built[kind, "mtp-ordered"] = mtp
         built[kind, "mtp-plain"] = plain
         built[kind, "ngram"] = Engine(mtp.model, NgramDrafter())
@@ -56,7 +58,7 @@ def references(engines, checkpoints):
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "noshare", "conditional", "gemma3"])
-@pytest.mark.parametrize("drafter", ["mtp-ordered", "mtp-plain", "ngram", "draft_model", "none"])
+@pytest.mark.parametrize("drafter", ["mtp-ordered", "mtp-plain", "hybrid", "ngram", "draft_model", "none"])
 @pytest.mark.parametrize("k", [1, 3, 16])
 def test_greedy_identity_every_drafter(engines, references, kind, drafter, k):
     engine = engines[kind, drafter]
@@ -67,7 +69,7 @@ def test_greedy_identity_every_drafter(engines, references, kind, drafter, k):
         assert result.stats.target_forwards == 1 + result.stats.steps
 
 
-class ScriptedDrafter:
+class ScriptedDrafter(StatelessDrafter):
     """Proposes a fixed script of continuations: the true one (oracle) or a shifted one (always wrong)."""
 
     cost_per_draft_token = 0.1  # priced like the MTP drafter, for the adaptive schedule
@@ -75,15 +77,9 @@ class ScriptedDrafter:
     def __init__(self, continuation: list[int], shift: int, name: str):
         self.continuation, self.shift, self.name = continuation, shift, name
 
-    def start(self, state):
-        pass
-
     def propose(self, state, k):
         done = len(state.tokens) - state.prompt_len
         return [(t + self.shift) % VOCAB for t in self.continuation[done:done + k]], None
-
-    def commit(self, state, n_accepted):
-        pass
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])

@@ -15,7 +15,8 @@ from tiny_models import build_assistant, build_target, save
 
 
 def test_auto_pairs_with_the_assistant_beside_the_target(checkpoints):
-    assert Engine.from_pretrained(checkpoints["noshare"]).drafter.name == "mtp"
+    assert Engine.from_pretrained(checkpoints["noshare"]).drafter.name == "hybrid"
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.name == "mtp"
     assert Engine.from_pretrained(checkpoints["noshare"], drafter="ngram").drafter.name == "ngram"
     assert Engine.from_pretrained(checkpoints["noshare"], drafter="none").drafter.name == "none"
 
@@ -23,8 +24,9 @@ def test_auto_pairs_with_the_assistant_beside_the_target(checkpoints):
 def test_auto_falls_back_to_ngram_without_an_assistant(tmp_path):
     path = save(build_target("noshare"), tmp_path / "lonely")
     assert Engine.from_pretrained(path).drafter.name == "ngram"
-    with pytest.raises(InvalidRequestError, match="assistant="):
-        Engine.from_pretrained(path, drafter="mtp")
+    for drafter in ("mtp", "hybrid"):
+        with pytest.raises(InvalidRequestError, match="assistant="):
+            Engine.from_pretrained(path, drafter=drafter)
 
 
 def test_auto_uses_a_causal_lm_assistant_as_draft_model(checkpoints, tmp_path):
@@ -112,3 +114,19 @@ def test_stop_ids_may_be_a_list(tmp_path):
     target.generation_config.eos_token_id = [1, 106 % 512]
     path = save(target, tmp_path / "t")
     assert Engine.from_pretrained(path, drafter="none").stop_token_ids == frozenset({1, 106})
+
+
+def test_default_dtype_is_bf16_where_the_cpu_has_it(monkeypatch):
+    from langchain_gemma_mtp.engine.loading import DTYPE_ENV, cpu_has_native_bf16, resolve_dtype
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    native = "avx512_bf16" in open("/proc/cpuinfo").read().split()
+    assert cpu_has_native_bf16() == native or "amx_bf16" in open("/proc/cpuinfo").read()
+    assert resolve_dtype(None, torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setenv(DTYPE_ENV, "fp32")
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # an explicit dtype wins
+    monkeypatch.setenv(DTYPE_ENV, "int3")
+    with pytest.raises(InvalidRequestError, match="unknown dtype 'int3'"):
+        resolve_dtype(None, torch.device("cpu"))

@@ -48,7 +48,7 @@ def test_distilled_drafter_saves_and_reloads(memorizing_target, memorized_sequen
     _, trained = distilled
     save(memorizing_target, tmp_path / "mem")
     save(trained, tmp_path / "mem-assistant")
-    engine = Engine.from_pretrained(tmp_path / "mem")
+    engine = Engine.from_pretrained(tmp_path / "mem", drafter="mtp")
     assert engine.drafter.name == "mtp"
     in_memory = Engine(memorizing_target, MTPDrafter(trained, TargetModel(memorizing_target)))
     seq = memorized_sequences[1]

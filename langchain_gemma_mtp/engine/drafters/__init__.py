@@ -1,19 +1,24 @@
-"""Drafters behind one protocol: Gemma 4 MTP, a draft model, n-gram lookup, or none."""
+"""Drafters behind one protocol: Gemma 4 MTP, a draft model, n-gram lookup, hybrid, or none."""
 
-from .base import DecodeState, Drafter, NoDrafter
+from .base import DecodeState, Drafter, NoDrafter, StatelessDrafter
 from .draft_model import DraftModelDrafter
+from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
-from .ngram import NgramDrafter, lookup_continuation
+from .ngram import Match, NgramDrafter, SuffixIndex, lookup_continuation
 
-DRAFTER_NAMES = ("auto", "mtp", "draft_model", "ngram", "none")
+DRAFTER_NAMES = ("auto", "mtp", "hybrid", "draft_model", "ngram", "none")
 
 __all__ = [
     "DRAFTER_NAMES",
     "DecodeState",
     "DraftModelDrafter",
     "Drafter",
+    "HybridDrafter",
+    "Match",
     "MTPDrafter",
     "NgramDrafter",
     "NoDrafter",
+    "StatelessDrafter",
+    "SuffixIndex",
     "lookup_continuation",
 ]

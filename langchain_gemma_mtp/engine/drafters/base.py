@@ -7,8 +7,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ..cache import PrefixCache
 from ..target import KV
-from ..types import SamplingParams
+from ..types import MAX_DRAFT_TOKENS, SamplingParams
 from ..verify import choose_token
 
 
@@ -27,6 +28,9 @@ class DecodeState:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generator: torch.Generator | None = None
     drafter_state: Any = None  # per-request data a drafter keeps (its own KV cache), so drafters stay shareable
+    prefix_cache: PrefixCache | None = None  # where a drafter with a KV cache of its own may reuse prefixes
+    draft_limit: int = MAX_DRAFT_TOKENS  # most draft tokens this step may verify (max_new_tokens is near)
+    reproducible: bool = False  # a seeded sampled request: drafts must not depend on other requests
 
 
 class Drafter(Protocol):
@@ -47,21 +51,37 @@ class Drafter(Protocol):
     def commit(self, state: DecodeState, n_accepted: int) -> None:
         """`state.tokens` now holds the verified continuation; roll back what was rejected."""
 
+    def finish(self, state: DecodeState) -> None:
+        """The request ended (done, cancelled or failed): keep what later requests can use."""
 
-class NoDrafter:
+    def forget(self) -> None:
+        """Drop what was learned from earlier requests."""
+
+
+class StatelessDrafter:
+    """Base of drafters that keep nothing per request or across requests: the hooks do nothing."""
+
+    def start(self, state: DecodeState) -> None:
+        pass
+
+    def commit(self, state: DecodeState, n_accepted: int) -> None:
+        pass
+
+    def finish(self, state: DecodeState) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
+
+
+class NoDrafter(StatelessDrafter):
     """Plain autoregressive decoding through the same loop: the baseline."""
 
     name = "none"
     cost_per_draft_token = 0.0
 
-    def start(self, state: DecodeState) -> None:
-        pass
-
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
         return [], None
-
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        pass
 
 
 def draft_token(logits: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,7 +27,10 @@ class DraftModelDrafter:
         self.model = model
 
     def start(self, state: DecodeState) -> None:
-        state.drafter_state = _DraftCache(self.model.new_cache())
+        # The prompt's longest cached prefix in this draft model's own namespace of the prefix cache.
+        prompt = state.tokens[:-1]
+        n, layers = state.prefix_cache.lookup(self, prompt) if state.prefix_cache is not None else (0, None)
+        state.drafter_state = _DraftCache(self.model.new_cache(layers, n), prompt[:n])
 
     def _feed(self, dc: _DraftCache, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         fwd = self.model.forward(token_ids, dc.cache, want_kv=False)
@@ -58,3 +61,11 @@ class DraftModelDrafter:
             keep += 1
         dc.cache.crop(-(len(dc.cached) - keep))
         del dc.cached[keep:]
+
+    def forget(self) -> None:
+        pass  # its caches live in the engine's prefix cache
+
+    def finish(self, state: DecodeState) -> None:
+        dc = state.drafter_state
+        if state.prefix_cache is not None and dc is not None and dc.cache.get_seq_length() == len(dc.cached):
+            state.prefix_cache.insert(self, dc.cached, dc.cache)

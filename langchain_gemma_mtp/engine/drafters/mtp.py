@@ -6,10 +6,10 @@ import torch
 from transformers import PreTrainedModel
 
 from ..target import TargetModel
-from .base import DecodeState, draft_token, finish_draft
+from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
 
 
-class MTPDrafter:
+class MTPDrafter(StatelessDrafter):
     """Drafts k tokens from one constant position: the pending token's.
 
     Step i feeds cat(embed(token), h) where h starts as the target's hidden state before the
@@ -23,9 +23,6 @@ class MTPDrafter:
     def __init__(self, assistant: PreTrainedModel, target: TargetModel):
         self.assistant = assistant
         self.target = target
-
-    def start(self, state: DecodeState) -> None:
-        pass
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
         if k <= 0 or state.shared_kv is None:
@@ -45,6 +42,3 @@ class MTPDrafter:
             drafts.append(token)
             probs.append(q)
         return finish_draft(drafts, probs)
-
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        pass

@@ -1,57 +1,150 @@
-"""N-gram (prompt lookup) drafter: copies what followed the best earlier match of the current suffix."""
+"""N-gram drafting: copy what followed the best earlier match of the current suffix, in this request
+or in recent requests' outputs (a bounded cross-call index, as in SuffixDecoding).
+
+Agents resend history, quote tool results and repeat tool-call skeletons, so the longer the
+match, the more of what followed is likely to follow again: a match of m tokens lets the draft
+grow to m tokens (up to MAX_DRAFT_TOKENS) even when the schedule asked for fewer.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import NamedTuple
+
 import torch
 
-from .base import DecodeState
+from ..types import MAX_DRAFT_TOKENS
+from .base import DecodeState, StatelessDrafter
 
-MAX_MATCH = 8  # how far back a match is compared when choosing between occurrences
+MAX_MATCH = 16  # how far back a match is compared when choosing between occurrences
+INDEX_KEY_LENGTHS = (8, 3)  # the index finds an occurrence by its last 8 tokens, else its last 3
+INDEX_CONTEXT = 16  # prompt tokens kept before an indexed output, so its first tokens can be matched
+DEFAULT_INDEX_TOKENS = 1 << 16
 
 
-def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> list[int]:
-    """Up to k tokens that followed an earlier occurrence of the sequence's suffix, or [] when no
-    occurrence matches at least `min_ngram` tokens.
+class Match(NamedTuple):
+    """A draft copied from an earlier occurrence and how many tokens of context matched there."""
 
-    The occurrence with the most tokens after it (up to k) wins, then the longer match (compared
-    up to MAX_MATCH tokens back), then the most recent. (Capping drafts by match length was
-    measured on the workloads: it saved verification width but cost more forwards than it saved.)
+    tokens: list[int]
+    length: int
+
+
+NO_MATCH = Match([], 0)
+
+
+def match_length(a: list[int], a_end: int, b: list[int], b_end: int) -> int:
+    """How many tokens agree going back from a[a_end] and b[b_end] (up to MAX_MATCH)."""
+    n = 0
+    while n < MAX_MATCH and n <= a_end and n <= b_end and a[a_end - n] == b[b_end - n]:
+        n += 1
+    return n
+
+
+def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> Match:
+    """Up to k tokens that followed an earlier occurrence of the sequence's suffix, or NO_MATCH when
+    none matches at least `min_ngram` tokens.
+
+    The occurrence with the most tokens after it (up to k) wins, then the longer match, then the
+    most recent. (Capping drafts by match length was measured on the workloads: it saved
+    verification width but cost more forwards than it saved.)
     """
     n = len(tokens)
     if n < 2 or k <= 0:
-        return []
+        return NO_MATCH
     last = tokens[-1]
-    best_key, best_end, best_usable = (0, 0), -1, 0
+    best_key, best_end = (0, 0), -1
     for end in range(n - 2, -1, -1):  # most recent first
         if tokens[end] != last:
             continue
-        length = 1
-        while length < MAX_MATCH and end - length >= 0 and tokens[end - length] == tokens[n - 1 - length]:
-            length += 1
+        length = match_length(tokens, end, tokens, n - 1)
         if length < min_ngram:
             continue
-        usable = min(k, n - 1 - end)
-        if (usable, length) > best_key:
-            best_key, best_end, best_usable = (usable, length), end, usable
-            if usable == k and length == MAX_MATCH:
+        key = (min(k, n - 1 - end), length)
+        if key > best_key:
+            best_key, best_end = key, end
+            if key == (k, MAX_MATCH):
                 break
-    return tokens[best_end + 1:best_end + 1 + best_usable] if best_usable else []
+    usable, length = best_key
+    return Match(tokens[best_end + 1:best_end + 1 + usable], length) if usable else NO_MATCH
 
 
-class NgramDrafter:
-    """Deterministic drafts (a point mass for the sampler); no model, no state."""
+class SuffixIndex:
+    """Recent requests' outputs, found by the n-grams that end inside them; bounded in tokens.
+
+    Each key (the last 8 or 3 tokens before a position) maps to its most recent occurrence, so a
+    lookup costs two dict probes however much is indexed. The oldest outputs go first.
+    """
+
+    def __init__(self, max_tokens: int = DEFAULT_INDEX_TOKENS):
+        self.max_tokens = max_tokens
+        self._docs: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._table: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._next_id = 0
+        self.tokens = 0
+
+    def add(self, tokens: list[int]) -> None:
+        if len(tokens) < 2 or len(tokens) > self.max_tokens:
+            return
+        doc_id, self._next_id = self._next_id, self._next_id + 1
+        self._docs[doc_id] = tokens
+        self.tokens += len(tokens)
+        for end in range(len(tokens) - 1):  # positions with something after them
+            for size in INDEX_KEY_LENGTHS:
+                if end + 1 >= size:
+                    self._table[tuple(tokens[end + 1 - size:end + 1])] = (doc_id, end)
+        while self.tokens > self.max_tokens:
+            old_id, old = self._docs.popitem(last=False)
+            self.tokens -= len(old)
+            for end in range(len(old) - 1):
+                for size in INDEX_KEY_LENGTHS:
+                    key = tuple(old[end + 1 - size:end + 1]) if end + 1 >= size else None
+                    if key is not None and self._table.get(key, (None,))[0] == old_id:
+                        del self._table[key]
+
+    def lookup(self, context: list[int], k: int) -> Match:
+        """Up to k tokens that followed the longest-keyed recent occurrence of the context's suffix."""
+        for size in INDEX_KEY_LENGTHS:
+            hit = self._table.get(tuple(context[-size:])) if len(context) >= size else None
+            if hit is not None:
+                doc = self._docs[hit[0]]
+                end = hit[1]
+                return Match(doc[end + 1:end + 1 + k], match_length(doc, end, context, len(context) - 1))
+        return NO_MATCH
+
+
+class NgramDrafter(StatelessDrafter):
+    """Deterministic drafts (a point mass for the sampler) from this request and from the index.
+
+    Requests that sample with a seed use only their own tokens, so a seed reproduces its output
+    whatever other requests taught the index.
+    """
 
     name = "ngram"
     cost_per_draft_token = 0.05
 
-    def __init__(self, min_ngram: int = 1):
+    def __init__(self, min_ngram: int = 1, index_tokens: int = DEFAULT_INDEX_TOKENS):
         self.min_ngram = min_ngram
+        self.index = SuffixIndex(index_tokens) if index_tokens else None
 
-    def start(self, state: DecodeState) -> None:
-        pass
+    def find(self, state: DecodeState, k: int) -> Match:
+        """The better of the request's own match and the index's, its draft grown by match length."""
+        limit = min(MAX_DRAFT_TOKENS, state.draft_limit)
+        want = min(limit, max(k, MAX_MATCH))  # look far enough ahead to grow the draft
+        best = lookup_continuation(state.tokens, want, self.min_ngram)
+        if self.index is not None and not state.reproducible:
+            other = self.index.lookup(state.tokens, want)
+            if other.length > best.length and other.tokens:
+                best = other
+        size = min(limit, max(k, best.length))
+        return Match(best.tokens[:size], best.length)
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        return lookup_continuation(state.tokens, k, self.min_ngram), None
+        return self.find(state, k).tokens, None
 
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        pass
+    def forget(self) -> None:
+        if self.index is not None:
+            self.index = SuffixIndex(self.index.max_tokens)
+
+    def finish(self, state: DecodeState) -> None:
+        if self.index is not None and len(state.tokens) > state.prompt_len:
+            self.index.add(state.tokens[max(0, state.prompt_len - INDEX_CONTEXT):])

@@ -1,0 +1,148 @@
+"""KV caches that roll back anywhere, and the cross-call prefix cache that lets a request skip the
+prefill of what an earlier request already computed.
+
+Sliding-window layers normally keep only the last `window - 1` positions, which makes a cache
+unusable for any prefix shorter than what it holds. Ours keep every position and still hand
+attention only the window (as transformers' past-recording layer does), so cropping to any length
+is exact and a stored cache serves every request that shares any prefix of it.
+
+Stored tensors are never written in place: transformers' dynamic layers grow by concatenation
+and crop by slicing, so a request starts from views of a stored entry at no copy cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from ..errors import InvalidRequestError
+
+LayerKV = tuple[torch.Tensor, torch.Tensor] | None  # None: a layer that holds nothing (kv-shared)
+DEFAULT_PREFIX_CACHE_MB = 1024
+
+
+class HistorySlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer that keeps its whole history, so `crop` is exact at any length."""
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__(sliding_window, **kwargs)
+        self.record_past = True  # `update` keeps everything and returns only the visible window
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.keys = self.keys[..., :tokens_to_remove, :]
+        self.values = self.values[..., :tokens_to_remove, :]
+        self.cumulative_length = self.keys.shape[-2]
+
+
+def new_cache(config, prefix: Sequence[LayerKV] | None = None, length: int = 0) -> DynamicCache:
+    """An empty cache for a model config, or one holding the first `length` positions of `prefix`."""
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            cache.layers[i] = layer = HistorySlidingLayer(layer.sliding_window)
+        if prefix is not None and prefix[i] is not None:
+            keys, values = prefix[i]
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+            if isinstance(layer, HistorySlidingLayer):
+                layer.cumulative_length = length
+    return cache
+
+
+def snapshot(cache: DynamicCache) -> list[LayerKV]:
+    """The cache's tensors as they are now (safe to keep: later updates make new tensors)."""
+    return [(layer.keys, layer.values) if layer.is_initialized and layer.keys is not None else None for layer in cache.layers]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (comparisons run on tuple slices, in C)."""
+    n = min(len(a), len(b))
+    if tuple(a[:n]) == tuple(b[:n]):
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tuple(a[lo:mid]) == tuple(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]
+    layers: list[LayerKV]
+    nbytes: int
+
+
+class PrefixCache:
+    """Recent requests' KV caches keyed by the token ids they hold, LRU within a byte budget.
+
+    Entries live in namespaces (the target, a draft model), each with its own token history but
+    one shared budget. `lookup` returns the longest stored prefix of a token sequence.
+    """
+
+    def __init__(self, budget_mb: float = DEFAULT_PREFIX_CACHE_MB):
+        if budget_mb < 0:
+            raise InvalidRequestError(f"prefix_cache_mb must be >= 0 (0 disables the prefix cache), got {budget_mb}.")
+        self.budget_bytes = int(budget_mb * 2**20)
+        self._entries: collections.OrderedDict[tuple[Hashable, int], _Entry] = collections.OrderedDict()
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, namespace: Hashable, tokens: Sequence[int]) -> tuple[int, list[LayerKV] | None]:
+        """(n, layers): the longest stored prefix `tokens[:n]` and the layers holding it, or (0, None)."""
+        with self._lock:
+            best_key, best_n = None, 0
+            for key, entry in self._entries.items():
+                if key[0] == namespace:
+                    n = common_prefix_length(entry.tokens, tokens)
+                    if n > best_n:
+                        best_key, best_n = key, n
+            if best_key is None:
+                return 0, None
+            self._entries.move_to_end(best_key)
+            return best_n, self._entries[best_key].layers
+
+    def insert(self, namespace: Hashable, tokens: Sequence[int], cache: DynamicCache) -> None:
+        """Keep `cache`, which holds exactly `tokens`; entries it extends are dropped."""
+        if not self.budget_bytes or not tokens:
+            return
+        layers = snapshot(cache)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in filter(None, layers))
+        if nbytes > self.budget_bytes:
+            return
+        tokens = tuple(tokens)
+        with self._lock:
+            for key, entry in self._entries.items():
+                if key[0] == namespace and entry.tokens[: len(tokens)] == tokens:
+                    self._entries.move_to_end(key)  # already held by a longer entry
+                    return
+            for key in [k for k, e in self._entries.items() if k[0] == namespace and tokens[: len(e.tokens)] == e.tokens]:
+                self.nbytes -= self._entries.pop(key).nbytes
+            self._entries[(namespace, self._next_id)] = _Entry(tokens, layers, nbytes)
+            self._next_id += 1
+            self.nbytes += nbytes
+            while self.nbytes > self.budget_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.nbytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
