@@ -25,7 +25,7 @@ from .loading import (
 from .loop import speculative_decode
 from .schedule import DraftScheduler
 from .target import TargetModel
-from .types import GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+from .types import EngineCounters, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
 from .worker import EngineWorker, RequestHandle
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,11 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    @property
+    def counters(self) -> EngineCounters:
+        """Totals over every verification step run so far (cancelled requests included)."""
+        return self.worker.counters
 
     def make_request(
         self,
