@@ -99,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     print(f"serving {name!r} ({runtime.engine.drafter.name} drafter) on http://{args.host}:{args.port}/v1", flush=True)
-    run_server(runtime, settings, host=args.host, port=args.port)
+    run_server(runtime, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)

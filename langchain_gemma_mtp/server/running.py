@@ -38,9 +38,11 @@ def _config(runtime: ChatRuntime, settings: ServerSettings | None, log_level: st
     return uvicorn.Config(create_app(runtime, settings), lifespan="off", log_level=log_level, timeout_graceful_shutdown=5)
 
 
-def serve(runtime: ChatRuntime, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    runtime: ChatRuntime, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
     """Serve in the foreground until interrupted (Ctrl-C)."""
-    config = _config(runtime, settings, "info")
+    config = _config(runtime, settings, log_level)
     config.host, config.port = host, port
     uvicorn.Server(config).run()
 
