@@ -226,8 +226,9 @@ def _error_of(response: httpx.Response) -> Exception:
 
 
 def _error_from_body(status: int, body: Any) -> Exception:
-    error = body.get("error") if isinstance(body, Mapping) else None
-    if not isinstance(error, Mapping):
+    error = body.get("error", body) if isinstance(body, Mapping) else None  # some servers put it at the top level
+    if not isinstance(error, Mapping) or "message" not in error:
         error = {"message": json.dumps(body)[:500]}
-    message = f"the server answered {status}: {error.get('message')}"
-    return error_for_status(status, message, error.get("code"))
+    code = error.get("code")
+    message = f"the server answered {status}: {error['message']}"
+    return error_for_status(status, message, code if isinstance(code, str) else None)

@@ -300,7 +300,8 @@ def create_app(runtime: ChatRuntime, settings: ServerSettings) -> Starlette:
     async def http_error_body(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind, "param": None, "code": None}}
+        message = f"{request.method} {request.url.path}: {exc.detail}. This server has POST /v1/chat/completions, GET /v1/models, /health and /metrics (a base_url ends in /v1)."
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code)
 
     async def unexpected(request: Request, exc: Exception) -> Response:

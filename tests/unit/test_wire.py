@@ -13,11 +13,12 @@ from langchain_gemma_mtp.errors import (
     AuthenticationError,
     ContextLengthError,
     InvalidRequestError,
+    ModelNotFoundError,
     ServerError,
     error_for_status,
     http_error,
 )
-from langchain_gemma_mtp.http_backend import _completion, _StreamReader
+from langchain_gemma_mtp.http_backend import _completion, _error_from_body, _StreamReader
 from langchain_gemma_mtp.runtime import ChatRequest
 from langchain_gemma_mtp.wire import ChatCompletionBody, request_body, runtime_delta, wire_delta
 
@@ -156,3 +157,10 @@ def test_engine_counters_count_drafts_per_position() -> None:
         counters.add(burst)
     assert (counters.steps, counters.drafts, counters.draft_tokens, counters.accepted_tokens, counters.generated_tokens) == (3, 2, 4, 2, 5)
     assert counters.drafted_at == [2, 1, 1] and counters.accepted_at == [1, 1, 0]
+
+
+def test_error_bodies_of_other_servers_are_read_too() -> None:
+    vllm = {"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError", "param": None, "code": 404}
+    error = _error_from_body(404, vllm)
+    assert type(error) is ModelNotFoundError and "does not exist" in str(error)
+    assert type(_error_from_body(502, "Bad Gateway")) is ServerError
