@@ -9,6 +9,7 @@ import sys
 import time
 
 from .engine.drafters import DRAFTER_NAMES
+from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
     "Here is a function:\n\n```python\ndef area(width, height):\n    return width * height\n```\n\n"
@@ -91,7 +92,10 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(f"the server needs its extra ({exc.name} is missing): pip install 'langchain-gemma-mtp[server]'") from exc
     name = args.served_model_name or args.model
-    runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype, served_model_name=name)
+    try:
+        runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype)
+    except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
+        raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
         served_model_name=name,
         api_key=args.api_key or os.environ.get("GEMMA_MTP_API_KEY") or None,

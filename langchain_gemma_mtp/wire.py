@@ -20,6 +20,7 @@ Extensions, ignored by other OpenAI-compatible servers and clients:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -107,7 +108,7 @@ def request_body(request: ChatRequest, model: str, *, stream: bool) -> dict[str,
     OpenAI-compatible server accepts it."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": request.messages,
+        "messages": [_wire_message(m) for m in request.messages],
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "stream": stream,
@@ -130,6 +131,20 @@ def request_body(request: ChatRequest, model: str, *, stream: bool) -> dict[str,
     if request.draft_hint != "auto" or request.num_draft_tokens is not None:
         body["speculative"] = {"draft_hint": request.draft_hint, "num_draft_tokens": request.num_draft_tokens}
     return body
+
+
+def _wire_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as OpenAI sends it: tool-call arguments as JSON text (LangChain keeps dicts)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    sent = []
+    for call in calls:
+        function = dict(call["function"])
+        if not isinstance(function.get("arguments"), str):
+            function["arguments"] = json.dumps(function.get("arguments") or {}, ensure_ascii=False)
+        sent.append({**call, "function": function})
+    return {**message, "tool_calls": sent}
 
 
 def wire_delta(delta: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,25 +11,17 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from ..backends import in_process_backend
 from ..runtime import ChatRuntime
 from .app import ServerSettings, create_app
 
 STARTUP_TIMEOUT_S = 30.0
 
 
-def load_runtime(
-    model: str,
-    drafter: str = "auto",
-    assistant: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    served_model_name: str | None = None,
-) -> ChatRuntime:
-    """A ChatRuntime over a freshly loaded engine (see `Engine.from_pretrained` for the arguments)."""
-    from ..engine import Engine
-
-    engine = Engine.from_pretrained(model, drafter=drafter, assistant=assistant, device=device, dtype=dtype)
-    return ChatRuntime(engine, model_name=served_model_name or model)
+def load_runtime(model: str, drafter: str = "auto", assistant: str | None = None, device: str | None = None, dtype: str | None = None) -> ChatRuntime:
+    """The ChatRuntime of a model, loaded through the process-wide engine registry: a server and
+    in-process ChatGemmaMTP instances with the same settings share one engine."""
+    return in_process_backend(model, drafter, assistant, device, dtype).runtime
 
 
 def _config(runtime: ChatRuntime, settings: ServerSettings | None, log_level: str) -> uvicorn.Config:

@@ -19,7 +19,7 @@ NAME = "tiny-chat"
 
 @pytest.fixture(scope="module", autouse=True)
 def served():
-    with running_server(load_runtime(str(chat_checkpoint()), served_model_name=NAME), ServerSettings(NAME)) as server:
+    with running_server(load_runtime(str(chat_checkpoint())), ServerSettings(NAME)) as server:
         TestChatGemmaMTPOverHTTP.base_url = server.base_url
         yield
 

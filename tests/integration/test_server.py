@@ -65,7 +65,7 @@ def path() -> str:
 
 @pytest.fixture(scope="module")
 def runtime(path):
-    return load_runtime(path, served_model_name=NAME)
+    return load_runtime(path)
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,14 @@ def test_a_request_survives_the_wire() -> None:
     assert ChatCompletionBody.model_validate(body).to_request(default_max_tokens=1) == request
 
 
+def test_tool_call_arguments_go_out_as_json_text_as_openai_servers_expect() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    history = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    (_, sent) = request_body(ChatRequest(messages=history), "m", stream=False)["messages"]
+    assert json.loads(sent["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert call["function"]["arguments"] == {"a": 2, "b": 3}  # the caller's messages are not changed
+
+
 def test_defaults_send_only_standard_fields() -> None:
     body = request_body(ChatRequest(messages=[{"role": "user", "content": "hi"}]), "m", stream=False)
     assert set(body) == {"model", "messages", "max_tokens", "temperature", "stream"}
