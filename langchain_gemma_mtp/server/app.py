@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +134,7 @@ class ChatServer:
             return self.error(exc)
         return JSONResponse(reply.completion(completion))
 
-    async def _collect(self, first: dict[str, Any], deltas: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    async def _collect(self, first: dict[str, Any], deltas: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
         completion = Completion()
         completion.add(first)
         self.metrics.running.inc()
@@ -147,7 +147,7 @@ class ChatServer:
         self.metrics.finish(completion.message)
         return completion.message
 
-    async def _events(self, reply: _Reply, first: dict[str, Any], deltas: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async def _events(self, reply: _Reply, first: dict[str, Any], deltas: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[str]:
         finished = False
         self.metrics.running.inc()
         try:
