@@ -2,7 +2,7 @@
 
 A backend takes a `ChatRequest` and returns OpenAI-style deltas (`stream`, `astream`) or a whole
 message (`complete`, `acomplete`), so the chat model does not care whether the model runs here or
-behind an OpenAI-compatible server (an HTTP backend is the planned second implementation).
+behind an OpenAI-compatible server (`http_backend.HTTPBackend`).
 
 Engines are shared process-wide: every ChatGemmaMTP with the same (model, drafter, assistant,
 device, dtype) uses one Engine, loaded on first use by exactly one thread.

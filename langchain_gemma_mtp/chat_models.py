@@ -30,9 +30,10 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .backends import Backend, in_process_backend
+from .http_backend import HTTPBackend
 from .errors import InvalidRequestError
 from .hints import DraftHint, check_draft_hint
 from .messages import convert_tools, from_langchain, normalize_tool_choice
@@ -75,7 +76,9 @@ class ChatGemmaMTP(BaseChatModel):
 
     Construction loads nothing: the weights load on first use and are shared by every instance
     with the same (model, drafter, assistant_model, device, dtype). Pass `engine=` to use an Engine
-    you built yourself.
+    you built yourself, or `base_url=` to run on an OpenAI-compatible server instead
+    (`gemma-mtp serve`, vLLM): `model` is then the served model name, and the same calls, hints,
+    tools and metadata work over HTTP.
 
     Draft hints: `draft_hint` ("auto", "code", "prose", "tool_call", "long_form" or an int 0..16)
     and `num_draft_tokens` set the draft length per call; see `langchain_gemma_mtp.hints` for how
@@ -93,7 +96,8 @@ class ChatGemmaMTP(BaseChatModel):
 
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
-    drafted, accepted, acceptance_rate, mean_accepted_length, target_forwards, tokens_per_second).
+    drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, target_forwards,
+    tokens_per_second).
     """
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
@@ -119,6 +123,15 @@ class ChatGemmaMTP(BaseChatModel):
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
     engine: Any = Field(default=None, exclude=True)
     """A ready `langchain_gemma_mtp.engine.Engine` to use instead of loading `model`."""
+    base_url: str | None = None
+    """An OpenAI-compatible server (e.g. "http://127.0.0.1:8000/v1") to send requests to instead
+    of running the model here."""
+    api_key: SecretStr | None = None
+    """Bearer token for `base_url`, when the server wants one."""
+    timeout: float | None = 600.0
+    """Seconds to wait on the server (connect, and between streamed chunks); None waits forever."""
+    max_retries: int = Field(default=2, ge=0)
+    """Retries of a request the server could not take (connection failure, 408/429/5xx)."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -130,6 +143,12 @@ class ChatGemmaMTP(BaseChatModel):
         if isinstance(values, dict) and values.get("engine") is not None and not ({"model", "model_name"} & values.keys()):
             values = {**values, "model": values["engine"].name}
         return values
+
+    @model_validator(mode="after")
+    def _one_place_to_run(self) -> ChatGemmaMTP:
+        if self.base_url is not None and self.engine is not None:
+            raise ValueError("pass either engine= (run here) or base_url= (run on a server), not both.")
+        return self
 
     @field_validator("draft_hint")
     @classmethod
@@ -145,6 +164,7 @@ class ChatGemmaMTP(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "base_url": self.base_url,
             "drafter": self.drafter,
             "assistant_model": self.assistant_model,
             "device": self.device,
@@ -162,7 +182,10 @@ class ChatGemmaMTP(BaseChatModel):
     # -- call options ---------------------------------------------------------------------------
 
     def _backend_for_calls(self) -> Backend:
-        if self._backend is None:
+        if self._backend is None and self.base_url is not None:
+            key = self.api_key.get_secret_value() if self.api_key else None
+            self._backend = HTTPBackend(self.base_url, self.model, key, self.timeout, self.max_retries)
+        elif self._backend is None:
             self._backend = in_process_backend(
                 self.model, self.drafter, self.assistant_model, self.device, self.dtype, engine=self.engine
             )
@@ -261,7 +284,7 @@ class ChatGemmaMTP(BaseChatModel):
             additional_kwargs={"reasoning_content": result["reasoning"]} if result["reasoning"] else {},
             tool_calls=calls,
             invalid_tool_calls=invalid,
-            usage_metadata=_usage(result["usage"]),
+            usage_metadata=_usage(result.get("usage")),
             response_metadata=_response_metadata(self.model, result),
         )
 
@@ -366,14 +389,16 @@ class _ChunkBuilder:
             content=delta.get("content", ""),
             additional_kwargs={"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {},
             tool_call_chunks=pieces,
-            usage_metadata=_usage(delta["usage"]) if last else None,
+            usage_metadata=_usage(delta.get("usage")) if last else None,
             response_metadata=metadata,
             chunk_position="last" if last else None,
         )
         return ChatGenerationChunk(message=message)
 
 
-def _usage(usage: Mapping[str, Any]) -> UsageMetadata:
+def _usage(usage: Mapping[str, Any] | None) -> UsageMetadata | None:
+    if usage is None:  # a server that does not report usage
+        return None
     return UsageMetadata(
         input_tokens=usage["prompt_tokens"],
         output_tokens=usage["completion_tokens"],
@@ -383,9 +408,7 @@ def _usage(usage: Mapping[str, Any]) -> UsageMetadata:
 
 
 def _response_metadata(model_name: str, result: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "model_name": model_name,
-        "model_provider": PROVIDER,
-        "finish_reason": result["finish_reason"],
-        "speculative": dict(result["speculative"]),
-    }
+    metadata = {"model_name": model_name, "model_provider": PROVIDER, "finish_reason": result["finish_reason"]}
+    if result.get("speculative"):  # servers other than ours send no speculative stats
+        metadata["speculative"] = dict(result["speculative"])
+    return metadata

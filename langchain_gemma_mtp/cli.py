@@ -1,10 +1,15 @@
-"""The `gemma-mtp` command line: `demo` streams speculative and plain decoding side by side."""
+"""The `gemma-mtp` command line: `demo` streams speculative and plain decoding side by side; `serve`
+runs the OpenAI-compatible server."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+from .engine.drafters import DRAFTER_NAMES
+from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
     "Here is a function:\n\n```python\ndef area(width, height):\n    return width * height\n```\n\n"
@@ -80,18 +85,55 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same or not exact else 1
 
 
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerSettings, load_runtime
+        from .server import serve as run_server
+    except ImportError as exc:
+        raise SystemExit(f"the server needs its extra ({exc.name} is missing): pip install 'langchain-gemma-mtp[server]'") from exc
+    name = args.served_model_name or args.model
+    try:
+        runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype)
+    except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
+        raise SystemExit(f"gemma-mtp serve: {exc}") from exc
+    settings = ServerSettings(
+        served_model_name=name,
+        api_key=args.api_key or os.environ.get("GEMMA_MTP_API_KEY") or None,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=args.max_body_bytes,
+    )
+    print(f"serving {name!r} ({runtime.engine.drafter.name} drafter) on http://{args.host}:{args.port}/v1", flush=True)
+    run_server(runtime, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gemma-mtp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="stream a speculative answer beside plain decoding, offline by default")
     d.add_argument("--model", help="hub id or local dir (default: the embedded Gemma 3 270M from the demo extra)")
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
-    d.add_argument("--drafter", default="auto", choices=["auto", "mtp", "draft_model", "ngram", "none"])
+    d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES)
     d.add_argument("--draft-hint", default="auto", help="auto, code, prose, tool_call, long_form or an int")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--dtype", default=None, help="float32 (default on CPU, exact) or bfloat16")
+    s = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
+    s.add_argument("--model", required=True, help="hub id or local dir of the target model")
+    s.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
+    s.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
+    s.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES)
+    s.add_argument("--dtype", default=None, help="float32 (default on CPU, exact) or bfloat16 (default on CUDA)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
+    s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
     if args.draft_hint.isdigit():
         args.draft_hint = int(args.draft_hint)
     return demo(args)

@@ -33,3 +33,44 @@ class UnsupportedContentError(InvalidRequestError):
 
 class ToolSchemaError(InvalidRequestError):
     """A tool definition cannot be used: not JSON-serializable, or without a name."""
+
+
+class AuthenticationError(GemmaMTPError):
+    """The server wants an API key and the request had none or a wrong one."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request body is larger than the server accepts."""
+
+
+class ServerError(GemmaMTPError, RuntimeError):
+    """A server failed a request on its side (5xx), or broke the protocol."""
+
+
+# HTTP status, OpenAI error type and code of each error, most specific class first: the server
+# answers with them and the HTTP backend raises the class back, so one table rules both ways.
+HTTP_ERRORS: tuple[tuple[type[GemmaMTPError], int, str, str | None], ...] = (
+    (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (ServerError, 500, "server_error", None),
+)
+
+
+def http_error(error: BaseException) -> tuple[int, str, str | None]:
+    """(status, type, code) for an error; anything unexpected is a 500 server error."""
+    for cls, status, kind, code in HTTP_ERRORS:
+        if isinstance(error, cls):
+            return status, kind, code
+    return 500, "server_error", None
+
+
+def error_for_status(status: int, message: str, code: str | None = None) -> GemmaMTPError:
+    """The typed error for an HTTP error answer: by its code when known, else the most general
+    class with its status (4xx: InvalidRequestError, 5xx: ServerError by default)."""
+    by_code = [cls for cls, _, _, known in HTTP_ERRORS if code is not None and known == code]
+    by_status = [cls for cls, known, _, _ in HTTP_ERRORS if known == status]
+    default = InvalidRequestError if 400 <= status < 500 else ServerError
+    return (by_code or by_status[-1:] or [default])[0](message)

@@ -347,6 +347,7 @@ class _Decoding:
             "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
+            "per_position_acceptance": stats.per_position_acceptance,
             "target_forwards": stats.target_forwards,
             "tokens_per_second": len(self.handle.token_ids) / elapsed if elapsed > 0 else 0.0,
         }

@@ -26,7 +26,7 @@ from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
 from .schedule import DraftScheduler
 from .target import TargetModel
-from .types import GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+from .types import EngineCounters, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
 from .worker import EngineWorker, RequestHandle
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    @property
+    def counters(self) -> EngineCounters:
+        """Totals over every verification step run so far (cancelled requests included)."""
+        return self.worker.counters
 
     def make_request(
         self,

@@ -125,6 +125,34 @@ class Burst:
 
 
 @dataclass
+class EngineCounters:
+    """Running totals over every verification step an engine ran (cancelled requests included),
+    named like vLLM's speculative-decoding metrics; only the owner thread writes them."""
+
+    steps: int = 0
+    drafts: int = 0  # steps that verified at least one draft token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: drafts verified there
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: drafts accepted there
+
+    def add(self, burst: Burst) -> None:
+        self.steps += 1
+        self.generated_tokens += len(burst.token_ids)
+        if burst.drafted:
+            self.drafts += 1
+        self.draft_tokens += burst.drafted
+        self.accepted_tokens += burst.accepted
+        while len(self.drafted_at) < burst.drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(burst.drafted):
+            self.drafted_at[i] += 1
+            self.accepted_at[i] += i < burst.accepted
+
+
+@dataclass
 class GenerationResult:
     """A finished request: new tokens only (a final stop token included, as transformers does)."""
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .types import Burst, GenerationResult, SpeculativeStats
+from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
 _END = object()
 _WORKERS: weakref.WeakSet[EngineWorker] = weakref.WeakSet()
@@ -148,6 +148,7 @@ class EngineWorker:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.counters = EngineCounters()  # totals for metrics, written by this thread only
         _WORKERS.add(self)
 
     def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int) -> RequestHandle:
@@ -194,6 +195,7 @@ class EngineWorker:
                 except BaseException as exc:  # handed to the consumer; the worker serves the others
                     job.put(exc)
                     continue
+                self.counters.add(burst)
                 job.put(burst)
                 if burst.finish_reason is not None:
                     job.bursts.close()

@@ -1,0 +1,201 @@
+"""Load on `gemma-mtp serve`: N concurrent streaming clients, each with its own memorized question.
+
+By default the script builds the memorizing tiny chat fixture (tests/chat_fixtures.py), serves it
+with the real console command in a separate process on a loopback port, and runs `--clients`
+concurrent streaming chat requests through httpx (SSE, `stream_options.include_usage`). Every
+answer is checked against the transcript the model memorized, so "complete" means the right
+answer, not just a closed stream. It reports aggregate throughput (completion tokens per second
+of wall time, requests per second) and first-chunk latency percentiles (request sent -> first
+chunk with output), and writes them as JSON.
+
+    python benchmarks/server_load.py --clients 32 --out benchmarks/results/server-load-tiny.json
+    python benchmarks/server_load.py --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+# Memorized questions of the fixture with answers of different lengths; clients take them in turn.
+QUESTIONS = (
+    "Hello",
+    "Write a Python function that adds two numbers.",
+    "Write a short story about a robot who learns to paint.",
+    "Write me 2 haikus. Only include the haikus.",
+    "Say hello in Japanese.",
+    "hi",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(threads: int) -> tuple[subprocess.Popen, str, str]:
+    """Build the fixture and serve it with `gemma-mtp serve` in a child process."""
+    from chat_fixtures import chat_checkpoint
+
+    model = str(chat_checkpoint())
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "langchain_gemma_mtp.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process, f"http://127.0.0.1:{port}/v1", model
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise SystemExit("the server did not come up in 300 s") from None
+            time.sleep(0.2)
+
+
+async def one_client(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = None
+    text, finish, usage = [], None, None
+    async with client.stream("POST", "/chat/completions", json=body) as reply:
+        if reply.status_code != 200:
+            return {"question": question, "error": f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}"}
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"question": question, "error": chunk["error"]["message"]}
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", ()):
+                delta = choice.get("delta") or {}
+                if delta.get("content") or delta.get("tool_calls"):
+                    first = first if first is not None else time.perf_counter() - started
+                    text.append(delta.get("content") or "")
+                finish = choice.get("finish_reason") or finish
+    return {
+        "question": question,
+        "answer": "".join(text),
+        "finish_reason": finish,
+        "completion_tokens": (usage or {}).get("completion_tokens", 0),
+        "first_chunk_s": first,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]  # nearest rank
+
+
+async def run(base_url: str, model: str, clients: int, max_tokens: int, api_key: str | None) -> tuple[list[dict], float]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
+        await one_client(client, model, QUESTIONS[0], max_tokens)  # warm up: first-call costs stay out of the numbers
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(clients)))
+        return list(results), time.perf_counter() - started
+
+
+def expected_answers() -> dict[str, str] | None:
+    """The fixture's memorized answers, to check every client got the right one."""
+    from langchain_core.messages import HumanMessage
+
+    from chat_fixtures import transcripts
+
+    answers = {}
+    for t in transcripts():
+        plain = isinstance(t.input, str) or (len(t.input) == 1 and isinstance(t.input[0], HumanMessage))
+        if plain and not t.options and t.chat_template is None:
+            question = t.input if isinstance(t.input, str) else t.input[0].content
+            answers[question] = t.completion.removesuffix("<turn|>")
+    return answers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
+    parser.add_argument("--model", help="the served model name (with --base-url)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    process = None
+    if args.base_url:
+        if not args.model:
+            parser.error("--base-url needs --model")
+        base_url, model, expected = args.base_url, args.model, None
+    else:
+        process, base_url, model = start_server(args.threads)
+        expected = expected_answers()
+    try:
+        results, wall = asyncio.run(run(base_url, model, args.clients, args.max_tokens, args.api_key))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+
+    errors = [r for r in results if "error" in r]
+    wrong = [r for r in results if "error" not in r and expected and r["answer"] != expected.get(r["question"], r["answer"])]
+    unfinished = [r for r in results if "error" not in r and r["finish_reason"] is None]
+    done = [r for r in results if "error" not in r]
+    tokens = sum(r["completion_tokens"] for r in done)
+    firsts = [r["first_chunk_s"] for r in done if r["first_chunk_s"] is not None]
+    summary = {
+        "clients": args.clients,
+        "completed": len(done) - len(unfinished),
+        "errors": len(errors),
+        "wrong_answers": len(wrong),
+        "wall_s": round(wall, 3),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(done) / wall, 2),
+        "first_chunk_s": {
+            name: round(percentile(firsts, q), 4) if firsts else None for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        },
+    }
+    print(
+        f"{summary['completed']}/{args.clients} streams completed, {len(errors)} errors, {len(wrong)} wrong answers in {wall:.2f}s\n"
+        f"throughput: {summary['tokens_per_s']} completion tokens/s, {summary['requests_per_s']} requests/s\n"
+        "first chunk latency (s): " + ", ".join(f"{k} {v}" for k, v in summary["first_chunk_s"].items())
+    )
+    for bad in errors + wrong:
+        print("  problem:", {k: bad.get(k) for k in ("question", "error", "answer")})
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"summary": summary, "args": {k: str(v) for k, v in vars(args).items()}, "requests": results}, indent=1))
+    ok = not errors and not wrong and not unfinished
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the server: requests and tokens, and speculative counters named like vLLM's.
+
+Speculative and generation counters are read from the engine at scrape time (`Engine.counters`),
+so they count every verification step, cancelled requests included: a client that disconnects
+shows as a generation-token count that stops growing. Names carry the `gemma_mtp:` prefix where
+vLLM's carry `vllm:` (`gemma_mtp:spec_decode_num_drafts_total` is `vllm:spec_decode_num_drafts_total`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+PREFIX = "gemma_mtp:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineCollector(Collector):
+    """The engine's running totals as Prometheus counters."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.engine.counters
+        plain = (
+            ("generation_tokens", "Tokens generated (cancelled requests included).", c.generated_tokens),
+            ("verification_steps", "Target forward passes that verified drafts (or decoded one token).", c.steps),
+            ("spec_decode_num_drafts", "Verification steps that checked at least one draft token.", c.drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", c.draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", c.accepted_tokens),
+        )
+        for name, doc, value in plain:
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        per_position = (
+            ("spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position (0 = first).", c.accepted_at),
+            ("spec_decode_num_draft_tokens_per_pos", "Draft tokens verified, by draft position (0 = first).", c.drafted_at),
+        )
+        for name, doc, values in per_position:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["position"])
+            for position, value in enumerate(list(values)):
+                family.add_metric([str(position)], value)
+            yield family
+
+
+class ServerMetrics:
+    """One registry per app, so several servers in one process (tests) keep their own counts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.finished = Counter(PREFIX + "request_success", "Requests answered to the end, by finish reason.", ["finished_reason"], registry=r)
+        self.failed = Counter(PREFIX + "request_errors", "Requests answered with an error, by HTTP status.", ["status"], registry=r)
+        self.cancelled = Counter(PREFIX + "request_cancelled", "Requests whose client went away before the answer ended.", registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests answered to the end.", registry=r)
+        self.running = Gauge(PREFIX + "num_requests_running", "Requests being generated now.", registry=r)
+        self.first_chunk = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first verified output.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        r.register(_EngineCollector(engine))
+
+    def finish(self, final: dict) -> None:
+        self.finished.labels(final["finish_reason"]).inc()
+        self.prompt_tokens.inc(final["usage"]["prompt_tokens"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

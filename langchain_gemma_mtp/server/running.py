@@ -1,0 +1,87 @@
+"""Loading a model to serve, and running the app under uvicorn: in the foreground or on a background thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+
+from ..backends import in_process_backend
+from ..runtime import ChatRuntime
+from .app import ServerSettings, create_app
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+def load_runtime(model: str, drafter: str = "auto", assistant: str | None = None, device: str | None = None, dtype: str | None = None) -> ChatRuntime:
+    """The ChatRuntime of a model, loaded through the process-wide engine registry: a server and
+    in-process ChatGemmaMTP instances with the same settings share one engine."""
+    return in_process_backend(model, drafter, assistant, device, dtype).runtime
+
+
+def _config(runtime: ChatRuntime, settings: ServerSettings | None, log_level: str) -> uvicorn.Config:
+    settings = settings or ServerSettings(served_model_name=runtime.model_name)
+    # No lifespan: the model is loaded before the app exists, and nothing needs tearing down.
+    return uvicorn.Config(create_app(runtime, settings), lifespan="off", log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def serve(
+    runtime: ChatRuntime, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
+    """Serve in the foreground until interrupted (Ctrl-C)."""
+    config = _config(runtime, settings, log_level)
+    config.host, config.port = host, port
+    uvicorn.Server(config).run()
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """Where a background server listens."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What OpenAI clients and ChatGemmaMTP(base_url=...) take."""
+        return f"{self.url}/v1"
+
+
+@contextmanager
+def running_server(
+    runtime: ChatRuntime, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[LocalServer]:
+    """Serve `runtime` from a background thread while the block runs (port 0: an ephemeral port).
+
+    .. code-block:: python
+
+        with running_server(load_runtime("path/to/model")) as server:
+            llm = ChatGemmaMTP(base_url=server.base_url, model="path/to/model")
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(_config(runtime, settings, "warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gemma-mtp-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"the server on {host}:{sock.getsockname()[1]} did not start")
+        time.sleep(0.01)
+    try:
+        yield LocalServer(host, sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(STARTUP_TIMEOUT_S)
+        sock.close()
