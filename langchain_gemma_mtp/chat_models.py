@@ -91,6 +91,10 @@ class ChatGemmaMTP(BaseChatModel):
     their reason, so the reasons also come on the last chunk as
     `response_metadata["invalid_tool_call_errors"]` ({call id: reason}).
 
+    Each streamed chunk carries `additional_kwargs["verified_tokens"]`, the tokens verified since
+    the previous chunk (one burst, or several when text was held back); callbacks read burst
+    sizes there, and merged chunks sum to the output tokens.
+
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
     drafted, accepted, acceptance_rate, mean_accepted_length, target_forwards, tokens_per_second).
@@ -362,9 +366,12 @@ class _ChunkBuilder:
         metadata = _response_metadata(self.model_name, delta) if last else {}
         if last and self.errors:
             metadata["invalid_tool_call_errors"] = dict(self.errors)
+        extra: dict[str, Any] = {"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {}
+        if "verified_tokens" in delta:  # absent from servers without this extension
+            extra["verified_tokens"] = delta["verified_tokens"]
         message = AIMessageChunk(
             content=delta.get("content", ""),
-            additional_kwargs={"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {},
+            additional_kwargs=extra,
             tool_call_chunks=pieces,
             usage_metadata=_usage(delta["usage"]) if last else None,
             response_metadata=metadata,
