@@ -3,6 +3,8 @@ and the tool calls as they are verified, and prints the speculative stats of eve
 
     python examples/agents/react_agent.py                  # Gemma 4 E2B with its MTP assistant
     python examples/agents/react_agent.py --offline-demo   # a tiny model that memorized this run
+
+create_agent comes from the `langchain` package (`pip install langchain`; the dev extra has it).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ says nothing about model quality.
 """
 
 from .memorizing import MODEL_NAME, TOKENIZER_DIR, build_chat_target, memorizing_chat_model, training_sequences
-from .transcripts import TURN_END, Transcript, call_text, structured_options, tool_loop, tool_options, tool_result_text
+from .transcripts import TURN_END, Transcript, call_text, structured_options, tool_loop, tool_options
 
 __all__ = [
     "MODEL_NAME",
@@ -20,6 +20,5 @@ __all__ = [
     "structured_options",
     "tool_loop",
     "tool_options",
-    "tool_result_text",
     "training_sequences",
 ]

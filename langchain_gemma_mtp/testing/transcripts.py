@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool
+from langgraph.prebuilt.tool_node import msg_content_output
 
 from ..formats import to_gemma4_value
 from ..messages import from_langchain
@@ -56,11 +56,6 @@ def call_text(name: str, args: dict[str, Any]) -> str:
     return f"<|tool_call>call:{name}{to_gemma4_value(args)}<tool_call|><|tool_response>"
 
 
-def tool_result_text(result: Any) -> str:
-    """A tool's return value as LangGraph's ToolNode puts it in a ToolMessage."""
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
-
-
 def tool_loop(
     question: str | list[BaseMessage],
     calls: Sequence[tuple[BaseTool, dict[str, Any]]],
@@ -75,6 +70,7 @@ def tool_loop(
         transcripts.append(Transcript(list(history), call_text(tool.name, args), options))
         call_id = f"call_{i}"
         history.append(AIMessage("", tool_calls=[{"name": tool.name, "args": args, "id": call_id, "type": "tool_call"}]))
-        history.append(ToolMessage(tool_result_text(tool.invoke(args)), tool_call_id=call_id, name=tool.name))
+        # The result as LangGraph's ToolNode puts it in a ToolMessage.
+        history.append(ToolMessage(msg_content_output(tool.invoke(args)), tool_call_id=call_id, name=tool.name))
     transcripts.append(Transcript(history, answer + TURN_END, options))
     return transcripts
