@@ -91,9 +91,9 @@ class ChatGemmaMTP(BaseChatModel):
     their reason, so the reasons also come on the last chunk as
     `response_metadata["invalid_tool_call_errors"]` ({call id: reason}).
 
-    Each streamed chunk carries `additional_kwargs["verified_tokens"]`, the tokens verified since
-    the previous chunk (one burst, or several when text was held back); callbacks read burst
-    sizes there, and merged chunks sum to the output tokens.
+    Each streamed chunk carries `additional_kwargs["burst_sizes"]`: the size in tokens of each
+    burst verified since the previous chunk (one, or several when text was held back). Callbacks
+    read it there; lists concatenate when chunks merge, so a merged stream lists every burst.
 
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
@@ -367,8 +367,8 @@ class _ChunkBuilder:
         if last and self.errors:
             metadata["invalid_tool_call_errors"] = dict(self.errors)
         extra: dict[str, Any] = {"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {}
-        if "verified_tokens" in delta:  # absent from servers without this extension
-            extra["verified_tokens"] = delta["verified_tokens"]
+        if delta.get("burst_sizes"):  # absent from servers without this extension
+            extra["burst_sizes"] = list(delta["burst_sizes"])
         message = AIMessageChunk(
             content=delta.get("content", ""),
             additional_kwargs=extra,

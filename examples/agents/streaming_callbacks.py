@@ -1,9 +1,10 @@
 """A LangChain callback handler that shows text as each burst of tokens is verified, with the burst's size.
 
 Speculative decoding verifies several tokens per target forward pass: ChatGemmaMTP streams one chunk
-per verified burst, and each chunk says how many tokens were verified for it
-(`additional_kwargs["verified_tokens"]`). The handler prints each burst's size after its text
-(superscript), then a histogram of burst sizes and the call's speculative stats.
+per verified burst, and each chunk lists the size of the bursts verified for it
+(`additional_kwargs["burst_sizes"]`: one burst, or several when text was held back). The handler
+prints each burst's size after its text (superscript), then a histogram of burst sizes and the
+call's speculative stats.
 
     python examples/agents/streaming_callbacks.py                  # Gemma 4 E2B with its MTP assistant
     python examples/agents/streaming_callbacks.py --offline-demo   # a tiny model that memorized this run
@@ -28,7 +29,7 @@ PROMPTS = {
     "code": "Write a Python function that returns the n-th Fibonacci number, iteratively.",
     "long_form": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
-SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+SUPERSCRIPT = str.maketrans("0123456789+", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺")
 
 
 class BurstPrinter(BaseCallbackHandler):
@@ -42,10 +43,9 @@ class BurstPrinter(BaseCallbackHandler):
         self.sizes = []
 
     def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
-        size = chunk.message.additional_kwargs.get("verified_tokens", 0) if chunk is not None else 0
-        if size:
-            self.sizes.append(size)
-        mark = str(size).translate(SUPERSCRIPT) if self.marks and size and token else ""
+        bursts = chunk.message.additional_kwargs.get("burst_sizes", []) if chunk is not None else []
+        self.sizes.extend(bursts)
+        mark = "+".join(map(str, bursts)).translate(SUPERSCRIPT) if self.marks else ""
         print(token + mark, end="", flush=True)
 
     def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
@@ -53,7 +53,7 @@ class BurstPrinter(BaseCallbackHandler):
         counts = collections.Counter(self.sizes)
         histogram = "  ".join(f"{size}:{'#' * n}" for size, n in sorted(counts.items()))
         print(f"\n\nburst sizes (tokens per chunk: count)  {histogram}")
-        print(f"{sum(self.sizes)} tokens in {len(self.sizes)} bursts, largest {max(self.sizes, default=0)}")
+        print(f"{sum(self.sizes)} tokens in {len(self.sizes)} bursts (one per target forward), largest {max(self.sizes, default=0)}")
         print(f"speculative: {stats_line(message)}\n")
 
 

@@ -141,11 +141,16 @@ def memorizing_chat_model(
     if (home / f"{MODEL_NAME}-assistant" / "config.json").is_file():  # the assistant is saved last
         return home / MODEL_NAME
 
-    started = time.perf_counter()
-    memorize_completions(target, sequences)
-    assistant = tiny.build_assistant(target, ordered=False, seed=4)
-    drafted = [p + c for (p, c), keep in zip(sequences, distilled) if keep]
-    distill.distill_assistant(assistant, TargetModel(target), drafted, steps=160, draft_steps=4)
+    started, threads = time.perf_counter(), torch.get_num_threads()
+    # Matrices this small train fastest on one thread, and a busy machine cannot oversubscribe it.
+    torch.set_num_threads(1)
+    try:
+        memorize_completions(target, sequences)
+        assistant = tiny.build_assistant(target, ordered=False, seed=4)
+        drafted = [p + c for (p, c), keep in zip(sequences, distilled) if keep]
+        distill.distill_assistant(assistant, TargetModel(target), drafted, steps=160, draft_steps=4)
+    finally:
+        torch.set_num_threads(threads)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:

@@ -102,11 +102,14 @@ def test_stream_yields_a_chunk_per_burst_with_usage_and_metadata_on_the_last_onl
     assert usage["output_tokens"] > metadata["speculative"]["target_forwards"]
 
 
-def test_each_chunk_says_how_many_tokens_were_verified_for_it(llm) -> None:
+def test_each_chunk_lists_the_bursts_verified_for_it(llm) -> None:
     chunks, total = streamed(llm.stream(STORY_QUESTION))
-    sizes = [c.additional_kwargs["verified_tokens"] for c in chunks]
-    assert sum(sizes) == total.usage_metadata["output_tokens"] == total.additional_kwargs["verified_tokens"]
-    assert all(n >= 1 for n in sizes[:-1]) and max(sizes) > 1  # multi-token bursts: drafts were accepted
+    assert all(c.additional_kwargs["burst_sizes"] for c in chunks[:-1])  # every chunk but the last has its own
+    sizes = total.additional_kwargs["burst_sizes"]  # merged chunks list every burst, in order
+    assert sizes == [n for c in chunks for n in c.additional_kwargs.get("burst_sizes", [])]
+    assert sum(sizes) == total.usage_metadata["output_tokens"]
+    assert len(sizes) == total.response_metadata["speculative"]["target_forwards"]  # one burst per forward
+    assert max(sizes) > 1  # multi-token bursts: drafts were accepted
 
 
 def test_callbacks_see_every_chunk_when_invoke_streams(llm, path) -> None:
