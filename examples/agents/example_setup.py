@@ -48,6 +48,6 @@ def stats_line(message: BaseMessage) -> str:
     s = message.response_metadata["speculative"]
     return (
         f"drafter={s['drafter']} hint={s['draft_hint']} drafted={s['drafted']} accepted={s['accepted']} "
-        f"acceptance={s['acceptance_rate']:.0%} tokens/forward={s['mean_accepted_length']:.2f} "
+        f"acceptance={s['acceptance_rate']:.0%} tokens/step={s['mean_accepted_length']:.2f} "
         f"forwards={s['target_forwards']} {s['tokens_per_second']:.0f} tok/s"
     )
