@@ -94,6 +94,10 @@ class ChatGemmaMTP(BaseChatModel):
     their reason, so the reasons also come on the last chunk as
     `response_metadata["invalid_tool_call_errors"]` ({call id: reason}).
 
+    Each streamed chunk carries `additional_kwargs["burst_sizes"]`: the size in tokens of each
+    burst verified since the previous chunk (one, or several when text was held back). Callbacks
+    read it there; lists concatenate when chunks merge, so a merged stream lists every burst.
+
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
     drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, target_forwards,
@@ -385,9 +389,12 @@ class _ChunkBuilder:
         metadata = _response_metadata(self.model_name, delta) if last else {}
         if last and self.errors:
             metadata["invalid_tool_call_errors"] = dict(self.errors)
+        extra: dict[str, Any] = {"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {}
+        if delta.get("burst_sizes"):  # absent from servers without this extension
+            extra["burst_sizes"] = list(delta["burst_sizes"])
         message = AIMessageChunk(
             content=delta.get("content", ""),
-            additional_kwargs={"reasoning_content": delta["reasoning"]} if delta.get("reasoning") else {},
+            additional_kwargs=extra,
             tool_call_chunks=pieces,
             usage_metadata=_usage(delta.get("usage")) if last else None,
             response_metadata=metadata,

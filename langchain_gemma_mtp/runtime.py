@@ -14,10 +14,13 @@ shaped like `choices[0].delta` of an OpenAI chunk, with extension keys:
     {"tool_calls": [{"index", "id", "type": "function", "function": {"name", "arguments"}}]}
     {"invalid_tool_calls": [{"index", "id", "name", "raw", "error"}]}   calls that cannot be used
     last delta: {"finish_reason", "usage": {...}, "speculative": {...}} (and any final text)
+    {"burst_sizes": [int, ...]}            tokens of each burst verified since the previous delta
 
 A delta is yielded for each verified burst that adds visible output; text that may still change
 (a split character, a split marker, a possible stop-string start, an unclosed tool call) is held
-until the next burst settles it.
+until the next burst settles it. So `burst_sizes` usually holds one burst, several when text was
+held back; over a request the lists add up to one entry per target forward and their sum is
+`usage.completion_tokens`.
 """
 
 from __future__ import annotations
@@ -286,6 +289,7 @@ class _Decoding:
         # The forced opening is output the model has already "written": it is parsed first.
         self.pending = self.parser.feed(prepared.forced)
         self.called = False  # a tool call (valid or not) was emitted
+        self.unsent_bursts: list[int] = []  # sizes of the bursts verified since the last delta
         self.finish_reason: str | None = None  # set when the runtime, not the engine, ends the answer
 
     @property
@@ -293,6 +297,7 @@ class _Decoding:
         return self.finish_reason is not None
 
     def feed(self, token_ids: Sequence[int]) -> dict[str, Any]:
+        self.unsent_bursts.append(len(token_ids))
         # End-of-turn tokens end generation; they are not part of the answer.
         text = self.decoder.push([t for t in token_ids if t not in self.end_ids])
         parsed = self._parse(self.stops.push(text))
@@ -300,7 +305,10 @@ class _Decoding:
             self.finish_reason = "stop"
         elif self.called and self.request.parallel_tool_calls is False:
             self.finish_reason = "tool_calls"  # the one call allowed is complete: what follows is dropped
-        return _delta(parsed)
+        delta = _delta(parsed)
+        if delta:
+            delta["burst_sizes"], self.unsent_bursts = self.unsent_bursts, []
+        return delta
 
     def _parse(self, text: str, final: bool = False) -> ParsedDelta:
         parsed, self.pending = self.pending, ParsedDelta()
@@ -323,6 +331,8 @@ class _Decoding:
         if reason == "stop" and self.called:
             reason = "tool_calls"
         delta = _delta(parsed)
+        if self.unsent_bursts:
+            delta["burst_sizes"] = self.unsent_bursts
         delta.update(finish_reason=reason, usage=self._usage(), speculative=self._speculative())
         return delta
 

@@ -1,10 +1,10 @@
 """Memorizing plumbing fixture for the chat layer: a tiny Gemma 4 that learned fixed answers to fixed chats.
 
-A tiny `Gemma4ForCausalLM` with the fixture tokenizer's 4096-token vocabulary is trained for
-seconds to reproduce the completions of the chat requests of `transcripts()`, each rendered by the
-real ChatRuntime (chat template, tools, forced tool-call openings) exactly as ChatGemmaMTP renders
-it at test time. An MTP assistant is distilled against it, and both are saved as a checkpoint
-(`tiny-chat` beside `tiny-chat-assistant`) that ChatGemmaMTP loads by path through the engine
+`langchain_gemma_mtp.testing.memorizing_chat_model` trains a tiny `Gemma4ForCausalLM` (the
+fixture tokenizer's 4096-token vocabulary) for seconds to reproduce the completions of the chat
+requests of `transcripts()`, each rendered by the real ChatRuntime (chat template, tools, forced
+tool-call openings) exactly as ChatGemmaMTP renders it at test time, and distills an MTP
+assistant against it. ChatGemmaMTP loads the saved checkpoint by path through the engine
 registry.
 
 The model knows these transcripts by heart and nothing else: tests built on it check plumbing
@@ -15,17 +15,11 @@ source, so its plumbing tests meet answers of the right shape.
 
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from langchain_core._api import LangChainBetaWarning
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import GenericFakeChatModel
@@ -40,20 +34,17 @@ from langchain_tests.integration_tests.chat_models import (
     unicode_customer,
 )
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer, Gemma4ForCausalLM, GenerationConfig
 from typing_extensions import TypedDict
 
-from langchain_gemma_mtp.distill import distill_assistant
-from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.target import TargetModel
-from langchain_gemma_mtp import ChatGemmaMTP
-from langchain_gemma_mtp.messages import from_langchain
-from langchain_gemma_mtp.runtime import FALLBACK_CHAT_TEMPLATE, ChatRequest, ChatRuntime
-from tiny_models import build_assistant, gemma4_text_config
-
-TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
-CONTEXT = 1024
-EOS, TURN_END = 1, 5  # <eos>, <turn|>
+from langchain_gemma_mtp.runtime import FALLBACK_CHAT_TEMPLATE
+from langchain_gemma_mtp.testing import (  # noqa: F401 (TOKENIZER_DIR and build_chat_target are re-exported for the tests)
+    TOKENIZER_DIR,
+    Transcript,
+    build_chat_target as build_target,
+    memorizing_chat_model,
+    structured_options,
+    tool_options,
+)
 
 
 @tool
@@ -146,36 +137,6 @@ class TokenCounter(BaseCallbackHandler):
         self.chunks.append(chunk)
 
 
-# Binds call options exactly as users do; never loads a model (nothing here is invoked).
-_BINDER = ChatGemmaMTP(model="fixture-binder")
-
-
-def tool_options(tools: list[Any], tool_choice: Any = None) -> dict[str, Any]:
-    """The call options `bind_tools` stores."""
-    return dict(_BINDER.bind_tools(tools, tool_choice=tool_choice).kwargs)
-
-
-def structured_options(schema: Any, method: str) -> dict[str, Any]:
-    """The call options `with_structured_output` binds (its tracing entry left out, as LangChain does)."""
-    options = dict(_BINDER.with_structured_output(schema, method=method).first.kwargs)
-    options.pop("ls_structured_output_format")
-    return options
-
-
-@dataclass
-class Transcript:
-    """One chat request (LangChain input and call options) and the completion the model learns."""
-
-    input: str | list[BaseMessage]
-    completion: str  # output text after the prompt (and after any forced opening), end marker included
-    options: dict[str, Any] = field(default_factory=dict)
-    chat_template: str | None = None  # None: the tokenizer's (Gemma 4) template
-
-    def request(self) -> ChatRequest:
-        messages = [HumanMessage(self.input)] if isinstance(self.input, str) else self.input
-        return ChatRequest(messages=from_langchain(messages), **self.options)
-
-
 def _agent_history(*steps: tuple[str, dict, str]) -> list[BaseMessage]:
     history: list[BaseMessage] = [HumanMessage(AGENT_QUESTION)]
     for i, (name, args, result) in enumerate(steps):
@@ -257,94 +218,13 @@ def transcripts() -> list[Transcript]:
     ]
 
 
-def build_target(seed: int = 0) -> Gemma4ForCausalLM:
-    config = gemma4_text_config(shared=True, ple=True, vocab=4096)
-    config.max_position_embeddings = CONTEXT
-    torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=0, bos_token_id=2)
-    return model.eval()
-
-
-def training_sequences(engine: Engine, items: list[Transcript]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of each transcript, rendered by a ChatRuntime itself."""
-    runtimes = {t.chat_template: ChatRuntime(engine, chat_template=t.chat_template) for t in items}
-    tokenizer = engine.tokenizer
-    return [
-        (runtimes[t.chat_template].prepare(t.request()).prompt_ids, tokenizer.encode(t.completion, add_special_tokens=False))
-        for t in items
-    ]
-
-
-def _batches(sequences: list[tuple[list[int], list[int]]], size: int = 6) -> list[tuple[torch.Tensor, ...]]:
-    """Padded batches of similar length; labels only on completions (prompts are context, not targets)."""
-    ordered = sorted(sequences, key=lambda s: len(s[0]) + len(s[1]))
-    batches = []
-    for start in range(0, len(ordered), size):
-        group = ordered[start : start + size]
-        width = max(len(p) + len(c) for p, c in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, (prompt, completion) in enumerate(group):
-            seq = prompt + completion
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, len(prompt) : len(seq)] = torch.tensor(completion)
-        batches.append((ids, mask, labels))
-    return batches
-
-
-def memorize_completions(model: Gemma4ForCausalLM, sequences: list[tuple[list[int], list[int]]], max_epochs: int = 60) -> int:
-    """Train until every completion token is the argmax under teacher forcing; return the epochs used."""
-    batches = _batches(sequences)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for epoch in range(1, max_epochs + 1):
-        model.train()
-        for ids, mask, labels in batches:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if epoch >= 10 and epoch % 2 == 0 and _all_memorized(model, batches):
-            model.eval()
-            return epoch
-    model.eval()
-    raise AssertionError(f"the fixture did not memorize its transcripts in {max_epochs} epochs")
-
-
-@torch.no_grad()
-def _all_memorized(model: Gemma4ForCausalLM, batches: list[tuple[torch.Tensor, ...]]) -> bool:
-    model.eval()
-    for ids, mask, labels in batches:
-        predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
-        target = labels[:, 1:]
-        if not bool(((predicted == target) | (target == -100)).all()):
-            return False
-    return True
-
-
 @functools.cache
 def chat_checkpoint() -> Path:
     """Directory of the saved memorizing target (with tokenizer); its distilled assistant lies beside it.
 
-    Built once per test process (about 20 s on two cores) and removed at exit.
+    Built once (about 20 s on two cores) and cached on disk keyed by the transcripts; later test
+    sessions load it at once.
     """
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    target = build_target()
-    items = transcripts()
-    sequences = training_sequences(Engine(target, tokenizer=tokenizer, name="tiny-chat"), items)
-    memorize_completions(target, sequences)
-    assistant = build_assistant(target, ordered=False, seed=4)
     # A small assistant learns a few transcripts well rather than all of them badly: long
     # multi-token bursts on the prose answers are what the streaming tests need.
-    drafted = [p + c for (p, c), t in zip(sequences, items) if t.completion.removesuffix("<turn|>") in DISTILLED]
-    distill_assistant(assistant, TargetModel(target), drafted, steps=160, draft_steps=4)
-    root = Path(tempfile.mkdtemp(prefix="gemma-mtp-chat-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    target.save_pretrained(root / "tiny-chat")
-    tokenizer.save_pretrained(root / "tiny-chat")
-    assistant.save_pretrained(root / "tiny-chat-assistant")
-    print(f"memorizing chat fixture built in {time.perf_counter() - started:.1f}s")
-    return root / "tiny-chat"
+    return memorizing_chat_model(transcripts(), distill_on=lambda t: t.completion.removesuffix("<turn|>") in DISTILLED)

@@ -8,47 +8,24 @@ import torch
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
-    Gemma4AssistantConfig,
-    Gemma4AssistantForCausalLM,
     Gemma4Config,
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
-    Gemma4TextConfig,
     GenerationConfig,
 )
 
-VOCAB = 512
-HIDDEN = 64
-HEAD_DIM = 16
-WINDOW = 8  # shorter than the test sequences, so sliding layers really slide
-LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-EOS = 1
-MAX_POS = 256
-
-
-def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: int = HIDDEN, **kw) -> Gemma4TextConfig:
-    return Gemma4TextConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=len(LAYERS),
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=HEAD_DIM,
-        global_head_dim=HEAD_DIM,
-        layer_types=list(LAYERS),
-        sliding_window=WINDOW,
-        num_kv_shared_layers=2 if shared else 0,
-        hidden_size_per_layer_input=8 if ple else 0,
-        vocab_size_per_layer_input=vocab if ple else 0,
-        max_position_embeddings=MAX_POS,
-        final_logit_softcapping=30.0,
-        initializer_range=0.2,  # wide logit gaps: fp32 argmax never sits on a near-tie
-        eos_token_id=EOS,
-        pad_token_id=0,
-        bos_token_id=2,
-        **kw,
-    )
+# The Gemma 4 builders live in the package, shared with the examples' offline demos.
+from langchain_gemma_mtp.testing.tiny import (  # noqa: F401 (re-exported for the tests)
+    EOS,
+    HEAD_DIM,
+    HIDDEN,
+    LAYERS,
+    MAX_POS,
+    VOCAB,
+    WINDOW,
+    build_assistant,
+    gemma4_text_config,
+)
 
 
 def gemma3_text_config(vocab: int = VOCAB) -> Gemma3TextConfig:
@@ -82,40 +59,6 @@ def build_target(kind: str, seed: int = 0, vocab: int = VOCAB, hidden: int = HID
     else:
         model = Gemma4ForCausalLM(gemma4_text_config(shared=kind == "shared_ple", ple=kind == "shared_ple", vocab=vocab, hidden=hidden))
     model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=0, bos_token_id=2)
-    return model.eval()
-
-
-def build_assistant(target, *, ordered: bool, seed: int = 1, hidden: int = 32, layers: int = 2):
-    """A Gemma 4 assistant whose K/V geometry and rope match `target`."""
-    torch.manual_seed(seed)
-    tc = target.config.get_text_config()
-    text = Gemma4TextConfig(
-        vocab_size=tc.vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=HEAD_DIM,
-        global_head_dim=HEAD_DIM,
-        layer_types=["sliding_attention", "full_attention"][:layers] if layers <= 2 else None,
-        sliding_window=WINDOW,
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
-        max_position_embeddings=MAX_POS,
-        rope_parameters=dict(tc.rope_parameters),
-        initializer_range=0.2,
-    )
-    config = Gemma4AssistantConfig(
-        text_config=text,
-        backbone_hidden_size=tc.hidden_size,
-        use_ordered_embeddings=ordered,
-        num_centroids=16,
-        centroid_intermediate_top_k=4,
-    )
-    model = Gemma4AssistantForCausalLM(config)
-    if ordered:
-        model.masked_embedding.token_ordering.copy_(torch.randperm(tc.vocab_size))
     return model.eval()
 
 

@@ -119,6 +119,16 @@ def test_repeated_history_is_read_from_the_prefix_cache(llm) -> None:
     assert third.usage_metadata["input_token_details"]["cache_read"] >= follow_up.usage_metadata["input_tokens"] - 6
 
 
+def test_each_chunk_lists_the_bursts_verified_for_it(llm) -> None:
+    chunks, total = streamed(llm.stream(STORY_QUESTION))
+    assert all(c.additional_kwargs["burst_sizes"] for c in chunks[:-1])  # every chunk but the last has its own
+    sizes = total.additional_kwargs["burst_sizes"]  # merged chunks list every burst, in order
+    assert sizes == [n for c in chunks for n in c.additional_kwargs.get("burst_sizes", [])]
+    assert sum(sizes) == total.usage_metadata["output_tokens"]
+    assert len(sizes) == total.response_metadata["speculative"]["target_forwards"]  # one burst per forward
+    assert max(sizes) > 1  # multi-token bursts: drafts were accepted
+
+
 def test_callbacks_see_every_chunk_when_invoke_streams(llm, path) -> None:
     plain, streaming = TokenCounter(), TokenCounter()
     assert llm.invoke(STORY_QUESTION, config={"callbacks": [plain]}).content == STORY_ANSWER

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from langchain_gemma_mtp.formats import Gemma4OutputParser, ParsedDelta, to_gemma4_value
+from langchain_gemma_mtp.testing import TOKENIZER_DIR
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-TOKENIZER_DIR = FIXTURES / "tokenizer"
 
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",

@@ -236,7 +236,7 @@ def test_deltas_of_a_plain_answer(runtime) -> None:
     req = request("Hello")
     deltas, message = run(runtime, req)
     assert message["content"] == "Hello! How can I help you today?"  # the <turn|> end marker is stripped
-    assert all(set(d) <= {"content"} for d in deltas[:-1]) and len(deltas) > 2
+    assert all(set(d) <= {"content", "burst_sizes"} for d in deltas[:-1]) and len(deltas) > 2
     last = deltas[-1]
     assert last["finish_reason"] == "stop"
     prompt_tokens = len(runtime.prepare(req).prompt_ids)
@@ -248,6 +248,8 @@ def test_deltas_of_a_plain_answer(runtime) -> None:
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    bursts = [n for d in deltas for n in d.get("burst_sizes", [])]
+    assert sum(bursts) == completion_tokens and len(bursts) == last["speculative"]["target_forwards"]
     spec = last["speculative"]
     assert spec["drafter"] == "hybrid" and spec["draft_hint"] == "prose" and spec["num_draft_tokens"] is None
     assert spec["accepted"] <= spec["drafted"] and spec["target_forwards"] >= 1 and spec["tokens_per_second"] > 0
