@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,33 +39,15 @@ QUESTIONS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(threads: int) -> tuple[subprocess.Popen, str, str]:
-    """Build the fixture and serve it with `gemma-mtp serve` in a child process."""
+def served_fixture(threads: int):
+    """The memorizing fixture served by `gemma-mtp serve` in a child process."""
     from chat_fixtures import chat_checkpoint
 
+    from langchain_gemma_mtp.server import serve_in_subprocess
+
     model = str(chat_checkpoint())
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "langchain_gemma_mtp.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process, f"http://127.0.0.1:{port}/v1", model
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                process.terminate()
-                raise SystemExit("the server did not come up in 300 s") from None
-            time.sleep(0.2)
+    return model, serve_in_subprocess(["--model", model, "--log-level", "warning"], env=env)
 
 
 async def one_client(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
@@ -149,20 +129,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
-    process = None
     if args.base_url:
         if not args.model:
             parser.error("--base-url needs --model")
-        base_url, model, expected = args.base_url, args.model, None
+        results, wall = asyncio.run(run(args.base_url, args.model, args.clients, args.max_tokens, args.api_key))
+        expected = None
     else:
-        process, base_url, model = start_server(args.threads)
+        model, served = served_fixture(args.threads)
+        with served as server:
+            results, wall = asyncio.run(run(server.base_url, model, args.clients, args.max_tokens, args.api_key))
         expected = expected_answers()
-    try:
-        results, wall = asyncio.run(run(base_url, model, args.clients, args.max_tokens, args.api_key))
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
 
     errors = [r for r in results if "error" in r]
     wrong = [r for r in results if "error" not in r and expected and r["answer"] != expected.get(r["question"], r["answer"])]

@@ -106,7 +106,7 @@ class ChatGemmaMTP(BaseChatModel):
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
     """Hub id or local directory of the target model."""
-    drafter: Literal["auto", "mtp", "draft_model", "ngram", "none"] = "auto"
+    drafter: Literal["auto", "mtp", "hybrid", "draft_model", "ngram", "none"] = "auto"
     """"auto": the model's MTP assistant (X-assistant) when there is one, a draft model when
     `assistant_model` is an ordinary causal LM, else n-gram drafting."""
     assistant_model: str | None = None

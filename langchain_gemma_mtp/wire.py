@@ -16,6 +16,7 @@ Extensions, ignored by other OpenAI-compatible servers and clients:
   ChatOpenAI makes it an invalid tool call); our backend restores the runtime's invalid call.
 - `reasoning_content` in messages and deltas carries the thought channel (as vLLM and DeepSeek do;
   `reasoning` is read too).
+- `burst_sizes` in deltas: the tokens of each burst verified since the previous delta.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def wire_delta(delta: Mapping[str, Any]) -> dict[str, Any]:
         wire["content"] = delta["content"]
     if delta.get("reasoning"):
         wire["reasoning_content"] = delta["reasoning"]
+    if delta.get("burst_sizes"):
+        wire["burst_sizes"] = list(delta["burst_sizes"])
     calls = [dict(call) for call in delta.get("tool_calls", ())]
     calls += [
         {"index": bad["index"], "id": bad["id"], "type": "function", "function": {"name": bad["name"], "arguments": bad["raw"]}, "error": bad["error"]}
@@ -172,6 +175,8 @@ def runtime_delta(wire: Mapping[str, Any]) -> dict[str, Any]:
     reasoning = wire.get("reasoning_content") or wire.get("reasoning")
     if reasoning:
         delta["reasoning"] = reasoning
+    if wire.get("burst_sizes"):
+        delta["burst_sizes"] = list(wire["burst_sizes"])
     calls, invalid = [], []
     for position, call in enumerate(wire.get("tool_calls") or ()):
         function = call.get("function") or {}

@@ -67,8 +67,10 @@ def speculative_decode(
         yield Burst(new, 0, 0, finish)
         while finish is None:
             # Never draft past max_new_tokens: the target adds one token of its own each step.
-            state.draft_limit = request.max_new_tokens - produced - 1
-            k = min(policy.next_length(), state.draft_limit)
+            room = request.max_new_tokens - produced - 1
+            k = min(policy.next_length(), room)
+            # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
+            state.draft_limit = room if policy.fixed is None else k
             draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
             fwd = target.forward([state.tokens[-1]] + draft, cache)
             logits = target.logits(fwd.hidden)

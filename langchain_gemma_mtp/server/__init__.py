@@ -7,6 +7,6 @@ thread (tests, examples); `serve(...)` runs it in the foreground (the CLI).
 """
 
 from .app import ServerSettings, create_app
-from .running import LocalServer, load_runtime, running_server, serve
+from .running import LocalServer, load_runtime, running_server, serve, serve_in_subprocess
 
-__all__ = ["LocalServer", "ServerSettings", "create_app", "load_runtime", "running_server", "serve"]
+__all__ = ["LocalServer", "ServerSettings", "create_app", "load_runtime", "running_server", "serve", "serve_in_subprocess"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import uvicorn
 
 from ..backends import in_process_backend
@@ -85,3 +88,32 @@ def running_server(
         server.should_exit = True
         thread.join(STARTUP_TIMEOUT_S)
         sock.close()
+
+
+@contextmanager
+def serve_in_subprocess(serve_args: list[str], env: dict[str, str] | None = None, timeout_s: float = 300.0) -> Iterator[LocalServer]:
+    """Run `gemma-mtp serve SERVE_ARGS` in a child process on a free loopback port until the block
+    ends: how several agent processes share one model (examples, load tests, CLI tests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "langchain_gemma_mtp.cli", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env)
+    server = LocalServer("127.0.0.1", port)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"`gemma-mtp serve` exited with {process.returncode} before serving")
+            try:
+                if httpx.get(f"{server.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"`gemma-mtp serve` did not come up on port {port} in {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "agent
 
 import multi_agent  # noqa: E402
 import react_agent  # noqa: E402
+import server_client  # noqa: E402
 import streaming_callbacks  # noqa: E402
 
 SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺"
@@ -28,22 +29,35 @@ def run(example, capsys, *args: str) -> str:
 
 
 def test_help_says_the_offline_demo_is_a_memorizing_model(capsys) -> None:
-    for example in (react_agent, multi_agent, streaming_callbacks):
+    for example in (react_agent, multi_agent, streaming_callbacks, server_client):
         with pytest.raises(SystemExit):
             example.main(["--help"])
         assert "memorized this example's exact transcript" in " ".join(capsys.readouterr().out.split())
 
 
 def test_react_agent_on_a_memorized_run_calls_both_tools_and_reports_every_model_call(capsys) -> None:
-    out = run(react_agent, capsys)
+    check_react_run(run(react_agent, capsys))
+
+
+def check_react_run(out: str) -> None:
     # The calls stream out of the model, the tools really run (21C -> 69.8F is computed, not printed from memory).
     assert '-> get_weather({"city": "Paris"})' in out and "<- get_weather returned sunny, 21C" in out
     assert '-> celsius_to_fahrenheit({"celsius": 21})' in out and "<- celsius_to_fahrenheit returned 69.8" in out
     assert "agent: It is sunny in Paris, at 21C, which is 69.8F." in out
-    calls = re.findall(r"\[model call (\d)\] drafter=mtp hint=(\w+) drafted=(\d+) accepted=(\d+)", out)
+    calls = re.findall(r"\[model call (\d)\] drafter=hybrid hint=(\w+) drafted=(\d+) accepted=(\d+)", out)
     assert [c[0] for c in calls] == ["1", "2", "3"] and calls[0][1] == "tool_call"
     assert all(int(accepted) <= int(drafted) for *_, drafted, accepted in calls)
     assert sum(int(c[3]) for c in calls) > 0  # the assistant's drafts were accepted
+
+
+def test_server_client_runs_the_same_agent_against_gemma_mtp_serve(capsys) -> None:
+    """The model runs in a `gemma-mtp serve` child process; the agent reaches it through base_url."""
+    out = run(server_client, capsys)
+    assert re.search(r"server: http://127\.0\.0\.1:\d+/v1", out)
+    check_react_run(out)
+    drafts = re.search(r"server metrics: spec_decode_num_drafts=(\d+), spec_decode_num_draft_tokens=(\d+), "
+                       r"spec_decode_num_accepted_tokens=(\d+)", out)
+    assert drafts and 0 < int(drafts[3]) <= int(drafts[2]) and int(drafts[1]) > 0
 
 
 def test_multi_agent_on_a_memorized_run_hands_off_and_prints_per_node_acceptance(capsys) -> None:

@@ -15,20 +15,12 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from langchain.agents import create_agent
-from langchain.agents.middleware import wrap_model_call
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_openai import ChatOpenAI
-
 from chat_fixtures import (
     AGENT_ANSWER,
     AGENT_QUESTION,
@@ -40,13 +32,34 @@ from chat_fixtures import (
     THINKING_ANSWER,
     THINKING_QUESTION,
     THOUGHT,
+    TOKENIZER_DIR,
     add,
+    build_target,
     chat_checkpoint,
     get_weather,
 )
+from langchain.agents import create_agent
+from langchain.agents.middleware import wrap_model_call
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_openai import ChatOpenAI
+from transformers import AutoTokenizer
+
 from langchain_gemma_mtp import ChatGemmaMTP
-from langchain_gemma_mtp.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError, ServerError
-from langchain_gemma_mtp.server import ServerSettings, load_runtime, running_server
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServerError,
+)
+from langchain_gemma_mtp.runtime import ChatRuntime
+from langchain_gemma_mtp.server import (
+    ServerSettings,
+    load_runtime,
+    running_server,
+    serve_in_subprocess,
+)
 
 NAME = "tiny-chat"
 HELLO_ANSWER = "Hello! How can I help you today?"
@@ -54,8 +67,7 @@ CAP = 1000  # the server's max_tokens cap in these tests
 BODY_LIMIT = 64 * 1024
 TOOLS = [convert_to_openai_tool(get_weather), convert_to_openai_tool(add)]
 STATS_KEYS = {"drafted", "accepted", "acceptance_rate", "mean_accepted_length", "per_position_acceptance"}
-# An unmemorized prompt on which the fixture babbles until max_tokens (checked below).
-BABBLE = "xyz abc"
+BABBLE = "xyz abc"  # an untrained model babbles on it until max_tokens (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +112,7 @@ def test_openai_client_gets_a_memorized_answer_with_usage_and_speculative_stats(
     assert reply.model == NAME and reply.usage.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     stats = choice.model_extra["speculative_decoding_stats"]
-    assert STATS_KEYS <= stats.keys() and stats["drafter"] == "mtp" and stats["drafted"] > 0
+    assert STATS_KEYS <= stats.keys() and stats["drafter"] == "hybrid" and stats["drafted"] > 0
     assert len(stats["per_position_acceptance"]) >= 1
 
 
@@ -223,6 +235,10 @@ def test_chat_gemma_mtp_over_http_gives_the_in_process_answer(server, path, ques
         streamed = chunk if streamed is None else streamed + chunk
     assert _outcome(streamed) == expected
     assert streamed.response_metadata["speculative"].keys() >= STATS_KEYS
+    # Burst sizes cross the wire too: one per target forward, adding up to the output tokens.
+    sizes = streamed.additional_kwargs["burst_sizes"]
+    assert sum(sizes) == streamed.usage_metadata["output_tokens"]
+    assert len(sizes) == streamed.response_metadata["speculative"]["target_forwards"]
 
 
 def test_reasoning_crosses_http(server) -> None:
@@ -368,7 +384,17 @@ def _settled(server, name: str) -> float:
     raise AssertionError(f"{name} kept growing")
 
 
-def test_a_client_that_disconnects_cancels_its_generation(server, client) -> None:
+@pytest.fixture(scope="module")
+def babbling_server():
+    """An untrained tiny model (with the fixture's tokenizer): it writes until max_tokens, so a
+    generation that stops early was stopped by the disconnect."""
+    engine = Engine(build_target(seed=5), tokenizer=AutoTokenizer.from_pretrained(TOKENIZER_DIR), name=NAME)
+    with running_server(ChatRuntime(engine), ServerSettings(NAME, max_tokens_limit=CAP)) as local:
+        yield local
+
+
+def test_a_client_that_disconnects_cancels_its_generation(babbling_server) -> None:
+    server, client = babbling_server, openai.OpenAI(base_url=babbling_server.base_url, api_key="unused", max_retries=0)
     # The prompt really runs to max_tokens when nobody goes away.
     assert ask(client, BABBLE, max_tokens=200).choices[0].finish_reason == "length"
     tokens = "gemma_mtp:generation_tokens_total"
@@ -392,29 +418,8 @@ def test_a_client_that_disconnects_cancels_its_generation(server, client) -> Non
 # -- the console command ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gemma_mtp_serve_command_serves_a_model_dir(path) -> None:
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "langchain_gemma_mtp.cli", "serve", "--model", path, "--port", str(port), "--api-key", "k"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not come up in 120 s"
-                time.sleep(0.2)
-        llm = ChatGemmaMTP(base_url=f"http://127.0.0.1:{port}/v1", model=path, api_key="k")  # served under --model as given
+    with serve_in_subprocess(["--model", path, "--api-key", "k"], env=env, timeout_s=120) as server:
+        llm = ChatGemmaMTP(base_url=server.base_url, model=path, api_key="k")  # served under --model as given
         assert llm.invoke("Hello").content == HELLO_ANSWER
-    finally:
-        process.terminate()
-        process.wait(30)

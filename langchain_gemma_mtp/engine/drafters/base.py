@@ -29,7 +29,7 @@ class DecodeState:
     generator: torch.Generator | None = None
     drafter_state: Any = None  # per-request data a drafter keeps (its own KV cache), so drafters stay shareable
     prefix_cache: PrefixCache | None = None  # where a drafter with a KV cache of its own may reuse prefixes
-    draft_limit: int = MAX_DRAFT_TOKENS  # most draft tokens this step may verify (max_new_tokens is near)
+    draft_limit: int = MAX_DRAFT_TOKENS  # most draft tokens this step may verify (room left, or a fixed length)
     reproducible: bool = False  # a seeded sampled request: drafts must not depend on other requests
 
 
