@@ -17,6 +17,12 @@ DEFAULT_PROMPT = (
 )
 
 
+DTYPE_HELP = (
+    "float32 (exact: speculative greedy equals plain greedy) or bfloat16; default $GEMMA_MTP_DTYPE, "
+    "else bfloat16 on CUDA and on CPUs with native bf16, else float32"
+)
+
+
 def _load(args: argparse.Namespace):
     from .embedded import embedded_model_dir
     from .engine import Engine
@@ -117,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--draft-hint", default="auto", help="auto, code, prose, tool_call, long_form or an int")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-tokens", type=int, default=96)
-    d.add_argument("--dtype", default=None, help="float32 (default on CPU, exact) or bfloat16")
+    d.add_argument("--dtype", default=None, help=DTYPE_HELP)
     s = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
     s.add_argument("--model", required=True, help="hub id or local dir of the target model")
     s.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
     s.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
     s.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES)
-    s.add_argument("--dtype", default=None, help="float32 (default on CPU, exact) or bfloat16 (default on CUDA)")
+    s.add_argument("--dtype", default=None, help=DTYPE_HELP)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)

@@ -69,8 +69,9 @@ def http_error(error: BaseException) -> tuple[int, str, str | None]:
 
 def error_for_status(status: int, message: str, code: str | None = None) -> GemmaMTPError:
     """The typed error for an HTTP error answer: by its code when known, else the most general
-    class with its status (4xx: InvalidRequestError, 5xx: ServerError by default)."""
+    class with its status (4xx: InvalidRequestError, 5xx, 408 and 429: ServerError by default)."""
     by_code = [cls for cls, _, _, known in HTTP_ERRORS if code is not None and known == code]
     by_status = [cls for cls, known, _, _ in HTTP_ERRORS if known == status]
-    default = InvalidRequestError if 400 <= status < 500 else ServerError
+    # 408 and 429 are the server's state, not the request's fault: they stay server errors.
+    default = InvalidRequestError if 400 <= status < 500 and status not in (408, 429) else ServerError
     return (by_code or by_status[-1:] or [default])[0](message)

@@ -41,8 +41,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """A torch dtype from a dtype or its name. Default: $GEMMA_MTP_DTYPE if set, else bf16 on CUDA
     and on CPUs with native bf16 (measured faster, docs/benchmarks.md), else fp32. Only fp32 keeps
     speculative greedy output identical to plain greedy token for token."""
-    if dtype is None:
-        dtype = os.environ.get(DTYPE_ENV) or None
+    source = "dtype"
+    if dtype is None and os.environ.get(DTYPE_ENV):
+        dtype, source = os.environ[DTYPE_ENV], f"${DTYPE_ENV}"
     if dtype is None:
         fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if fast_bf16 else torch.float32
@@ -51,7 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(dtype, dtype)
     resolved = getattr(torch, str(name), None)
     if not isinstance(resolved, torch.dtype):
-        raise InvalidRequestError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+        raise InvalidRequestError(f"unknown {source} {dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
     return resolved
 
 

@@ -126,5 +126,5 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(monkeypatch):
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # an explicit dtype wins
     monkeypatch.setenv(DTYPE_ENV, "bfloat17")
-    with pytest.raises(InvalidRequestError, match="unknown dtype 'bfloat17'"):
+    with pytest.raises(InvalidRequestError, match=r"unknown \$GEMMA_MTP_DTYPE 'bfloat17'"):
         resolve_dtype(None, torch.device("cpu"))

@@ -156,6 +156,7 @@ def test_statuses_without_a_code_map_to_the_general_class() -> None:
     assert type(error_for_status(401, "m")) is AuthenticationError
     assert type(error_for_status(422, "m")) is InvalidRequestError
     assert type(error_for_status(502, "m")) is ServerError
+    assert type(error_for_status(429, "m")) is ServerError and type(error_for_status(408, "m")) is ServerError
     assert http_error(KeyError("bug")) == (500, "server_error", None)
 
 
