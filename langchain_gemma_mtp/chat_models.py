@@ -107,8 +107,9 @@ class ChatGemmaMTP(BaseChatModel):
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
     """Hub id or local directory of the target model."""
     drafter: Literal["auto", "mtp", "hybrid", "draft_model", "ngram", "none"] = "auto"
-    """"auto": the model's MTP assistant (X-assistant) when there is one, a draft model when
-    `assistant_model` is an ordinary causal LM, else n-gram drafting."""
+    """"auto": hybrid (long n-gram matches copied, the model's MTP assistant otherwise) when an
+    assistant (X-assistant) exists, a draft model when `assistant_model` is an ordinary causal LM,
+    else n-gram drafting."""
     assistant_model: str | None = None
     """Hub id or directory of the MTP assistant or draft model (default: found beside `model`)."""
     temperature: float = 0.0
