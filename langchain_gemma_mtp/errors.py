@@ -33,3 +33,7 @@ class UnsupportedContentError(InvalidRequestError):
 
 class ToolSchemaError(InvalidRequestError):
     """A tool definition cannot be used: not JSON-serializable, or without a name."""
+
+
+class DistillError(GemmaMTPError, ValueError):
+    """Distillation options or data cannot make a drafter for this target; raised before training."""
