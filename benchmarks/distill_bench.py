@@ -27,12 +27,12 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from engine_bench import plain_turns  # noqa: E402
+from engine_bench import plain_turns
 
-from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir  # noqa: E402
-from langchain_gemma_mtp.engine import Engine  # noqa: E402
-from langchain_gemma_mtp.engine.drafters import NoDrafter  # noqa: E402
-from langchain_gemma_mtp.engine.drafters.base import DecodeState  # noqa: E402
+from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters import NoDrafter
+from langchain_gemma_mtp.engine.drafters.base import DecodeState
 
 TRAINING_PROMPTS = HERE / "distill" / "prompts-270m.jsonl"
 

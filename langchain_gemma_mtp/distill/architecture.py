@@ -6,9 +6,18 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+from transformers import (
+    Gemma4AssistantConfig,
+    Gemma4AssistantForCausalLM,
+    Gemma4TextConfig,
+)
 
-from ..engine.loading import SHARED_HEAD_FLAG, bind_shared_head, kv_source_layer, layer_attr
+from ..engine.loading import (
+    SHARED_HEAD_FLAG,
+    bind_shared_head,
+    kv_source_layer,
+    layer_attr,
+)
 from ..engine.target import TargetModel
 
 SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")

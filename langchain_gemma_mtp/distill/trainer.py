@@ -11,12 +11,27 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, Gemma4AssistantConfig, Gemma4AssistantForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    Gemma4AssistantConfig,
+    Gemma4AssistantForCausalLM,
+    PreTrainedModel,
+)
 
-from ..engine.loading import SHARED_HEAD_FLAG, bind_shared_head, load_causal_lm, resolve_checkpoint
+from ..engine.loading import (
+    SHARED_HEAD_FLAG,
+    bind_shared_head,
+    load_causal_lm,
+    resolve_checkpoint,
+)
 from ..engine.target import TargetModel
 from ..errors import DistillError
-from .architecture import SHARED_HEAD_KEYS, assistant_config, build_assistant, save_assistant
+from .architecture import (
+    SHARED_HEAD_KEYS,
+    assistant_config,
+    build_assistant,
+    save_assistant,
+)
 from .data import check_files, generated_sequences, prompt_list, text_sequences
 from .objective import (
     FULL_SOFTMAX_MAX_VOCAB,

@@ -9,10 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
-from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ..errors import (
+    IncompatibleDrafterError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from .drafters import DRAFTER_NAMES
 from .target import TargetModel, text_config_of
 
