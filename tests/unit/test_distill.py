@@ -177,3 +177,13 @@ def test_resume_with_changed_options_is_refused(distill_setup, distilled):
     _, targets, prompts, _ = distill_setup
     with pytest.raises(DistillError, match="layers"):
         cli.main(_args(targets["gemma3"], distilled["gemma3"], prompts, 40, "--layers", "3", "--resume"))
+
+
+def test_chat_model_loads_a_distilled_drafter(distill_setup, distilled):
+    from langchain_gemma_mtp import ChatGemmaMTP
+
+    _, targets, _, _ = distill_setup
+    llm = ChatGemmaMTP(model=str(targets["gemma3"]), assistant_model=str(distilled["gemma3"]), dtype="float32",
+                       max_tokens=12, num_draft_tokens=3)
+    message = llm.invoke("Describe the red house.")
+    assert message.response_metadata["speculative"]["drafter"] == "mtp"
