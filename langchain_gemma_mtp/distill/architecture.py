@@ -6,21 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import (
-    Gemma4AssistantConfig,
-    Gemma4AssistantForCausalLM,
-    Gemma4TextConfig,
-)
+from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
 
-from ..engine.loading import (
-    SHARED_HEAD_FLAG,
-    bind_shared_head,
-    kv_source_layer,
-    layer_attr,
-)
+from ..engine.loading import SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, bind_shared_head, kv_source_layer, layer_attr
 from ..engine.target import TargetModel
-
-SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def assistant_config(
@@ -146,10 +135,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
+def assistant_weights(assistant: Gemma4AssistantForCausalLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The assistant's state dict without a head it shares with the target; floats in `dtype` when given."""
+    shared = getattr(assistant.config, SHARED_HEAD_FLAG, False)
+    return {k: _stored(v, dtype) for k, v in assistant.state_dict().items() if not (shared and k in SHARED_HEAD_KEYS)}
+
+
 def save_assistant(assistant: Gemma4AssistantForCausalLM, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """save_pretrained, leaving out a head shared with the target (the loader binds it back)."""
     out = Path(out_dir)
-    shared = getattr(assistant.config, SHARED_HEAD_FLAG, False)
-    state = {k: _stored(v, dtype) for k, v in assistant.state_dict().items() if not (shared and k in SHARED_HEAD_KEYS)}
-    assistant.save_pretrained(out, state_dict=state)
+    assistant.save_pretrained(out, state_dict=assistant_weights(assistant, dtype))
     return out

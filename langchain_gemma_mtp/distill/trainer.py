@@ -11,27 +11,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    Gemma4AssistantConfig,
-    Gemma4AssistantForCausalLM,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, Gemma4AssistantConfig, Gemma4AssistantForCausalLM, PreTrainedModel
 
-from ..engine.loading import (
-    SHARED_HEAD_FLAG,
-    bind_shared_head,
-    load_causal_lm,
-    resolve_checkpoint,
-)
+from ..engine.loading import SHARED_HEAD_FLAG, bind_shared_head, load_causal_lm, resolve_checkpoint
 from ..engine.target import TargetModel
 from ..errors import DistillError
-from .architecture import (
-    SHARED_HEAD_KEYS,
-    assistant_config,
-    build_assistant,
-    save_assistant,
-)
+from .architecture import assistant_config, assistant_weights, build_assistant, save_assistant
 from .data import check_files, generated_sequences, prompt_list, text_sequences
 from .objective import (
     FULL_SOFTMAX_MAX_VOCAB,
@@ -182,11 +167,6 @@ def _save_state(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def _weights(assistant: PreTrainedModel) -> dict[str, torch.Tensor]:
-    shared = getattr(assistant.config, SHARED_HEAD_FLAG, False)
-    return {k: v for k, v in assistant.state_dict().items() if not (shared and k in SHARED_HEAD_KEYS)}
-
-
 def distill(o: DistillOptions) -> DistillResult:
     """Train (or resume training) a Gemma4Assistant drafter for `o.target`; save it to `o.out`."""
     check_options(o)
@@ -228,7 +208,7 @@ def distill(o: DistillOptions) -> DistillResult:
         start, losses = state["step"], state["losses"]
 
     def checkpoint(step: int) -> None:
-        _save_state(state_path, step=step, options=_identity(o), config=config.to_dict(), assistant=_weights(assistant),
+        _save_state(state_path, step=step, options=_identity(o), config=config.to_dict(), assistant=assistant_weights(assistant),
                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), losses=losses)
 
     def evaluate(step: int) -> list[float]:

@@ -9,20 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from ..errors import (
-    IncompatibleDrafterError,
-    InvalidRequestError,
-    ModelLoadError,
-    ModelNotFoundError,
-)
+from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .drafters import DRAFTER_NAMES
 from .target import TargetModel, text_config_of
 
@@ -32,7 +22,7 @@ ASSISTANT_MODEL_TYPES = ("gemma4_assistant",)
 # An assistant config with this flag set drafts through its target's LM head: its checkpoint stores
 # no vocabulary-sized matrix, and pairing binds the target's (see bind_shared_head).
 SHARED_HEAD_FLAG = "shares_target_lm_head"
-_SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
+SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -93,7 +83,7 @@ def load_causal_lm(
     path = resolve_checkpoint(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        shared = _SHARED_HEAD_KEYS if getattr(AutoConfig.from_pretrained(path, **kwargs), SHARED_HEAD_FLAG, False) else ()
+        shared = SHARED_HEAD_KEYS if getattr(AutoConfig.from_pretrained(path, **kwargs), SHARED_HEAD_FLAG, False) else ()
         # A head shared with the target is absent on purpose: keep transformers from reporting it.
         with _quiet_transformers(bool(shared)):
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
