@@ -26,6 +26,7 @@ from typing import Any
 from langchain_gemma_mtp.errors import GemmaMTPError
 
 __all__ = [
+    "EMBEDDED_ASSISTANT_DIR",
     "EMBEDDED_MODEL_ID",
     "EmbeddedModelUnavailableError",
     "embedded_available",
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: A name users can pass as ``model=`` to mean the embedded Gemma 3 270M.
 EMBEDDED_MODEL_ID = "gemma-3-270m (embedded)"
+
+#: The MTP drafter distilled for the embedded model with `gemma-mtp distill` (docs/benchmarks.md has
+#: the run). It stores no vocabulary-sized matrix: it drafts through the model's own LM head.
+EMBEDDED_ASSISTANT_DIR = pathlib.Path(__file__).parent / "data" / "gemma-3-270m-assistant"
 
 # Bump when the conversion's output changes (template, dtype, config edits): the version is part
 # of the cache directory's name, so an old conversion is never mistaken for the new one.

@@ -35,6 +35,10 @@ class ToolSchemaError(InvalidRequestError):
     """A tool definition cannot be used: not JSON-serializable, or without a name."""
 
 
+class DistillError(GemmaMTPError, ValueError):
+    """Distillation options or data cannot make a drafter for this target; raised before training."""
+
+
 class AuthenticationError(GemmaMTPError):
     """The server wants an API key and the request had none or a wrong one."""
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .drafters import DRAFTER_NAMES
@@ -16,6 +19,10 @@ from .target import TargetModel, text_config_of
 log = logging.getLogger(__name__)
 
 ASSISTANT_MODEL_TYPES = ("gemma4_assistant",)
+# An assistant config with this flag set drafts through its target's LM head: its checkpoint stores
+# no vocabulary-sized matrix, and pairing binds the target's (see bind_shared_head).
+SHARED_HEAD_FLAG = "shares_target_lm_head"
+SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -94,10 +101,13 @@ def load_causal_lm(
     path = resolve_checkpoint(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+        shared = SHARED_HEAD_KEYS if getattr(AutoConfig.from_pretrained(path, **kwargs), SHARED_HEAD_FLAG, False) else ()
+        # A head shared with the target is absent on purpose: keep transformers from reporting it.
+        with _quiet_transformers(bool(shared)):
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load {path}: {exc}") from exc
-    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
+    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k and k not in shared]
     if missing:
         # transformers fills missing weights with random values and only reports it; refuse instead.
         raise ModelLoadError(
@@ -110,6 +120,17 @@ def load_causal_lm(
     except Exception:  # the engine works on ids; a checkpoint without a tokenizer is fine
         tokenizer = None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def is_assistant_checkpoint(name_or_path: str | os.PathLike) -> bool:
@@ -133,15 +154,27 @@ def find_assistant(model: str | os.PathLike) -> str | None:
     return repo
 
 
-def _layer_attr(config, layer_idx: int, name: str):
+def layer_attr(config, layer_idx: int, name: str):
+    """A per-layer attribute (head_dim, num_key_value_heads) of a possibly heterogeneous config."""
     per_layer = getattr(config, "per_layer_config", None)
     if per_layer is not None:
         return getattr(per_layer[layer_idx], name)
     return getattr(config, name)
 
 
+def kv_source_layer(target: TargetModel, layer_type: str) -> int:
+    """The target layer whose K/V an assistant layer of `layer_type` reads (the last one of that type
+    that computes its own K/V)."""
+    tc = target.config
+    if target.returns_shared_kv:
+        modes = tc.kv_sharing_modes
+        return max(i for i, lt in enumerate(tc.layer_types) if lt == layer_type and modes[i] != "reuse")
+    return target.kv_layers[layer_type]
+
+
 def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
-    """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state."""
+    """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state;
+    then bind the target's LM head into an assistant that shares it."""
     tc, ac = target.config, assistant.config
     atc = ac.get_text_config()
     problems = []
@@ -152,16 +185,12 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
     if not target.kv_layers:
         problems.append("the target has no sliding/full layer types to share K/V from")
     for i, layer_type in enumerate(atc.layer_types):
-        j = target.kv_layers.get(layer_type)
-        if j is None:
+        if layer_type not in target.kv_layers:
             problems.append(f"assistant layer {i} reads {layer_type} K/V, which the target does not have")
             continue
-        if target.returns_shared_kv:
-            # The producing layer of each type is the last non-shared one.
-            modes = tc.kv_sharing_modes
-            j = max(idx for idx, lt in enumerate(tc.layer_types) if lt == layer_type and modes[idx] != "reuse")
+        j = kv_source_layer(target, layer_type)
         for attr in ("head_dim", "num_key_value_heads"):
-            a, t = _layer_attr(atc, i, attr), _layer_attr(tc, j, attr)
+            a, t = layer_attr(atc, i, attr), layer_attr(tc, j, attr)
             if a != t:
                 problems.append(f"{layer_type} {attr} {a} != target's {t}")
     rope_a, rope_t = getattr(atc, "rope_parameters", None), getattr(tc, "rope_parameters", None)
@@ -172,11 +201,24 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
                 problems.append(f"{layer_type} rope parameters {a} != target's {t}")
     if "sliding_attention" in atc.layer_types and atc.sliding_window != getattr(tc, "sliding_window", None):
         problems.append(f"sliding_window {atc.sliding_window} != target's {getattr(tc, 'sliding_window', None)}")
+    shares_head = getattr(ac, SHARED_HEAD_FLAG, False)
+    if shares_head and atc.hidden_size != tc.hidden_size:
+        problems.append(f"it shares the target's LM head but its hidden size {atc.hidden_size} != target's {tc.hidden_size}")
     if problems:
         raise IncompatibleDrafterError(
             "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
-            + ". Use the assistant released with this target (X-assistant for X), or drafter='ngram'."
+            + ". Use the assistant released with (or distilled for) this target (X-assistant for X), or drafter='ngram'."
         )
+    if shares_head:
+        bind_shared_head(assistant, target)
+
+
+def bind_shared_head(assistant: PreTrainedModel, target: TargetModel) -> None:
+    """Make the assistant draft through the target's LM head weight (the same tensor, no copy); the
+    assistant's tied input embedding, which it never reads, points at it too."""
+    weight = target.lm_head.weight
+    assistant.lm_head.weight = weight
+    assistant.get_input_embeddings().weight = weight
 
 
 def validate_draft_model(target: TargetModel, draft: TargetModel) -> None:

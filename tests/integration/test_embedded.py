@@ -106,3 +106,24 @@ def test_missing_extra_raises_import_error(tmp_path, monkeypatch) -> None:
     assert isinstance(err.value, ImportError)
     assert not any(tmp_path.iterdir()), "nothing should be written when the extra is missing"
     assert EMBEDDED_MODEL_ID == "gemma-3-270m (embedded)"
+
+
+@pytest.mark.slow
+@needs_demo
+def test_packaged_drafter_pairs_with_the_embedded_model_losslessly(model_dir: pathlib.Path) -> None:
+    """The shipped distilled drafter stores no vocabulary-sized matrix, binds the model's LM head
+    when paired, and speculative fp32 greedy output is the model's own."""
+    from safetensors import safe_open
+
+    from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR
+    from langchain_gemma_mtp.engine import Engine
+
+    with safe_open(str(EMBEDDED_ASSISTANT_DIR / "model.safetensors"), "pt") as f:
+        assert not {"lm_head.weight", "model.embed_tokens.weight"} & set(f.keys())
+    engine = Engine.from_pretrained(model_dir, drafter="mtp", assistant=EMBEDDED_ASSISTANT_DIR, dtype="float32")
+    assert engine.drafter.assistant.lm_head.weight is engine.target.lm_head.weight
+    plain = Engine(engine.model)
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "List three colors."}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+    result = engine.generate(ids, max_new_tokens=24, num_draft_tokens=3)
+    assert result.token_ids == plain.generate(ids, max_new_tokens=24).token_ids

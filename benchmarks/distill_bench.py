@@ -1,0 +1,151 @@
+"""The distilled MTP drafter on the embedded Gemma 3 270M: acceptance, drafter step cost and speedup per kind and k.
+
+For each workload kind and draft length k, in one run against plain decoding (drafter "none"):
+mean accepted length (tokens per target forward), per-position acceptance, tokens/s and the
+speedup over plain decoding, and whether the output equals plain greedy (fp32: must; bf16:
+agreement only). The drafter's own step cost is measured once per dtype as the time of one draft
+step over the time of one single-token target forward (decode at a prompt-length context).
+None of the workload prompts is in the drafter's training prompts (checked).
+
+    python benchmarks/distill_bench.py --dtype bfloat16 --out benchmarks/results/distill-270m-bf16.json
+    python benchmarks/distill_bench.py --dtype float32 --out benchmarks/results/distill-270m-fp32.json
+    python benchmarks/distill_bench.py --limit 2 -k 1 4         # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from engine_bench import plain_turns
+
+from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters import NoDrafter
+from langchain_gemma_mtp.engine.drafters.base import DecodeState
+
+TRAINING_PROMPTS = HERE / "distill" / "prompts-270m.jsonl"
+
+
+def workload_prompts(tokenizer, kinds: set[str] | None) -> list[tuple[str, str, list[int]]]:
+    trained = {json.loads(line)["prompt"] for line in TRAINING_PROMPTS.read_text().splitlines() if line.strip()}
+    out = []
+    for line in (HERE / "workloads.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        w = json.loads(line)
+        if kinds and w["kind"] not in kinds:
+            continue
+        texts = {m.get("content") for m in w["messages"]}
+        assert not texts & trained, f"{w['id']} is in the drafter's training prompts"
+        turns = plain_turns(w["messages"], w.get("tools"))
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+        out.append((w["id"], w["kind"], list(ids)))
+    return out
+
+
+@torch.inference_mode()
+def step_costs(engine: Engine, ids: list[int], repeats: int = 20) -> dict[str, float]:
+    """Seconds of one target decode forward (one token, logits for it) and of one draft step."""
+    target, drafter = engine.target, engine.drafter
+    cache = target.new_cache()
+    fwd = target.forward(ids[:-1], cache, prefill=True)
+    kv = target.rollback(cache, fwd, 0)
+    state = DecodeState(tokens=list(ids), prompt_len=len(ids), hidden=fwd.hidden[-1:][None], shared_kv=kv)
+
+    def timed(fn) -> float:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    def target_step():
+        out = target.forward([ids[-1]], cache)
+        target.logits(out.hidden[-1:]).argmax(-1).item()
+        cache.crop(-1)
+
+    t = timed(target_step)
+    d = timed(lambda: drafter.propose(state, 1))
+    return {"target_forward_s": t, "draft_step_s": d, "draft_step_over_target": d / t}
+
+
+def run(engine: Engine, ids: list[int], max_new: int, k: int | None):
+    start = time.perf_counter()
+    result = engine.generate(ids, max_new_tokens=max_new, num_draft_tokens=k)
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--assistant", default=str(EMBEDDED_ASSISTANT_DIR))
+    ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    ap.add_argument("--kinds", nargs="*", help="only these workload kinds (default: all)")
+    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    mtp = Engine.from_pretrained(embedded_model_dir(), drafter="mtp", assistant=args.assistant, dtype=args.dtype)
+    plain = Engine(mtp.model, NoDrafter(), mtp.tokenizer)
+    prompts = workload_prompts(mtp.tokenizer, set(args.kinds) if args.kinds else None)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    run(plain, prompts[0][2], 8, None)  # warm up kernels outside the timings
+    for k in args.k:
+        run(mtp, prompts[0][2], 8, k)
+    costs = step_costs(mtp, prompts[0][2])
+    print(f"draft step {costs['draft_step_s'] * 1e3:.1f} ms, target decode forward {costs['target_forward_s'] * 1e3:.1f} ms "
+          f"(ratio {costs['draft_step_over_target']:.2f})", flush=True)
+    rows = []
+    for pid, kind, ids in prompts:
+        base, base_s = run(plain, ids, args.max_new, None)
+        for k in args.k:
+            result, secs = run(mtp, ids, args.max_new, k)
+            speedup = (len(result.token_ids) / secs) / (len(base.token_ids) / base_s)
+            rows.append(dict(id=pid, kind=kind, k=k, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
+                             plain_tokens=len(base.token_ids), speedup=speedup,
+                             mean_accepted_length=result.stats.mean_accepted_length,
+                             per_position=result.stats.per_position_acceptance,
+                             forwards=result.stats.target_forwards, same=result.token_ids == base.token_ids))
+            print(f"{pid} k={k}: accepted length {result.stats.mean_accepted_length:.2f}, speedup x{speedup:.2f}"
+                  f"{'' if rows[-1]['same'] else ' (differs from plain)'}", flush=True)
+    print(f"\n## Distilled MTP drafter, Gemma 3 270M, {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
+    print(f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
+          f"decode forward ({costs['target_forward_s'] * 1e3:.1f} ms)\n")
+    print(summary_table(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, step_costs=costs, rows=rows), indent=1))
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per kind and k: mean accepted length, speedup over plain decoding (total tokens / total time), identity."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["kind"], r["k"])].append(r)
+    lines = ["| kind | k | prompts | mean accepted length | speedup vs plain | same as plain |", "|---|---|---|---|---|---|"]
+    for (kind, k), rs in sorted(groups.items()):
+        spec = sum(r["tokens"] for r in rs) / sum(r["secs"] for r in rs)
+        base = sum(r["plain_tokens"] for r in rs) / sum(r["plain_secs"] for r in rs)
+        mal = statistics.mean(r["mean_accepted_length"] for r in rs)
+        lines.append(f"| {kind} | {k} | {len(rs)} | {mal:.2f} | {spec / base:.2f}x | {sum(r['same'] for r in rs)}/{len(rs)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The distillation objective: the target's teacher signals, unrolled draft steps, loss and held-out acceptance."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from ..engine.target import TargetModel
+
+# Above this vocabulary size the token loss is a sampled softmax (the target's top candidates plus
+# random negatives): full logits of a 262k vocabulary at every position and step dominate training.
+FULL_SOFTMAX_MAX_VOCAB = 32768
+
+
+@dataclass
+class TeacherBatch:
+    """What the target shows the assistant for one sequence, all positions at once."""
+
+    tokens: torch.Tensor  # (T,)
+    hidden: torch.Tensor  # (T, H) target final hidden states
+    labels: torch.Tensor  # (T,) the target's own greedy prediction after each position (-1: none)
+    shared_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]  # full-length K/V per layer type
+    top_ids: torch.Tensor | None = None  # (T, M) the target's top-M tokens, labels first (sampled softmax)
+
+
+@torch.no_grad()
+def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None) -> TeacherBatch:
+    """Run the target once over `token_ids`; keep what the drafter reads and learns from.
+
+    When tokens from `greedy_from` on are the target's own greedy continuation, they are the labels
+    (the prompt before it gets none, label -1) and the vocabulary-sized head is never computed.
+    """
+    cache = target.new_cache()
+    fwd = target.forward(list(token_ids), cache)
+    kv = fwd.shared_kv
+    if kv is None:  # Gemma 3: the same tensors sit in the cache, full length before any crop
+        kv = {t: (cache.layers[i].keys, cache.layers[i].values) for t, i in target.kv_layers.items()}
+    kv = {t: (k.float(), v.float()) for t, (k, v) in kv.items()}  # the assistant trains in fp32
+    tokens = torch.tensor(list(token_ids), device=target.device)
+    top_ids = None
+    if greedy_from is not None:
+        labels = torch.full_like(tokens, -1)
+        start = max(greedy_from - 1, 0)
+        labels[start:-1] = tokens[start + 1:]
+    else:
+        logits = target.logits(fwd.hidden)
+        labels = logits.argmax(-1)
+        if top_m:
+            top_ids = logits.topk(top_m, dim=-1).indices
+            top_ids[:, 0] = labels  # equal but for exact ties; the loss reads column 0 as the label
+    return TeacherBatch(tokens, fwd.hidden.float(), labels, kv, top_ids)
+
+
+def _draft_masks(length: int, window: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Query p (the pending token's position) sees the target's K/V strictly before p; sliding
+    layers only the last window-1 of them, as the cache holds after a crop."""
+    q = torch.arange(length, device=device)[:, None]
+    kv = torch.arange(length, device=device)[None, :]
+    full = kv < q
+    sliding = full & (kv > q - window)
+    # Position 0 has nothing to see; let it see itself so softmax stays finite (its loss is dropped).
+    full[0, 0] = sliding[0, 0] = True
+    return {"full_attention": full[None, None], "sliding_attention": sliding[None, None]}
+
+
+def unrolled_states(
+    assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (j, states) for k unrolled draft steps from every position at once, teacher-forced.
+
+    Step j (0-based) from pending position p feeds token x_{p+j} with the previous step's state
+    (the target's h_{p-1} for j=0), exactly as MTPDrafter does at inference; row p of `states`
+    (the assistant's normed last hidden state, rows 1..T-j-1 meaningful) predicts labels[p+j].
+    """
+    T = batch.tokens.shape[0]
+    device = batch.tokens.device
+    window = getattr(assistant.config.get_text_config(), "sliding_window", T) or T
+    masks = _draft_masks(T, window, device)
+    positions = torch.arange(T, device=device)[None]
+    h = torch.cat([batch.hidden[:1], batch.hidden[:-1]])[None]  # h_{p-1}; row 0 is a placeholder
+    for j in range(draft_steps):
+        if T - j <= 1:
+            return
+        tok = torch.cat([batch.tokens[j:], batch.tokens.new_zeros(j)])[None]
+        x = assistant.pre_projection(torch.cat([target.embed(tok).to(h.dtype), h], dim=-1))
+        out = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=positions,
+                              shared_kv_states=batch.shared_kv, use_cache=False, logits_to_keep=None)
+        last = out.last_hidden_state
+        yield j, last[0]
+        h = assistant.post_projection(last)
+
+
+def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cand: torch.Tensor | None,
+                negatives: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy against `labels`: over the full vocabulary, or (large vocabularies) over each
+    row's candidates `cand` (label in column 0) and random negatives shared by all rows."""
+    if cand is None:
+        return F.cross_entropy(states @ weight.T, labels)
+    logits = torch.einsum("nh,nmh->nm", states, weight[cand])
+    logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == labels[:, None], float("-inf"))
+    neg = (states @ weight[negatives].T).masked_fill(negatives[None] == labels[:, None], float("-inf"))
+    return F.cross_entropy(torch.cat([logits, neg], dim=-1), torch.zeros_like(labels))
+
+
+def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int,
+                  negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over k unrolled draft steps of the cross-entropy against the target's greedy predictions.
+
+    With `negatives` (large vocabularies) the softmax is sampled: the target's top tokens when the
+    batch has them, else the label's cluster; with a centroid head the centroid logits also learn to
+    rank the label's cluster first, since drafting only scores the tokens of the top clusters.
+    """
+    weight = assistant.lm_head.weight
+    embedder = assistant.masked_embedding
+    cluster_of = token_clusters(embedder.token_ordering, embedder.num_centroids) if embedder is not None else None
+    losses = []
+    for j, states in unrolled_states(assistant, target, batch, draft_steps):
+        valid = batch.tokens.shape[0] - j
+        labels = batch.labels[j + 1:j + valid]
+        keep = labels >= 0
+        if not bool(keep.any()):
+            continue
+        rows, labels = states[1:valid][keep], labels[keep]
+        cand = None
+        if negatives is not None:
+            if batch.top_ids is not None:
+                cand = batch.top_ids[j + 1:j + valid][keep]
+            elif embedder is not None:
+                members = embedder.token_ordering.view(embedder.num_centroids, -1)[cluster_of[labels]]
+                cand = torch.cat([labels[:, None], members], dim=-1)
+            else:
+                cand = labels[:, None]
+        loss = _token_loss(rows, weight.to(rows.dtype), labels, cand, negatives)
+        if embedder is not None:
+            loss = loss + F.cross_entropy(embedder.centroids(rows), cluster_of[labels])
+        losses.append(loss)
+    return torch.stack(losses).mean()
+
+
+def token_clusters(token_ordering: torch.Tensor, num_centroids: int) -> torch.Tensor:
+    """Each token's cluster under a centroid head's ordering (cluster c holds ordering.view(C, -1)[c])."""
+    per_cluster = token_ordering.numel() // num_centroids
+    clusters = torch.empty_like(token_ordering)
+    clusters[token_ordering] = torch.arange(token_ordering.numel(), device=token_ordering.device) // per_cluster
+    return clusters
+
+
+def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """The tokens the assistant's head (`weight`, its LM head in the states' dtype) drafts greedily
+    from `states` (N, Ha), as at inference."""
+    if assistant.masked_embedding is None:
+        return (states @ weight.T).argmax(-1)
+    # The centroid head gathers top_k * V/C embedding rows per state: chunk to bound memory.
+    return torch.cat([assistant.masked_embedding(part[None], weight)[0].argmax(-1) for part in states.split(chunk)])
+
+
+@torch.no_grad()
+def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches: Sequence[TeacherBatch],
+                       draft_steps: int) -> list[float]:
+    """Per draft position j, the fraction of drafts equal to the target's greedy token given that
+    drafts 1..j-1 were; positions where the text itself leaves the target's greedy path are skipped,
+    because there the teacher-forced inputs are not what drafting would see."""
+    drafted = [0] * draft_steps
+    accepted = [0] * draft_steps
+    weight = assistant.lm_head.weight.float()
+    for batch in batches:
+        alive = None
+        for j, states in unrolled_states(assistant, target, batch, draft_steps):
+            valid = batch.tokens.shape[0] - j
+            labels = batch.labels[j + 1:j + valid]
+            ok = draft_argmax(assistant, states[1:valid], weight) == labels
+            if alive is None:
+                alive = labels >= 0
+            else:  # the fed token x_{p+j} must be what the previous draft (the target's greedy) was
+                alive = alive[:valid - 1] & (batch.tokens[j + 1:j + valid] == batch.labels[j:j + valid - 1]) & (labels >= 0)
+            drafted[j] += int(alive.sum())
+            alive = alive & ok
+            accepted[j] += int(alive.sum())
+    return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+
+
+def expected_accepted_length(rates: Sequence[float]) -> float:
+    """Tokens per target forward at draft length len(rates): 1 + sum over j of P(drafts 1..j accepted)."""
+    total, alive = 1.0, 1.0
+    for r in rates:
+        alive *= r
+        total += alive
+    return total
