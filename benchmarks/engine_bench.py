@@ -7,6 +7,7 @@ Pairs, each at the same draft length k:
 Every row reports tokens/s, the ratio to HF greedy, acceptance, target forwards, and whether the
 output equals HF greedy's (fp32: must; bf16: agreement only).
 
+    python benchmarks/engine_bench.py --model embedded --dtype bfloat16 --mtp
     python benchmarks/engine_bench.py --model embedded --dtype float32
     python benchmarks/engine_bench.py --model tiny
     python benchmarks/plot_results.py benchmarks/results/engine-270m-*.json --out docs/img/engine-270m.png
@@ -28,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from langchain_gemma_mtp.engine import Engine  # noqa: E402
-from langchain_gemma_mtp.engine.drafters import MTPDrafter, NgramDrafter, NoDrafter  # noqa: E402
+from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from langchain_gemma_mtp.engine.target import TargetModel  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def bench_prompt(model, engines, assistant, ids, kind, max_new, k, calls, repeat
     rows["hf greedy"] = dict(tokens=len(ref), secs=secs, forwards=fw, acceptance=None, same=True)
     toks, secs, fw = best(lambda: hf_run(model, ids, max_new, calls, prompt_lookup_num_tokens=k))
     rows[f"hf prompt lookup k={k}"] = dict(tokens=len(toks), secs=secs, forwards=fw, acceptance=None, same=toks == ref)
-    if assistant is not None:
+    if assistant is not None and model.config.model_type.startswith("gemma4"):  # HF refuses other pairings
         assistant.generation_config.num_assistant_tokens = k
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
         toks, secs, fw = best(lambda: hf_run(model, ids, max_new, calls, assistant_model=assistant))
@@ -112,10 +113,14 @@ def plain_turns(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     return turns
 
 
-def embedded_setup(dtype):
-    from langchain_gemma_mtp.embedded import embedded_model_dir
+def embedded_setup(dtype, with_drafter: bool):
+    """The embedded Gemma 3 270M, with the drafter distilled for it when asked."""
+    from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 
-    base = Engine.from_pretrained(embedded_model_dir(), drafter="none", dtype=dtype)
+    if with_drafter:
+        base = Engine.from_pretrained(embedded_model_dir(), drafter="mtp", assistant=EMBEDDED_ASSISTANT_DIR, dtype=dtype)
+    else:
+        base = Engine.from_pretrained(embedded_model_dir(), drafter="none", dtype=dtype)
     tok = base.tokenizer
     workloads = [json.loads(line) for line in (HERE / "workloads.jsonl").read_text().splitlines() if line.strip()]
     prompts = []
@@ -125,10 +130,11 @@ def embedded_setup(dtype):
         turns = plain_turns(w["messages"], w.get("tools"))
         ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompts.append((w["id"], w.get("kind", "?"), list(ids)))
-    return base.model, None, prompts, "Gemma 3 270M (embedded)"
+    assistant = base.drafter.assistant if with_drafter else None
+    return base.model, assistant, prompts, "Gemma 3 270M (embedded)"
 
 
-def tiny_setup(dtype):
+def tiny_setup(dtype, with_drafter: bool = True):
     """A tiny random Gemma 4 target and an assistant distilled on its own greedy text for a few seconds."""
     from langchain_gemma_mtp.distill import distill_assistant
     from tiny_models import VOCAB, build_assistant, build_target
@@ -154,16 +160,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     ap.add_argument("--out", type=Path, help="write rows as JSON here")
+    ap.add_argument("--mtp", action="store_true", help="embedded: add the distilled drafter (mtp and hybrid rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, assistant, prompts, title = (tiny_setup if args.model == "tiny" else embedded_setup)(dtype)
+    model, assistant, prompts, title = (tiny_setup if args.model == "tiny" else embedded_setup)(dtype, args.mtp)
     if args.limit:
         prompts = prompts[: args.limit]
     calls = count_forwards(model)
     engines = {"none": Engine(model, NoDrafter()), "ngram": Engine(model, NgramDrafter())}
     if assistant is not None:
-        engines["mtp"] = Engine(model, MTPDrafter(assistant, TargetModel(model)))
+        mtp = MTPDrafter(assistant, TargetModel(model))
+        engines["mtp"] = Engine(model, mtp)
+        engines["hybrid"] = Engine(model, HybridDrafter(mtp, NgramDrafter()))
     # Warm every method up on the first prompt (kernel selection for new shapes happens once per
     # process and would otherwise be charged to whichever method runs first).
     bench_prompt(model, engines, assistant, prompts[0][2], prompts[0][1], 8, args.k, calls, 1)

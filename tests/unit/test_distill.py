@@ -29,8 +29,9 @@ from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.loading import load_causal_lm
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import DistillError, ModelNotFoundError
+from langchain_gemma_mtp.testing import TOKENIZER_DIR
 
-TOKENIZER = "tests/fixtures/tokenizer"
+TOKENIZER = TOKENIZER_DIR
 WORDS = ["red", "blue", "green", "small", "large", "old", "new", "quiet", "loud", "bright", "dark", "warm"]
 NOUNS = ["house", "river", "garden", "engine", "letter", "window", "bridge", "market", "forest", "kettle"]
 HELD_WORDS = ["amber", "silver", "narrow", "hollow"]
@@ -186,4 +187,4 @@ def test_chat_model_loads_a_distilled_drafter(distill_setup, distilled):
     llm = ChatGemmaMTP(model=str(targets["gemma3"]), assistant_model=str(distilled["gemma3"]), dtype="float32",
                        max_tokens=12, num_draft_tokens=3)
     message = llm.invoke("Describe the red house.")
-    assert message.response_metadata["speculative"]["drafter"] == "mtp"
+    assert message.response_metadata["speculative"]["drafter"] == "hybrid"  # auto: the distilled assistant, with long n-gram matches copied
