@@ -1,9 +1,9 @@
 """N-gram drafting: copy what followed the best earlier match of the current suffix, in this request
 or in recent requests' outputs (a bounded cross-call index, as in SuffixDecoding).
 
-Agents resend history, quote tool results and repeat tool-call skeletons, so the longer the
-match, the more of what followed is likely to follow again: a match of m tokens lets the draft
-grow to m tokens (up to MAX_DRAFT_TOKENS) even when the schedule asked for fewer.
+Agents resend history, quote tool results and repeat tool-call skeletons, so the longer a match in
+an earlier output, the more of what followed is likely to follow again: such a match of m tokens
+lets the draft grow to m tokens (up to MAX_DRAFT_TOKENS) even when the schedule asked for fewer.
 """
 
 from __future__ import annotations
@@ -127,16 +127,21 @@ class NgramDrafter(StatelessDrafter):
         self.index = SuffixIndex(index_tokens) if index_tokens else None
 
     def find(self, state: DecodeState, k: int) -> Match:
-        """The better of the request's own match and the index's, its draft grown by match length."""
+        """The better of the request's own match and the index's; an index match's draft grows
+        with its match length.
+
+        Only index matches grow: an earlier output that matches this long tends to repeat whole
+        (an agent's call skeletons, re-quoted results), while a long match inside the prompt is
+        often a text being edited, where long drafts were measured to cost more than they saved
+        (copy_edit, fp32: x1.46 with growth vs x1.86 without, docs/benchmarks.md).
+        """
         limit = min(MAX_DRAFT_TOKENS, state.draft_limit)
-        want = min(limit, max(k, MAX_MATCH))  # look far enough ahead to grow the draft
-        best = lookup_continuation(state.tokens, want, self.min_ngram)
+        best = lookup_continuation(state.tokens, min(k, limit), self.min_ngram)
         if self.index is not None and not state.reproducible:
-            other = self.index.lookup(state.tokens, want)
+            other = self.index.lookup(state.tokens, limit)
             if other.length > best.length and other.tokens:
-                best = other
-        size = min(limit, max(k, best.length))
-        return Match(best.tokens[:size], best.length)
+                return Match(other.tokens[:max(k, other.length)], other.length)
+        return best
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
         return self.find(state, k).tokens, None
