@@ -134,7 +134,7 @@ def embedded_setup(dtype, with_drafter: bool):
     return base.model, assistant, prompts, "Gemma 3 270M (embedded)"
 
 
-def tiny_setup(dtype, with_drafter: bool = True):
+def tiny_setup(dtype):
     """A tiny random Gemma 4 target and an assistant distilled on its own greedy text for a few seconds."""
     from langchain_gemma_mtp.distill import distill_assistant
     from tiny_models import VOCAB, build_assistant, build_target
@@ -164,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, assistant, prompts, title = (tiny_setup if args.model == "tiny" else embedded_setup)(dtype, args.mtp)
+    model, assistant, prompts, title = tiny_setup(dtype) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
     if args.limit:
         prompts = prompts[: args.limit]
     calls = count_forwards(model)

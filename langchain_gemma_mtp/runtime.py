@@ -343,7 +343,7 @@ class _Decoding:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             # The engine has no prefix cache yet: nothing of the prompt is read from one.
-            "prompt_tokens_details": {"cached_tokens": int(getattr(self.handle, "cached_tokens", 0))},
+            "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens},
         }
 
     def _speculative(self) -> dict[str, Any]:

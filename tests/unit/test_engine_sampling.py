@@ -8,14 +8,14 @@ import torch
 from scipy.stats import chisquare
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import MTPDrafter, NgramDrafter
+from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
 from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
-DRAWS = {"mtp": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
+DRAWS = {"mtp": 1000, "hybrid": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
 P_MIN = 1e-3  # fixed seeds make each test deterministic; this only sets how strict it is
 
 
@@ -93,13 +93,12 @@ def exact_marginals(model, prompt: list[int], sampling: SamplingParams, n: int) 
         ("mtp", SamplingParams(1.0, 1.0, 0)),
         ("mtp", SamplingParams(1.5, 0.95, 8)),
         ("ngram", SamplingParams(1.0, 1.0, 0)),
+        ("hybrid", SamplingParams(1.0, 1.0, 0)),
     ],
 )
 def test_speculative_sampling_keeps_target_distribution(small_target, drafter, sampling):
     model, assistant = small_target
-    target = TargetModel(model)
-    chosen = MTPDrafter(assistant, target) if drafter == "mtp" else NgramDrafter()
-    engine = Engine(model, chosen)
+    engine = Engine(model, drafter_of(drafter, model, assistant))
     prompt = [2, 5, 9, 5, 9, 3, 7]  # repeats, so n-gram lookup always proposes something
     n_tokens = 3
     exact = exact_marginals(model, prompt, sampling, n_tokens)
@@ -118,9 +117,17 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
         assert _chi2_ok(draws[i], exact[i].float()) > P_MIN, f"token {i + 1} off the target's distribution"
 
 
-def test_seed_reproducibility(small_target):
+def drafter_of(name: str, model, assistant):
+    """hybrid copies any match (min_match 1), so both its paths (point mass, sampled q) run."""
+    mtp = MTPDrafter(assistant, TargetModel(model))
+    return {"mtp": mtp, "ngram": NgramDrafter(), "hybrid": HybridDrafter(mtp, NgramDrafter(), min_match=1)}[name]
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "hybrid"])
+def test_seed_reproducibility(small_target, drafter):
     model, assistant = small_target
-    engine = Engine(model, MTPDrafter(assistant, TargetModel(model)))
+    # hybrid: the first call's output enters the cross-call index, which a seeded call must ignore.
+    engine = Engine(model, drafter_of(drafter, model, assistant))
     kwargs = dict(max_new_tokens=24, temperature=1.0, stop_token_ids=[])
     a = engine.generate([2, 5, 9], seed=123, **kwargs).token_ids
     # Calls in between teach the adaptive schedule; a seeded call must not depend on that.
