@@ -45,6 +45,12 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
+    fn()
+    return statistics.median(timed(fn)[1] for _ in range(repeats))
+
+
 def hf_run(model, ids, max_new, calls, **kw):
     before = calls[0]
     with torch.inference_mode():

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .cache import LayerKV, new_cache
+from .head import project
 
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -72,7 +73,9 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for the given hidden rows, with the model's final softcap."""
-        logits = self.lm_head(hidden)
+        logits = project(hidden, self.lm_head.weight)
+        if getattr(self.lm_head, "bias", None) is not None:
+            logits = logits + self.lm_head.bias
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -1,0 +1,51 @@
+"""The LM head over a few rows: transformers' `linear` vs our `engine.head.project`, per dtype and row count.
+
+A 262,144 x 640 head (Gemma 3 270M's shape; random weights, the time does not depend on them).
+Rows 1 is a decode step, 2-17 a verification of 1-16 draft tokens.
+
+    python benchmarks/head_bench.py --out benchmarks/results/head-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_bench import median_seconds  # noqa: E402
+
+from langchain_gemma_mtp.engine.head import project  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocab", type=int, default=262144)
+    ap.add_argument("--hidden", type=int, default=640)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 5, 9, 17])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| dtype | rows | linear ms | project ms | speedup |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(args.vocab, args.hidden, dtype=dtype)
+        for n in args.rows:
+            x = torch.randn(n, args.hidden, dtype=dtype)
+            ref = median_seconds(lambda: F.linear(x, weight), args.repeats)
+            ours = median_seconds(lambda: project(x, weight), args.repeats)
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours))
+            print(f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
