@@ -27,18 +27,18 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from engine_bench import plain_turns
+from engine_bench import median_seconds, plain_turns
 
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NoDrafter
 from langchain_gemma_mtp.engine.drafters.base import DecodeState
 
-TRAINING_PROMPTS = HERE / "distill" / "prompts-270m.jsonl"
+TRAINING_PROMPTS = sorted((HERE / "distill").glob("prompts-270m*.jsonl"))
 
 
 def workload_prompts(tokenizer, kinds: set[str] | None) -> list[tuple[str, str, list[int]]]:
-    trained = {json.loads(line)["prompt"] for line in TRAINING_PROMPTS.read_text().splitlines() if line.strip()}
+    trained = {json.loads(line)["prompt"] for path in TRAINING_PROMPTS for line in path.read_text().splitlines() if line.strip()}
     out = []
     for line in (HERE / "workloads.jsonl").read_text().splitlines():
         if not line.strip():
@@ -63,22 +63,13 @@ def step_costs(engine: Engine, ids: list[int], repeats: int = 20) -> dict[str, f
     kv = target.rollback(cache, fwd, 0)
     state = DecodeState(tokens=list(ids), prompt_len=len(ids), hidden=fwd.hidden[-1:][None], shared_kv=kv)
 
-    def timed(fn) -> float:
-        fn()
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - start)
-        return statistics.median(runs)
-
     def target_step():
         out = target.forward([ids[-1]], cache)
         target.logits(out.hidden[-1:]).argmax(-1).item()
         cache.crop(-1)
 
-    t = timed(target_step)
-    d = timed(lambda: drafter.propose(state, 1))
+    t = median_seconds(target_step, repeats)
+    d = median_seconds(lambda: drafter.propose(state, 1), repeats)
     return {"target_forward_s": t, "draft_step_s": d, "draft_step_over_target": d / t}
 
 

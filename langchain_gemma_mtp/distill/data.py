@@ -94,7 +94,7 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
     for start in range(0, len(prompts), batch_size):
         if total >= budget:
             break
-        group = [p[-(seq_len // 2):] for p in prompts[start:start + batch_size]]
+        group = [_head_and_tail(p, seq_len // 2) for p in prompts[start:start + batch_size]]
         width = max(map(len, group))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=model.device)
@@ -112,6 +112,11 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
         if progress is not None:
             progress.update(len(group))
     return out
+
+
+def _head_and_tail(prompt: list[int], limit: int) -> list[int]:
+    """A prompt cut to `limit` tokens from the front, keeping its first token (BOS: Gemma drifts without it)."""
+    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1:]
 
 
 def _as_list(x) -> list:

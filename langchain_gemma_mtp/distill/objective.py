@@ -99,10 +99,11 @@ def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     """Cross-entropy against `labels`: over the full vocabulary, or (large vocabularies) over each
     row's candidates `cand` (label in column 0) and random negatives shared by all rows."""
     if cand is None:
-        return F.cross_entropy(states @ weight.T, labels)
-    logits = torch.einsum("nh,nmh->nm", states, weight[cand])
+        return F.cross_entropy(states @ weight.to(states.dtype).T, labels)
+    # Gather rows before the dtype cast: casting a 262k-row head every step would dominate training.
+    logits = torch.einsum("nh,nmh->nm", states, weight[cand].to(states.dtype))
     logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == labels[:, None], float("-inf"))
-    neg = (states @ weight[negatives].T).masked_fill(negatives[None] == labels[:, None], float("-inf"))
+    neg = (states @ weight[negatives].to(states.dtype).T).masked_fill(negatives[None] == labels[:, None], float("-inf"))
     return F.cross_entropy(torch.cat([logits, neg], dim=-1), torch.zeros_like(labels))
 
 
@@ -134,7 +135,7 @@ def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: Teache
                 cand = torch.cat([labels[:, None], members], dim=-1)
             else:
                 cand = labels[:, None]
-        loss = _token_loss(rows, weight.to(rows.dtype), labels, cand, negatives)
+        loss = _token_loss(rows, weight, labels, cand, negatives)
         if embedder is not None:
             loss = loss + F.cross_entropy(embedder.centroids(rows), cluster_of[labels])
         losses.append(loss)
@@ -149,13 +150,29 @@ def token_clusters(token_ordering: torch.Tensor, num_centroids: int) -> torch.Te
     return clusters
 
 
-def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The tokens the assistant's head (`weight`, its LM head in the states' dtype) drafts greedily
-    from `states` (N, Ha), as at inference."""
+    from `states` (N, Ha), as at inference: over the whole vocabulary, or the top clusters' tokens."""
     if assistant.masked_embedding is None:
         return (states @ weight.T).argmax(-1)
-    # The centroid head gathers top_k * V/C embedding rows per state: chunk to bound memory.
-    return torch.cat([assistant.masked_embedding(part[None], weight)[0].argmax(-1) for part in states.split(chunk)])
+    emb = assistant.masked_embedding
+    top = emb.centroids(states).topk(emb.centroid_intermediate_top_k).indices  # (N, K)
+    members = emb.token_ordering.view(emb.num_centroids, -1)
+    # Score (state, cluster) pairs cluster by cluster: one small matmul per cluster instead of
+    # gathering K * V/C head rows for every state (gigabytes for a held-out set).
+    pair_state = torch.arange(states.shape[0], device=states.device).repeat_interleave(top.shape[1])
+    pair_cluster = top.flatten()
+    order = pair_cluster.argsort()
+    best = torch.empty(pair_cluster.shape, dtype=states.dtype, device=states.device)
+    token = torch.empty_like(pair_cluster)
+    start = 0
+    for c, n in enumerate(torch.bincount(pair_cluster, minlength=emb.num_centroids).tolist()):
+        if n:
+            idx = order[start:start + n]
+            best[idx], i = (states[pair_state[idx]] @ weight[members[c]].T).max(-1)
+            token[idx] = members[c][i]
+            start += n
+    return token.view_as(top).gather(-1, best.view_as(top).argmax(-1, keepdim=True)).squeeze(-1)
 
 
 @torch.no_grad()

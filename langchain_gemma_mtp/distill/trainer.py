@@ -178,6 +178,7 @@ def distill(o: DistillOptions) -> DistillResult:
         raise DistillError(f"--resume with different options ({', '.join(changed)}) than the run in {out}: "
                            "keep them, or start a new --out.")
     model, tokenizer = load_causal_lm(o.target, torch.device("cpu"), getattr(torch, o.dtype))
+    model.requires_grad_(False)  # frozen: no 262k-row gradients for the shared embedding/head
     target = TargetModel(model)
     seqs = _sequences(o, model, tokenizer, o.progress)
     n_held = max(1, round(len(seqs) * o.heldout))

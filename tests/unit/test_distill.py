@@ -24,6 +24,7 @@ from langchain_gemma_mtp.distill import (
     distill,
     save_assistant,
 )
+from langchain_gemma_mtp.distill.data import generated_sequences
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.loading import load_causal_lm
@@ -126,6 +127,9 @@ def test_reloaded_drafter_drafts_like_the_trained_one(distill_setup, tmp_path):
     options = DistillOptions(target=str(targets["shared_ple"]), out=str(tmp_path / "d"), prompts=[str(prompts)],
                              seq_len=64, steps=10, lr=3e-3, centroids=64, centroid_top_k=8, progress=False)
     result = distill(options)
+    # The target stays frozen: its shared embedding/head gets no vocabulary-sized gradient.
+    head = result.assistant.lm_head.weight
+    assert not head.requires_grad and head.grad is None
     model, _ = load_causal_lm(targets["shared_ple"], torch.device("cpu"), torch.float32)
     in_memory = Engine(model, MTPDrafter(result.assistant, TargetModel(model)))
     reloaded = Engine.from_pretrained(targets["shared_ple"], drafter="mtp", assistant=result.out, dtype="float32")
@@ -188,3 +192,14 @@ def test_chat_model_loads_a_distilled_drafter(distill_setup, distilled):
                        max_tokens=12, num_draft_tokens=3)
     message = llm.invoke("Describe the red house.")
     assert message.response_metadata["speculative"]["drafter"] == "hybrid"  # auto: the distilled assistant, with long n-gram matches copied
+
+
+def test_long_prompts_keep_their_first_token(distill_setup):
+    """A prompt longer than half of --seq-len is cut from the front, but its BOS stays."""
+    _, targets, _, held = distill_setup
+    model, tokenizer = load_causal_lm(targets["shared_ple"], torch.device("cpu"), torch.float32)
+    long_prompt = held[0] + held[1][1:] + held[2][1:]
+    assert long_prompt[0] == tokenizer.bos_token_id and len(long_prompt) > 32
+    (seq, start), = generated_sequences(model, tokenizer, [long_prompt], seq_len=64, budget=1000)
+    assert seq[0] == tokenizer.bos_token_id
+    assert start == 32 and seq[1:start] == long_prompt[-31:]
