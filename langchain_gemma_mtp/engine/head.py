@@ -1,8 +1,8 @@
 """Vocabulary projections, written for speed: the LM head over a few rows, and the centroid head's candidates.
 
-On CPU in float32, `linear(x, W)` with a 262k-row W and 1-16 rows of x takes a slow path (measured
-with torch 2.13, 2 threads: 54 ms for one row, 100-120 ms for 2-8 rows), while the same product
-written as `W @ x.T` streams W once (17-46 ms for 2-8 rows). One row is fed as two, since the
+On CPU in float32, `linear(x, W)` with a 262k-row W and 1-17 rows of x takes a slow path (measured
+with torch 2.13, 2 threads: 55 ms for one row, 110-190 ms for 2-5 rows), while the same product
+written as `W @ x.T` streams W once (17-32 ms for 1-5 rows). One row is fed as two, since the
 one-row product is a matrix-vector call with no fast path. Other devices and dtypes keep `linear`
 (bfloat16 on this CPU: `linear` is as fast as any other form). benchmarks/head_bench.py measures it.
 """
