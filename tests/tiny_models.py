@@ -25,26 +25,12 @@ from langchain_gemma_mtp.testing.tiny import (  # noqa: F401 (re-exported for th
     WINDOW,
     build_assistant,
     gemma4_text_config,
+    shared_text_kwargs,
 )
 
 
 def gemma3_text_config(vocab: int = VOCAB) -> Gemma3TextConfig:
-    return Gemma3TextConfig(
-        vocab_size=vocab,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=len(LAYERS),
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=HEAD_DIM,
-        sliding_window=WINDOW,
-        layer_types=list(LAYERS),
-        max_position_embeddings=MAX_POS,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        bos_token_id=2,
-    )
+    return Gemma3TextConfig(**shared_text_kwargs(vocab))
 
 
 def build_target(kind: str, seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN):

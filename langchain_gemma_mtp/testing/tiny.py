@@ -14,9 +14,9 @@ EOS = 1
 MAX_POS = 256
 
 
-def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: int = HIDDEN, **kw) -> Gemma4TextConfig:
-    """A four-layer Gemma 4 text config; `shared`: KV sharing, `ple`: per-layer inputs."""
-    return Gemma4TextConfig(
+def shared_text_kwargs(vocab: int = VOCAB, hidden: int = HIDDEN) -> dict:
+    """Geometry and special tokens every tiny text config (Gemma 3 or 4) has in common."""
+    return dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -24,18 +24,25 @@ def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: i
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=HEAD_DIM,
-        global_head_dim=HEAD_DIM,
         layer_types=list(LAYERS),
         sliding_window=WINDOW,
-        num_kv_shared_layers=2 if shared else 0,
-        hidden_size_per_layer_input=8 if ple else 0,
-        vocab_size_per_layer_input=vocab if ple else 0,
         max_position_embeddings=MAX_POS,
-        final_logit_softcapping=30.0,
         initializer_range=0.2,  # wide logit gaps: fp32 argmax never sits on a near-tie
         eos_token_id=EOS,
         pad_token_id=0,
         bos_token_id=2,
+    )
+
+
+def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: int = HIDDEN, **kw) -> Gemma4TextConfig:
+    """A four-layer Gemma 4 text config; `shared`: KV sharing, `ple`: per-layer inputs."""
+    return Gemma4TextConfig(
+        **shared_text_kwargs(vocab, hidden),
+        global_head_dim=HEAD_DIM,
+        num_kv_shared_layers=2 if shared else 0,
+        hidden_size_per_layer_input=8 if ple else 0,
+        vocab_size_per_layer_input=vocab if ple else 0,
+        final_logit_softcapping=30.0,
         **kw,
     )
 
