@@ -63,6 +63,7 @@ def build_assistant(target: TargetModel, config: Gemma4AssistantConfig, seed: in
     """A fresh assistant for `target`: head shared with (or projected from) the target's, centroids clustered."""
     torch.manual_seed(seed)
     assistant = Gemma4AssistantForCausalLM(config).to(target.device)
+    match_attention_scale(assistant, target)
     head = target.lm_head.weight.detach()
     if getattr(config, SHARED_HEAD_FLAG, False):
         bind_shared_head(assistant, target)
@@ -75,6 +76,21 @@ def build_assistant(target: TargetModel, config: Gemma4AssistantConfig, seed: in
         assistant.masked_embedding.token_ordering.copy_(ordering)
         assistant.masked_embedding.centroids.weight.data.copy_(centers)
     return assistant
+
+
+def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetModel) -> None:
+    """Start each assistant layer's query norm at the scale the target's own queries meet its K with.
+
+    Gemma 4 attention multiplies q.k by 1 (its K are normed for that); Gemma 3 trained its K for
+    1/sqrt(query_pre_attn_scalar) = 1/16. Left at 1, a drafter reading Gemma 3 K/V starts with
+    attention logits an order of magnitude too sharp: the softmax saturates, its gradient vanishes,
+    and attention never learns where to look (measured: shuffling the K/V positions of the
+    270M drafter trained that way cost it almost no accuracy, so it could not copy).
+    """
+    layers = target.decoder.layers
+    for layer, layer_type in zip(assistant.model.layers, assistant.config.get_text_config().layer_types):
+        theirs = layers[kv_source_layer(target, layer_type)].self_attn.scaling
+        layer.self_attn.q_norm.weight.data.mul_(theirs / layer.self_attn.scaling)
 
 
 def balanced_clusters(rows: torch.Tensor, clusters: int, *, seed: int = 0, iters: int = 10,

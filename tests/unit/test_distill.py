@@ -148,6 +148,23 @@ def test_balanced_clusters_partition_the_vocabulary():
     assert torch.allclose(centers[3], rows[ordering.view(32, 16)[3]].mean(0))
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fresh_drafter_queries_meet_target_keys_at_the_targets_attention_scale(kind, distill_setup):
+    """Gemma 3 K are trained for a 1/sqrt(query_pre_attn_scalar) scale, Gemma 4 attention scales by 1:
+    a fresh drafter's query norm starts at the ratio, so its attention logits start in the target's range."""
+    _, targets, _, _ = distill_setup
+    model, _ = load_causal_lm(str(targets[kind]), torch.device("cpu"), torch.float32)
+    target = TargetModel(model)
+    config = assistant_config(target, layers=2, hidden=None, intermediate=None, centroids=0, centroid_top_k=8)
+    assistant = build_assistant(target, config)
+    for layer, layer_type in zip(assistant.model.layers, config.get_text_config().layer_types):
+        theirs = target.decoder.layers[target.kv_layers[layer_type]].self_attn.scaling
+        ours = layer.self_attn.q_norm.weight * layer.self_attn.scaling
+        assert torch.allclose(ours, torch.full_like(ours, theirs))
+    if kind == "gemma3":  # the case the rule is for: the two attentions scale differently
+        assert theirs != pytest.approx(layer.self_attn.scaling)
+
+
 @pytest.mark.parametrize(
     "extra, error, says",
     [
