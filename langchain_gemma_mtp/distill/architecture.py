@@ -82,7 +82,7 @@ def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetM
     """Start each assistant layer's query norm at the scale the target's own queries meet its K with.
 
     Gemma 4 attention multiplies q.k by 1 (its K are normed for that); Gemma 3 trained its K for
-    1/sqrt(query_pre_attn_scalar) = 1/16. Left at 1, a drafter reading Gemma 3 K/V starts with
+    1/sqrt(query_pre_attn_scalar) (1/16 on the 270M). Left at 1, a drafter reading Gemma 3 K/V starts with
     attention logits an order of magnitude too sharp: the softmax saturates, its gradient vanishes,
     and attention never learns where to look (measured: shuffling the K/V positions of the
     270M drafter trained that way cost it almost no accuracy, so it could not copy).
