@@ -83,9 +83,9 @@ def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetM
 
     Gemma 4 attention multiplies q.k by 1 (its K are normed for that); Gemma 3 trained its K for
     1/sqrt(query_pre_attn_scalar) (1/16 on the 270M). Left at 1, a drafter reading Gemma 3 K/V starts with
-    attention logits an order of magnitude too sharp: the softmax saturates, its gradient vanishes,
-    and attention never learns where to look (measured: shuffling the K/V positions of the
-    270M drafter trained that way cost it almost no accuracy, so it could not copy).
+    attention logits an order of magnitude too sharp: the softmax saturates and its gradient
+    vanishes (measured on the 270M, same data and steps: held-out mean accepted length 2.88 with
+    this start, 2.40 without; docs/benchmarks.md).
     """
     layers = target.decoder.layers
     for layer, layer_type in zip(assistant.model.layers, assistant.config.get_text_config().layer_types):
