@@ -27,7 +27,7 @@ from langchain_gemma_mtp.distill import (
 from langchain_gemma_mtp.distill.data import generated_sequences
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
-from langchain_gemma_mtp.engine.loading import load_causal_lm
+from langchain_gemma_mtp.engine.loading import kv_source_layer, load_causal_lm
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import DistillError, ModelNotFoundError
 from langchain_gemma_mtp.testing import TOKENIZER_DIR
@@ -158,7 +158,7 @@ def test_fresh_drafter_queries_meet_target_keys_at_the_targets_attention_scale(k
     config = assistant_config(target, layers=2, hidden=None, intermediate=None, centroids=0, centroid_top_k=8)
     assistant = build_assistant(target, config)
     for layer, layer_type in zip(assistant.model.layers, config.get_text_config().layer_types):
-        theirs = target.decoder.layers[target.kv_layers[layer_type]].self_attn.scaling
+        theirs = target.decoder.layers[kv_source_layer(target, layer_type)].self_attn.scaling
         ours = layer.self_attn.q_norm.weight * layer.self_attn.scaling
         assert torch.allclose(ours, torch.full_like(ours, theirs))
     if kind == "gemma3":  # the case the rule is for: the two attentions scale differently
