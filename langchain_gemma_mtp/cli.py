@@ -135,19 +135,25 @@ def _distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train a Gemma 4 MTP assistant (drafter) for a target, offline")
     p.add_argument("--target", required=True, help="target model dir or hub id ('embedded': the demo's Gemma 3 270M)")
     p.add_argument("--out", required=True, help="directory for the drafter (loads as assistant=DIR) and its resumable state")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from this drafter (an earlier --out, or the assistant released for the model a target "
+                        "was fine-tuned from); its shape replaces --layers/--hidden/--intermediate/--centroids")
     p.add_argument("--data", nargs="*", default=[], metavar="FILE",
                    help="text to train on: .txt, or .jsonl of {text}, {messages} (chat template) records")
     p.add_argument("--prompts", nargs="*", default=[], metavar="FILE",
                    help="prompts the target continues itself (one per line of a .txt, \\n for newlines; or .jsonl "
                         "{prompt}/{messages}): the drafter learns the target's own outputs")
     p.add_argument("--tokens", type=int, default=50_000, help="token budget of the training text")
-    p.add_argument("--layers", type=int, default=2, help="assistant decoder layers (the last is full attention)")
+    p.add_argument("--layers", type=int, default=None, help="assistant decoder layers, the last full attention (default 2)")
     p.add_argument("--hidden", type=int, default=None, help="assistant width (default: the target's, sharing its LM head)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 2 x hidden)")
     p.add_argument("--draft-steps", type=int, default=4, help="draft steps unrolled in training and scored held out")
-    p.add_argument("--centroids", type=int, default=0,
-                   help="clusters of the centroid-masked head (must divide the vocabulary; 0: full-vocabulary head)")
-    p.add_argument("--centroid-top-k", type=int, default=32, help="clusters scored per draft step")
+    p.add_argument("--centroids", type=int, default=None,
+                   help="clusters of the centroid-masked head (must divide the vocabulary; 0, the default: full-vocabulary head)")
+    p.add_argument("--centroid-top-k", type=int, default=None, help="clusters scored per draft step (default 32)")
+    p.add_argument("--query-weight", type=float, default=0.0,
+                   help="also teach each drafter layer the target's own queries in the layer whose K/V it reads "
+                        "(1 - cosine, this weight against the token loss; 0: tokens only)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (a --resume continues up to this)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")

@@ -5,9 +5,12 @@ descriptions (their READMEs, Markdown or reStructuredText). Half of the records 
 half a chat turn (a short request, the excerpt as the model's reply), so the drafter sees the chat
 format around both kinds. `gemma-mtp distill --data` labels every position with the target's own
 prediction (one teacher-forced forward per window: far cheaper than generating text).
-Deterministic for a given installation and seed.
+With `--echo`, each excerpt is short and repeated six times, the request being the excerpt itself:
+text only copying predicts, as the embedded 270M's echo-and-loop replies are (the drafter's
+weakest case, docs/benchmarks.md). Deterministic for a given installation and seed.
 
     python benchmarks/distill/make_corpus.py --out /tmp/corpus-270m.jsonl --records 1500
+    python benchmarks/distill/make_corpus.py --out /tmp/echo-270m.jsonl --records 800 --echo
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ CODE_REQUESTS = [
     "Write part of a Python module like the standard library's `{name}`.",
     "How is `{name}` implemented in Python? Show the code.",
 ]
+ECHO_CHARS = (120, 200, 300)  # excerpt sizes of --echo records: six copies fill one or two 256-token windows
 PROSE_REQUESTS = [
     "Tell me about the {name} Python package.",
     "Write the documentation for {name}.",
@@ -70,17 +74,21 @@ def excerpt(text: str, rng: random.Random, chars: int) -> str:
     return "\n".join(out).strip("\n")
 
 
-def records(n: int, chars: int, seed: int) -> list[dict]:
+def records(n: int, chars: int, seed: int, echo: bool = False) -> list[dict]:
     rng = random.Random(seed)
     kinds = [("code", code_sources(), CODE_REQUESTS), ("prose", prose_sources(), PROSE_REQUESTS)]
     out = []
     for i in range(n):
         kind, sources, requests = kinds[i % 2]
         name, text = rng.choice(sources)
-        body = excerpt(text, rng, chars)
-        if len(body) < chars // 4:
+        body = excerpt(text, rng, rng.choice(ECHO_CHARS) if echo else chars)
+        if len(body) < (40 if echo else chars // 4):
             continue
-        if rng.random() < 0.5:
+        if echo:
+            reply = "\n".join([body] * 6)
+            out.append({"kind": kind, "text": reply} if rng.random() < 0.5 else
+                       {"kind": kind, "messages": [{"role": "user", "content": body}, {"role": "assistant", "content": reply}]})
+        elif rng.random() < 0.5:
             out.append({"kind": kind, "text": body})
         else:
             request = rng.choice(requests).format(name=name)
@@ -94,8 +102,9 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1500)
     ap.add_argument("--chars", type=int, default=800, help="about this many characters per excerpt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--echo", action="store_true", help="short excerpts repeated six times (copying), --chars unused")
     args = ap.parse_args()
-    recs = records(args.records, args.chars, args.seed)
+    recs = records(args.records, args.chars, args.seed, args.echo)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     print(f"{len(recs)} records ({sum(r['kind'] == 'code' for r in recs)} code) -> {args.out}")
 

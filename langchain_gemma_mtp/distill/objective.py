@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from ..engine.loading import kv_source_layer
 from ..engine.target import TargetModel
 
 # Above this vocabulary size the token loss is a sampled softmax (the target's top candidates plus
@@ -25,17 +27,42 @@ class TeacherBatch:
     labels: torch.Tensor  # (T,) the target's own greedy prediction after each position (-1: none)
     shared_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]  # full-length K/V per layer type
     top_ids: torch.Tensor | None = None  # (T, M) the target's top-M tokens, labels first (sampled softmax)
+    # (T, heads, head_dim) normed, pre-rotary queries of the target layer each drafter layer type reads
+    queries: dict[str, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def captured_queries(attentions: dict[str, torch.nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """While open, every forward of each attention module appends its normed, pre-rotary queries
+    ((B, T, heads, head_dim), in graph) under its key: q_proj's output through the module's own q_norm,
+    the same in Gemma 3 and Gemma 4 whichever axis order their attention code uses after."""
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in attentions}
+    hooks = []
+    for name, attn in attentions.items():
+        def hook(module, inputs, out, name=name, attn=attn):
+            got[name].append(attn.q_norm(out.view(*out.shape[:-1], -1, attn.head_dim)))
+        hooks.append(attn.q_proj.register_forward_hook(hook))
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
-def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None) -> TeacherBatch:
+def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None,
+                  query_types: Sequence[str] = ()) -> TeacherBatch:
     """Run the target once over `token_ids`; keep what the drafter reads and learns from.
 
     When tokens from `greedy_from` on are the target's own greedy continuation, they are the labels
     (the prompt before it gets none, label -1) and the vocabulary-sized head is never computed.
+    `query_types` also keeps the queries of the target layers those drafter layer types read.
     """
     cache = target.new_cache()
-    fwd = target.forward(list(token_ids), cache)
+    sources = {t: target.decoder.layers[kv_source_layer(target, t)].self_attn for t in query_types}
+    with captured_queries(sources) as got:
+        fwd = target.forward(list(token_ids), cache)
+    queries = {t: q[0][0].to(torch.bfloat16) for t, q in got.items()} or None  # bf16: they only steer a cosine
     kv = fwd.shared_kv
     if kv is None:  # Gemma 3: the same tensors sit in the cache, full length before any crop
         kv = {t: (cache.layers[i].keys, cache.layers[i].values) for t, i in target.kv_layers.items()}
@@ -52,7 +79,7 @@ def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0,
         if top_m:
             top_ids = logits.topk(top_m, dim=-1).indices
             top_ids[:, 0] = labels  # equal but for exact ties; the loss reads column 0 as the label
-    return TeacherBatch(tokens, fwd.hidden.float(), labels, kv, top_ids)
+    return TeacherBatch(tokens, fwd.hidden.float(), labels, kv, top_ids, queries)
 
 
 def _draft_masks(length: int, window: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -108,38 +135,56 @@ def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 
 def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int,
-                  negatives: torch.Tensor | None = None) -> torch.Tensor:
+                  negatives: torch.Tensor | None = None, query_weight: float = 0.0) -> torch.Tensor:
     """Mean over k unrolled draft steps of the cross-entropy against the target's greedy predictions.
 
     With `negatives` (large vocabularies) the softmax is sampled: the target's top tokens when the
     batch has them, else the label's cluster; with a centroid head the centroid logits also learn to
     rank the label's cluster first, since drafting only scores the tokens of the top clusters.
+    With `query_weight` (and a batch with the target's queries), each drafter layer's queries for
+    the token it is fed also learn the direction of the target's own queries for that token in the
+    layer whose K/V it reads (1 - cosine per head): the target forms its copying queries only
+    after its whole stack, and the token loss alone does not teach a drafter to rebuild them.
     """
     weight = assistant.lm_head.weight
     embedder = assistant.masked_embedding
     cluster_of = token_clusters(embedder.token_ordering, embedder.num_centroids) if embedder is not None else None
+    layer_types = assistant.config.get_text_config().layer_types
+    matched = {str(i): layer.self_attn for i, layer in enumerate(assistant.model.layers)} \
+        if query_weight and batch.queries is not None else {}
     losses = []
-    for j, states in unrolled_states(assistant, target, batch, draft_steps):
-        valid = batch.tokens.shape[0] - j
-        labels = batch.labels[j + 1:j + valid]
-        keep = labels >= 0
-        if not bool(keep.any()):
-            continue
-        rows, labels = states[1:valid][keep], labels[keep]
-        cand = None
-        if negatives is not None:
-            if batch.top_ids is not None:
-                cand = batch.top_ids[j + 1:j + valid][keep]
-            elif embedder is not None:
-                members = embedder.token_ordering.view(embedder.num_centroids, -1)[cluster_of[labels]]
-                cand = torch.cat([labels[:, None], members], dim=-1)
-            else:
-                cand = labels[:, None]
-        loss = _token_loss(rows, weight, labels, cand, negatives)
-        if embedder is not None:
-            loss = loss + F.cross_entropy(embedder.centroids(rows), cluster_of[labels])
-        losses.append(loss)
+    with captured_queries(matched) as got:
+        for j, states in unrolled_states(assistant, target, batch, draft_steps):
+            losses.extend(_step_losses(j, states, batch, weight, embedder, cluster_of, negatives))
+            for i, qs in got.items():  # row p at step j is fed token p+j: the target's query at p+j
+                q = qs.pop()[0, 1:batch.tokens.shape[0] - j]
+                theirs = batch.queries[layer_types[int(i)]][j + 1:].to(q.dtype)
+                losses.append(query_weight * (1 - F.cosine_similarity(q, theirs, dim=-1).mean()))
     return torch.stack(losses).mean()
+
+
+def _step_losses(j: int, states: torch.Tensor, batch: TeacherBatch, weight: torch.Tensor, embedder,
+                 cluster_of: torch.Tensor | None, negatives: torch.Tensor | None) -> list[torch.Tensor]:
+    """The token (and centroid) loss of draft step j."""
+    valid = batch.tokens.shape[0] - j
+    labels = batch.labels[j + 1:j + valid]
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return []
+    rows, labels = states[1:valid][keep], labels[keep]
+    cand = None
+    if negatives is not None:
+        if batch.top_ids is not None:
+            cand = batch.top_ids[j + 1:j + valid][keep]
+        elif embedder is not None:
+            members = embedder.token_ordering.view(embedder.num_centroids, -1)[cluster_of[labels]]
+            cand = torch.cat([labels[:, None], members], dim=-1)
+        else:
+            cand = labels[:, None]
+    loss = _token_loss(rows, weight, labels, cand, negatives)
+    if embedder is not None:
+        loss = loss + F.cross_entropy(embedder.centroids(rows), cluster_of[labels])
+    return [loss]
 
 
 def token_clusters(token_ordering: torch.Tensor, num_centroids: int) -> torch.Tensor:

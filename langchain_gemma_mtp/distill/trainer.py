@@ -6,17 +6,34 @@ import json
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, Gemma4AssistantConfig, Gemma4AssistantForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    Gemma4AssistantConfig,
+    Gemma4AssistantForCausalLM,
+    PreTrainedModel,
+)
 
-from ..engine.loading import SHARED_HEAD_FLAG, bind_shared_head, load_causal_lm, resolve_checkpoint
+from ..engine.loading import (
+    ASSISTANT_MODEL_TYPES,
+    SHARED_HEAD_FLAG,
+    bind_shared_head,
+    load_causal_lm,
+    resolve_checkpoint,
+    validate_mtp_pair,
+)
 from ..engine.target import TargetModel
-from ..errors import DistillError
-from .architecture import assistant_config, assistant_weights, build_assistant, save_assistant
+from ..errors import DistillError, IncompatibleDrafterError
+from .architecture import (
+    assistant_config,
+    assistant_weights,
+    build_assistant,
+    save_assistant,
+)
 from .data import check_files, generated_sequences, prompt_list, text_sequences
 from .objective import (
     FULL_SOFTMAX_MAX_VOCAB,
@@ -33,9 +50,11 @@ SUMMARY_FILE = "distill.json"
 TOP_M = 64  # the target's candidates per position in the sampled softmax
 NEGATIVES = 1024  # random negatives shared by all positions of a step
 WARMUP = 20  # optimizer steps of linear learning-rate warm-up
+# The drafter's shape when neither the options nor --init say otherwise.
+ARCHITECTURE_DEFAULTS = {"layers": 2, "centroids": 0, "centroid_top_k": 32}
 # Options that define the drafter and its data: a resume must keep them.
-_IDENTITY = ("target", "data", "prompts", "tokens", "layers", "hidden", "intermediate", "draft_steps",
-             "centroids", "centroid_top_k", "seq_len", "temperature", "heldout", "seed", "dtype")
+_IDENTITY = ("target", "init", "data", "prompts", "tokens", "layers", "hidden", "intermediate", "draft_steps",
+             "centroids", "centroid_top_k", "seq_len", "temperature", "heldout", "seed", "dtype", "query_weight")
 
 
 @dataclass
@@ -44,15 +63,17 @@ class DistillOptions:
 
     target: str
     out: str
+    init: str | None = None  # an existing drafter to start from; its shape replaces the defaults below
     data: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     tokens: int = 50_000
-    layers: int = 2
+    layers: int | None = None  # None: ARCHITECTURE_DEFAULTS, or --init's
     hidden: int | None = None
     intermediate: int | None = None
     draft_steps: int = 4
-    centroids: int = 0
-    centroid_top_k: int = 32
+    centroids: int | None = None
+    centroid_top_k: int | None = None
+    query_weight: float = 0.0  # weight of the query-matching loss (unrolled_loss); 0: tokens only
     steps: int = 300
     lr: float = 1e-3
     seq_len: int = 256
@@ -79,6 +100,26 @@ class DistillResult:
     mean_accepted_length: float  # tokens per target forward at k = draft_steps, from `acceptance`
 
 
+def resolve_architecture(o: DistillOptions) -> DistillOptions:
+    """The options with the drafter's shape filled in: from --init's config when given (a shape
+    option that contradicts it is an error), else the defaults."""
+    if o.init is None:
+        return replace(o, **{k: v if getattr(o, k) is None else getattr(o, k) for k, v in ARCHITECTURE_DEFAULTS.items()})
+    config = AutoConfig.from_pretrained(resolve_checkpoint(o.init))
+    if config.model_type not in ASSISTANT_MODEL_TYPES:
+        raise DistillError(f"--init {o.init} is a {config.model_type!r} model, not a Gemma 4 MTP assistant: "
+                           "pass a drafter directory (an earlier `gemma-mtp distill --out`, or a released X-assistant).")
+    tc = config.get_text_config()
+    shape = {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
+             "centroids": config.num_centroids if config.use_ordered_embeddings else 0,
+             "centroid_top_k": config.centroid_intermediate_top_k}
+    clash = [f"--{k.replace('_', '-')} {getattr(o, k)} (it has {v})" for k, v in shape.items() if getattr(o, k) not in (None, v)]
+    if clash:
+        raise DistillError(f"--init {o.init} fixes the drafter's shape, and these options contradict it: {', '.join(clash)}. "
+                           "Drop them, or leave out --init to train a new shape.")
+    return replace(o, **shape)
+
+
 def check_options(o: DistillOptions) -> tuple[Path, object]:
     """Everything that can be checked before loading weights; returns the target dir and its text config."""
     positive = {"tokens": o.tokens, "layers": o.layers, "draft_steps": o.draft_steps, "steps": o.steps,
@@ -90,6 +131,8 @@ def check_options(o: DistillOptions) -> tuple[Path, object]:
         raise DistillError(f"--seq-len {o.seq_len} is too short to learn from: use 64 or more.")
     if not (o.lr > 0):
         raise DistillError(f"--lr must be positive, got {o.lr}.")
+    if not o.query_weight >= 0:
+        raise DistillError(f"--query-weight must be 0 or more, got {o.query_weight}.")
     if not 0 < o.heldout < 1:
         raise DistillError(f"--heldout is a fraction of the sequences, got {o.heldout}: use e.g. 0.1.")
     for name in ("save_dtype", "dtype"):
@@ -167,34 +210,50 @@ def _save_state(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrainedModel, Gemma4AssistantConfig]:
+    """A fresh assistant shaped for the target, or the --init one (checked against it, trained in fp32)."""
+    if o.init is None:
+        config = assistant_config(target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate,
+                                  centroids=o.centroids, centroid_top_k=o.centroid_top_k)
+        return build_assistant(target, config, seed=o.seed), config
+    assistant, _ = load_causal_lm(o.init, target.device, torch.float32)
+    try:
+        validate_mtp_pair(target, assistant)  # binds a shared head to this target's
+    except IncompatibleDrafterError as exc:
+        raise DistillError(f"--init {o.init} cannot start a drafter for {o.target}: {exc}") from None
+    return assistant, assistant.config
+
+
 def distill(o: DistillOptions) -> DistillResult:
     """Train (or resume training) a Gemma4Assistant drafter for `o.target`; save it to `o.out`."""
+    o = resolve_architecture(o)
     check_options(o)
     out = Path(o.out)
     state_path = out / STATE_FILE
     state = torch.load(state_path, weights_only=False) if o.resume else None
-    if state is not None and state["options"] != _identity(o):
-        changed = [k for k in _IDENTITY if state["options"].get(k) != getattr(o, k)]
+    defaults = {f.name: f.default for f in fields(DistillOptions)}  # runs saved before an option existed
+    changed = [k for k in _IDENTITY if state["options"].get(k, defaults[k]) != getattr(o, k)] if state is not None else []
+    if changed:
         raise DistillError(f"--resume with different options ({', '.join(changed)}) than the run in {out}: "
                            "keep them, or start a new --out.")
     model, tokenizer = load_causal_lm(o.target, torch.device("cpu"), getattr(torch, o.dtype))
     model.requires_grad_(False)  # frozen: no 262k-row gradients for the shared embedding/head
     target = TargetModel(model)
+    if state is None:  # before the text and teacher passes, so a mismatched --init fails fast
+        assistant, config = _initial_assistant(o, target)
+    else:
+        config = Gemma4AssistantConfig.from_dict(state["config"])
     seqs = _sequences(o, model, tokenizer, o.progress)
     n_held = max(1, round(len(seqs) * o.heldout))
     top_m = TOP_M if target.vocab_size > FULL_SOFTMAX_MAX_VOCAB else 0
     # Only greedy continuations say the target's prediction without its head; sampled ones do not.
     greedy = o.temperature == 0
-    batches = [teacher_batch(target, ids, top_m, start if greedy else None)
+    query_types = sorted(set(config.get_text_config().layer_types)) if o.query_weight else ()
+    batches = [teacher_batch(target, ids, top_m, start if greedy else None, query_types)
                for ids, start in tqdm(seqs, desc="teacher", unit="seq", disable=not o.progress)]
     train, held = batches[n_held:], batches[:n_held]
 
-    if state is None:
-        config = assistant_config(target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate,
-                                  centroids=o.centroids, centroid_top_k=o.centroid_top_k)
-        assistant = build_assistant(target, config, seed=o.seed)
-    else:
-        config = Gemma4AssistantConfig.from_dict(state["config"])
+    if state is not None:
         assistant = Gemma4AssistantForCausalLM(config)
         if getattr(config, SHARED_HEAD_FLAG, False):
             bind_shared_head(assistant, target)
@@ -226,8 +285,8 @@ def distill(o: DistillOptions) -> DistillResult:
     for step in range(start, o.steps):
         g = torch.Generator().manual_seed(o.seed * 1_000_003 + step)  # a resumed run draws the same negatives
         negatives = torch.randint(target.vocab_size, (NEGATIVES,), generator=g) if top_m else None
-        loss = sum(unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives)
-                   for i in range(o.batch)) / o.batch
+        loss = sum(unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives,
+                                 o.query_weight) for i in range(o.batch)) / o.batch
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

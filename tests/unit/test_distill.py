@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_models import build_target, save
 from transformers import AutoTokenizer
@@ -25,6 +26,11 @@ from langchain_gemma_mtp.distill import (
     save_assistant,
 )
 from langchain_gemma_mtp.distill.data import generated_sequences
+from langchain_gemma_mtp.distill.objective import (
+    captured_queries,
+    teacher_batch,
+    unrolled_states,
+)
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.loading import kv_source_layer, load_causal_lm
@@ -199,6 +205,58 @@ def test_resume_with_changed_options_is_refused(distill_setup, distilled):
     _, targets, prompts, _ = distill_setup
     with pytest.raises(DistillError, match="layers"):
         cli.main(_args(targets["gemma3"], distilled["gemma3"], prompts, 40, "--layers", "3", "--resume"))
+
+
+def test_init_continues_from_the_given_drafter_in_its_shape(distill_setup, distilled, tmp_path):
+    """--init starts from the drafter's weights and shape: one step at a negligible rate leaves them
+    where they were, while a fresh drafter of the same shape starts elsewhere."""
+    _, targets, prompts, _ = distill_setup
+    start = distilled["gemma3"]
+    assert cli.main(_args(targets["gemma3"], tmp_path / "init", prompts, 1, "--init", str(start), "--lr", "1e-12")) == 0
+    assert cli.main(_args(targets["gemma3"], tmp_path / "fresh", prompts, 1, "--lr", "1e-12")) == 0
+    before, after, fresh = (load_file(d / "model.safetensors") for d in (start, tmp_path / "init", tmp_path / "fresh"))
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)
+    assert not all(torch.allclose(fresh[k], before[k], atol=1e-6) for k in before)
+    options = json.loads((tmp_path / "init" / "distill.json").read_text())["options"]
+    assert options["init"] == str(start) and options["layers"] == 2 and options["centroids"] == 0
+
+
+def test_bad_init_fails_before_any_work(distill_setup, distilled, tmp_path):
+    _, targets, prompts, _ = distill_setup
+    out = tmp_path / "never"
+    with pytest.raises(DistillError, match="not a Gemma 4 MTP assistant"):
+        cli.main(_args(targets["gemma3"], out, prompts, 5, "--init", str(targets["gemma3"])))
+    with pytest.raises(DistillError, match=r"--layers 3 \(it has 2\)"):
+        cli.main(_args(targets["gemma3"], out, prompts, 5, "--init", str(distilled["gemma3"]), "--layers", "3"))
+    with pytest.raises(DistillError, match="cannot start a drafter"):
+        cli.main(_args(targets["shared_ple"], out, prompts, 5, "--init", str(distilled["gemma3"])))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_query_weight_teaches_the_drafter_the_targets_queries(kind, distill_setup, tmp_path):
+    """With --query-weight the drafter's queries for a token turn toward the target's own queries
+    for it, in the layer whose K/V each drafter layer reads; without it they do not."""
+    _, targets, prompts, held = distill_setup
+    model, _ = load_causal_lm(str(targets[kind]), torch.device("cpu"), torch.float32)
+    target = TargetModel(model)
+
+    def similarity(weight: float) -> float:
+        options = DistillOptions(target=str(targets[kind]), out=str(tmp_path / str(weight)), prompts=[str(prompts)],
+                                 seq_len=64, steps=25, lr=3e-3, query_weight=weight, progress=False)
+        assistant = distill(options).assistant
+        types = assistant.config.get_text_config().layer_types
+        sims = []
+        for ids in held:
+            batch = teacher_batch(target, ids, 0, None, sorted(set(types)))
+            with torch.no_grad(), captured_queries({t: layer.self_attn for t, layer in zip(types, assistant.model.layers)}) as got:
+                next(unrolled_states(assistant, target, batch, 1))
+            sims += [F.cosine_similarity(got[t][0][0, 1:], batch.queries[t][1:].float(), dim=-1).mean().item() for t in types]
+        return sum(sims) / len(sims)
+
+    without, with_queries = similarity(0.0), similarity(1.0)
+    assert with_queries > without + 0.2, (without, with_queries)
 
 
 def test_chat_model_loads_a_distilled_drafter(distill_setup, distilled):
