@@ -84,15 +84,12 @@ def records(n: int, chars: int, seed: int, echo: bool = False) -> list[dict]:
         body = excerpt(text, rng, rng.choice(ECHO_CHARS) if echo else chars)
         if len(body) < (40 if echo else chars // 4):
             continue
-        if echo:
-            reply = "\n".join([body] * 6)
-            out.append({"kind": kind, "text": reply} if rng.random() < 0.5 else
-                       {"kind": kind, "messages": [{"role": "user", "content": body}, {"role": "assistant", "content": reply}]})
-        elif rng.random() < 0.5:
-            out.append({"kind": kind, "text": body})
+        reply = "\n".join([body] * 6) if echo else body
+        if rng.random() < 0.5:
+            out.append({"kind": kind, "text": reply})
         else:
-            request = rng.choice(requests).format(name=name)
-            out.append({"kind": kind, "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": body}]})
+            request = body if echo else rng.choice(requests).format(name=name)
+            out.append({"kind": kind, "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]})
     return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +32,11 @@ class TeacherBatch:
 
 
 @contextlib.contextmanager
-def captured_queries(attentions: dict[str, torch.nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+def captured_queries(attentions: dict[Hashable, torch.nn.Module]) -> Iterator[dict[Hashable, list[torch.Tensor]]]:
     """While open, every forward of each attention module appends its normed, pre-rotary queries
     ((B, T, heads, head_dim), in graph) under its key: q_proj's output through the module's own q_norm,
     the same in Gemma 3 and Gemma 4 whichever axis order their attention code uses after."""
-    got: dict[str, list[torch.Tensor]] = {name: [] for name in attentions}
+    got: dict[Hashable, list[torch.Tensor]] = {name: [] for name in attentions}
     hooks = []
     for name, attn in attentions.items():
         def hook(module, inputs, out, name=name, attn=attn):
@@ -150,7 +150,7 @@ def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: Teache
     embedder = assistant.masked_embedding
     cluster_of = token_clusters(embedder.token_ordering, embedder.num_centroids) if embedder is not None else None
     layer_types = assistant.config.get_text_config().layer_types
-    matched = {str(i): layer.self_attn for i, layer in enumerate(assistant.model.layers)} \
+    matched = dict(enumerate(layer.self_attn for layer in assistant.model.layers)) \
         if query_weight and batch.queries is not None else {}
     losses = []
     with captured_queries(matched) as got:
@@ -158,7 +158,7 @@ def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: Teache
             losses.extend(_step_losses(j, states, batch, weight, embedder, cluster_of, negatives))
             for i, qs in got.items():  # row p at step j is fed token p+j: the target's query at p+j
                 q = qs.pop()[0, 1:batch.tokens.shape[0] - j]
-                theirs = batch.queries[layer_types[int(i)]][j + 1:].to(q.dtype)
+                theirs = batch.queries[layer_types[i]][j + 1:].to(q.dtype)
                 losses.append(query_weight * (1 - F.cosine_similarity(q, theirs, dim=-1).mean()))
     return torch.stack(losses).mean()
 
