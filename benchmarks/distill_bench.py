@@ -1,6 +1,7 @@
 """The distilled MTP drafter on the embedded Gemma 3 270M: acceptance, drafter step cost and speedup per kind and k.
 
-For each workload kind and draft length k, in one run against plain decoding (drafter "none"):
+For each workload kind, draft length k and early-stop threshold (`MTPDrafter.stop_below`), in one
+run against plain decoding (drafter "none"):
 mean accepted length (tokens per target forward), per-position acceptance, tokens/s and the
 speedup over plain decoding, and whether the output equals plain greedy (fp32: must; bf16:
 agreement only). The drafter's own step cost is measured once per dtype as the time of one draft
@@ -9,6 +10,7 @@ None of the workload prompts is in the drafter's training prompts (checked).
 
     python benchmarks/distill_bench.py --dtype bfloat16 --out benchmarks/results/distill-270m-bf16.json
     python benchmarks/distill_bench.py --dtype float32 --out benchmarks/results/distill-270m-fp32.json
+    python benchmarks/distill_bench.py --dtype bfloat16 -k 4 6 8 --stop-below 0 0.2 0.3 --out ...
     python benchmarks/distill_bench.py --limit 2 -k 1 4         # smoke run
 """
 
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--assistant", default=str(EMBEDDED_ASSISTANT_DIR))
     ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    ap.add_argument("--stop-below", type=float, nargs="+", default=[0.0],
+                    help="early-stop thresholds to try at every k (0: always draft k)")
     ap.add_argument("--kinds", nargs="*", help="only these workload kinds (default: all)")
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
@@ -97,6 +101,7 @@ def main() -> None:
     if args.limit:
         prompts = prompts[: args.limit]
     run(plain, prompts[0][2], 8, None)  # warm up kernels outside the timings
+    settings = [(k, stop) for k in args.k for stop in args.stop_below]
     for k in args.k:
         run(mtp, prompts[0][2], 8, k)
     costs = step_costs(mtp, prompts[0][2])
@@ -105,15 +110,16 @@ def main() -> None:
     rows = []
     for pid, kind, ids in prompts:
         base, base_s = run(plain, ids, args.max_new, None)
-        for k in args.k:
+        for k, stop in settings:
+            mtp.drafter.stop_below = stop
             result, secs = run(mtp, ids, args.max_new, k)
             speedup = (len(result.token_ids) / secs) / (len(base.token_ids) / base_s)
-            rows.append(dict(id=pid, kind=kind, k=k, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
+            rows.append(dict(id=pid, kind=kind, k=k, stop_below=stop, drafted=result.stats.drafted, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
                              plain_tokens=len(base.token_ids), speedup=speedup,
                              mean_accepted_length=result.stats.mean_accepted_length,
                              per_position=result.stats.per_position_acceptance,
                              forwards=result.stats.target_forwards, same=result.token_ids == base.token_ids))
-            print(f"{pid} k={k}: accepted length {result.stats.mean_accepted_length:.2f}, speedup x{speedup:.2f}"
+            print(f"{pid} k={k} stop below {stop}: accepted length {result.stats.mean_accepted_length:.2f}, speedup x{speedup:.2f}"
                   f"{'' if rows[-1]['same'] else ' (differs from plain)'}", flush=True)
     print(f"\n## Distilled MTP drafter, Gemma 3 270M, {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
     print(f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
@@ -125,16 +131,20 @@ def main() -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Per kind and k: mean accepted length, speedup over plain decoding (total tokens / total time), identity."""
+    """Per kind, k and stop threshold: mean accepted length, draft tokens per target forward, speedup
+    over plain decoding (total tokens / total time), identity."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["kind"], r["k"])].append(r)
-    lines = ["| kind | k | prompts | mean accepted length | speedup vs plain | same as plain |", "|---|---|---|---|---|---|"]
-    for (kind, k), rs in sorted(groups.items()):
+        groups[(r["kind"], r["k"], r.get("stop_below", 0.0))].append(r)
+    lines = ["| kind | k | stop below | prompts | mean accepted length | drafted per forward | speedup vs plain | same as plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (kind, k, stop), rs in sorted(groups.items()):
         spec = sum(r["tokens"] for r in rs) / sum(r["secs"] for r in rs)
         base = sum(r["plain_tokens"] for r in rs) / sum(r["plain_secs"] for r in rs)
         mal = statistics.mean(r["mean_accepted_length"] for r in rs)
-        lines.append(f"| {kind} | {k} | {len(rs)} | {mal:.2f} | {spec / base:.2f}x | {sum(r['same'] for r in rs)}/{len(rs)} |")
+        drafted = sum(r.get("drafted", 0) for r in rs) / sum(r["forwards"] for r in rs)
+        lines.append(f"| {kind} | {k} | {stop:g} | {len(rs)} | {mal:.2f} | {drafted:.2f} | {spec / base:.2f}x | "
+                     f"{sum(r['same'] for r in rs)}/{len(rs)} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
 from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
-DRAWS = {"mtp": 1000, "hybrid": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
+DRAWS = {"mtp": 1000, "mtp-stop": 1000, "hybrid": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
 P_MIN = 1e-3  # fixed seeds make each test deterministic; this only sets how strict it is
 
 
@@ -92,6 +92,7 @@ def exact_marginals(model, prompt: list[int], sampling: SamplingParams, n: int) 
     [
         ("mtp", SamplingParams(1.0, 1.0, 0)),
         ("mtp", SamplingParams(1.5, 0.95, 8)),
+        ("mtp-stop", SamplingParams(1.0, 1.0, 0)),
         ("ngram", SamplingParams(1.0, 1.0, 0)),
         ("hybrid", SamplingParams(1.0, 1.0, 0)),
     ],
@@ -103,24 +104,28 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
     n_tokens = 3
     exact = exact_marginals(model, prompt, sampling, n_tokens)
     draws = [[] for _ in range(n_tokens)]
-    stats_drafted = 0
+    stats_drafted, first_lengths = 0, set()
     for seed in range(DRAWS[drafter]):
         result = engine.generate(
             prompt, max_new_tokens=n_tokens + 1, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, seed=seed, num_draft_tokens=3, stop_token_ids=[],
         )
         stats_drafted += result.stats.drafted
+        first_lengths.add(result.stats.draft_lengths[0])  # room for 2 drafts at the first step
         for i in range(n_tokens):
             draws[i].append(result.token_ids[i])
     assert stats_drafted >= DRAWS[drafter]  # speculation really happened on (almost) every draw
+    if drafter == "mtp-stop":  # drafting stopped early on some draws and ran to full length on others
+        assert first_lengths == {1, 2}, first_lengths
     for i in range(n_tokens):
         assert _chi2_ok(draws[i], exact[i].float()) > P_MIN, f"token {i + 1} off the target's distribution"
 
 
 def drafter_of(name: str, model, assistant):
-    """hybrid copies any match (min_match 1), so both its paths (point mass, sampled q) run."""
+    """hybrid copies any match (min_match 1), so both its paths (point mass, sampled q) run;
+    mtp-stop stops drafting once its own probability of the drafts so far falls below 0.3."""
     mtp = MTPDrafter(assistant, TargetModel(model))
-    return {"mtp": mtp, "ngram": NgramDrafter(), "hybrid": HybridDrafter(mtp, NgramDrafter(), min_match=1)}[name]
+    return {"mtp": mtp, "mtp-stop": MTPDrafter(assistant, TargetModel(model), stop_below=0.3), "ngram": NgramDrafter(), "hybrid": HybridDrafter(mtp, NgramDrafter(), min_match=1)}[name]
 
 
 @pytest.mark.parametrize("drafter", ["mtp", "hybrid"])

@@ -52,6 +52,8 @@ def test_mtp_drafts_equal_the_assistants_own_forward(checkpoints, kind, assistan
     drafter, a = engine.drafter, engine.drafter.assistant
     ids = torch.randint(3, engine.target.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     state = _state(engine, ids, SamplingParams())
+    stopped, _ = drafter.propose(state, 4)  # the default early stop: a prefix of the full draft
+    drafter.stop_below = 0.0
     drafts, probs = drafter.propose(state, 4)
     assert probs is None and len(drafts) == 4
     # The same steps through the stock forward (its head, its masks), greedy over its logits.
@@ -63,6 +65,7 @@ def test_mtp_drafts_equal_the_assistants_own_forward(checkpoints, kind, assistan
         token, h = out.logits[0, -1].argmax().view(1, 1), out.last_hidden_state
         expected.append(int(token))
     assert drafts == expected
+    assert 1 <= len(stopped) and stopped == expected[: len(stopped)]
 
 
 @torch.inference_mode()
@@ -74,6 +77,7 @@ def test_sampled_centroid_drafts_put_mass_only_on_scored_tokens(checkpoints):
     ids = list(range(3, 20))
     state = _state(engine, ids, SamplingParams(temperature=1.0))
     state.generator = torch.Generator().manual_seed(0)
+    engine.drafter.stop_below = 0.0  # three drafts, whatever their probabilities
     drafts, probs = engine.drafter.propose(state, 3)
     assert probs.shape == (3, engine.target.vocab_size)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))

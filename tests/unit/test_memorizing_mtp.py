@@ -56,3 +56,28 @@ def test_distilled_drafter_saves_and_reloads(memorizing_target, memorized_sequen
     b = in_memory.generate(seq[:8], max_new_tokens=80, num_draft_tokens=4)
     assert a.token_ids == b.token_ids == seq[8:]
     assert a.stats.draft_lengths == b.stats.draft_lengths and a.stats.accepted == b.stats.accepted
+
+
+def test_stopping_early_cuts_unsure_drafts_only(memorizing_target, memorized_sequences, distilled):
+    """Plumbing (memorized transcripts): with stop_below, the untrained drafter's unsure drafts are
+    cut short, the distilled drafter's sure ones are kept, and the output stays the target's."""
+    untrained, trained = distilled
+    target = TargetModel(memorizing_target)
+    plain = Engine(memorizing_target)
+    totals = {}
+    for name, assistant in (("untrained", untrained), ("trained", trained)):
+        for stop_below in (0.0, 0.3):
+            engine = Engine(memorizing_target, MTPDrafter(assistant, target, stop_below=stop_below))
+            drafted = accepted = 0
+            for seq in memorized_sequences:
+                result = engine.generate(seq[:8], max_new_tokens=80, num_draft_tokens=4)
+                assert result.token_ids == plain.generate(seq[:8], max_new_tokens=80).token_ids
+                drafted, accepted = drafted + result.stats.drafted, accepted + result.stats.accepted
+            totals[name, stop_below] = drafted, accepted
+    assert totals["untrained", 0.3][0] < 0.6 * totals["untrained", 0.0][0], totals
+    assert totals["trained", 0.3][1] >= 0.9 * totals["trained", 0.0][1], totals
+
+
+def test_stop_below_out_of_range_is_refused(memorizing_target, distilled):
+    with pytest.raises(ValueError, match="stop_below"):
+        MTPDrafter(distilled[1], TargetModel(memorizing_target), stop_below=1.0)

@@ -9,21 +9,32 @@ from ..head import centroid_candidates, project
 from ..target import TargetModel
 from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
 
+# Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
+DEFAULT_STOP_BELOW = 0.3
+
 
 class MTPDrafter(StatelessDrafter):
-    """Drafts k tokens from one constant position: the pending token's.
+    """Drafts up to k tokens from one constant position: the pending token's.
 
     Step i feeds cat(embed(token), h) where h starts as the target's hidden state before the
     pending token and then is the assistant's own projected state; attention reads the target's
     K/V up to (not including) the pending token. Rejected drafts never enter that K/V.
+
+    Drafting stops early once the product of the drafter's own probabilities for its tokens so far
+    falls below `stop_below`: the chance that the next draft is still accepted is then too small
+    to pay for its step and its verification. The stop depends only on the drafts already made,
+    so greedy output and the sampled distribution are unchanged; 0 always drafts k.
     """
 
     name = "mtp"
     cost_per_draft_token = 0.1
 
-    def __init__(self, assistant: PreTrainedModel, target: TargetModel):
+    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_STOP_BELOW):
+        if not 0.0 <= stop_below < 1.0:
+            raise ValueError(f"stop_below must be in [0, 1), got {stop_below}.")
         self.assistant = assistant
         self.target = target
+        self.stop_below = stop_below
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
         if k <= 0 or state.shared_kv is None:
@@ -31,12 +42,16 @@ class MTPDrafter(StatelessDrafter):
         device = self.target.device
         position = torch.tensor([[len(state.tokens) - 1]], device=device)
         token, h = torch.tensor([[state.tokens[-1]]], device=device), state.hidden
-        drafts, probs = [], []
+        drafts, probs, chance = [], [], 1.0
         for _ in range(k):
             last, h = self._step(token, h, position, state.shared_kv)
-            token, q = self._choose(last[0, -1], state)
+            token, q, scores = self._choose(last[0, -1], state)
             drafts.append(token)
             probs.append(q)
+            if self.stop_below:  # one host sync per draft step, only when stopping early is on
+                chance *= float(q[token.view(-1)[0]] if q is not None else torch.softmax(scores.float(), -1).max())
+                if chance < self.stop_below:
+                    break
         return finish_draft(drafts, probs)
 
     def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +63,20 @@ class MTPDrafter(StatelessDrafter):
                        use_cache=False).last_hidden_state
         return last, a.post_projection(last)
 
-    def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft token from the head. A centroid head scores only its top clusters' tokens, so
-        greedy drafting takes the best of those, and sampling draws from them (q is 0 elsewhere:
-        any q keeps the rejection rule exact); transformers instead builds a vocabulary-sized row."""
+    def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The draft token, the distribution it was sampled from (None when greedy) and, when
+        greedy, the logits it was the best of. A centroid head scores only its top clusters'
+        tokens, so greedy drafting takes the best of those, and sampling draws from them (q is 0
+        elsewhere: any q keeps the rejection rule exact); transformers instead builds a
+        vocabulary-sized row."""
         weight = self.assistant.lm_head.weight
         embedder = self.assistant.masked_embedding
         if embedder is None:
-            return draft_token(project(last, weight), state)
-        ids, logits = centroid_candidates(embedder, last, weight)
-        if state.sampling.greedy:
-            return ids[logits.argmax()].view(1, 1), None
-        full = torch.full((weight.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device)
-        return draft_token(full.scatter_(0, ids, logits), state)
+            logits = project(last, weight)
+        else:
+            ids, logits = centroid_candidates(embedder, last, weight)
+            if state.sampling.greedy:
+                return ids[logits.argmax()].view(1, 1), None, logits
+            logits = torch.full((weight.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device).scatter_(0, ids, logits)
+        token, q = draft_token(logits, state)
+        return token, q, logits if q is None else None
