@@ -72,7 +72,7 @@ class Engine:
 
         drafter: "auto" (hybrid when an MTP assistant is given or found as `X-assistant`, a draft
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
-        n-gram matches copied, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
+        n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
         """
         check_drafter_name(drafter)
         if drafter == "draft_model" and assistant is None:

@@ -15,7 +15,7 @@ from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
 from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
-DRAWS = {"mtp": 1000, "mtp-stop": 1000, "hybrid": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
+DRAWS = {"mtp": 1000, "mtp-stop": 1000, "hybrid": 1000, "hybrid-adaptive": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
 P_MIN = 1e-3  # fixed seeds make each test deterministic; this only sets how strict it is
 
 
@@ -95,6 +95,7 @@ def exact_marginals(model, prompt: list[int], sampling: SamplingParams, n: int) 
         ("mtp-stop", SamplingParams(1.0, 1.0, 0)),
         ("ngram", SamplingParams(1.0, 1.0, 0)),
         ("hybrid", SamplingParams(1.0, 1.0, 0)),
+        ("hybrid-adaptive", SamplingParams(1.0, 1.0, 0)),
     ],
 )
 def test_speculative_sampling_keeps_target_distribution(small_target, drafter, sampling):
@@ -117,18 +118,28 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
     assert stats_drafted >= DRAWS[drafter]  # speculation really happened on (almost) every draw
     if drafter == "mtp-stop":  # drafting stopped early on some draws and ran to full length on others
         assert first_lengths == {1, 2}, first_lengths
+    if drafter == "hybrid-adaptive":  # short matches were copied on some steps and passed over on others
+        choices = engine.drafter.choices
+        assert choices["short"] > 100 and choices["mtp_over_short"] > 100, choices
     for i in range(n_tokens):
         assert _chi2_ok(draws[i], exact[i].float()) > P_MIN, f"token {i + 1} off the target's distribution"
 
 
 def drafter_of(name: str, model, assistant):
     """hybrid copies any match (min_match 1), so both its paths (point mass, sampled q) run;
-    mtp-stop stops drafting once its own probability of the drafts so far falls below 0.3."""
-    mtp = MTPDrafter(assistant, TargetModel(model))
-    return {"mtp": mtp, "mtp-stop": MTPDrafter(assistant, TargetModel(model), stop_below=0.3), "ngram": NgramDrafter(), "hybrid": HybridDrafter(mtp, NgramDrafter(), min_match=1)}[name]
+    hybrid-adaptive chooses between short matches and MTP by their worth so far; mtp-stop stops
+    drafting once its own probability of the drafts so far falls below 0.3; mtp always drafts k."""
+    mtp = MTPDrafter(assistant, TargetModel(model), stop_below=0.0)
+    return {
+        "mtp": mtp,
+        "mtp-stop": MTPDrafter(assistant, TargetModel(model), stop_below=0.3),
+        "ngram": NgramDrafter(),
+        "hybrid": HybridDrafter(mtp, NgramDrafter(), min_match=1),
+        "hybrid-adaptive": HybridDrafter(mtp, NgramDrafter()),
+    }[name]
 
 
-@pytest.mark.parametrize("drafter", ["mtp", "hybrid"])
+@pytest.mark.parametrize("drafter", ["mtp", "hybrid", "hybrid-adaptive"])
 def test_seed_reproducibility(small_target, drafter):
     model, assistant = small_target
     # hybrid: the first call's output enters the cross-call index, which a seeded call must ignore.

@@ -10,9 +10,10 @@ import pytest
 
 from langchain_gemma_mtp.distill import distill_assistant
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import MTPDrafter
+from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
+from langchain_gemma_mtp.engine.drafters.hybrid import PRIOR_VALUE
 from langchain_gemma_mtp.engine.target import TargetModel
-from tiny_models import build_assistant, save
+from tiny_models import build_assistant, build_target, save
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,27 @@ def test_stopping_early_cuts_unsure_drafts_only(memorizing_target, memorized_seq
 def test_stop_below_out_of_range_is_refused(memorizing_target, distilled):
     with pytest.raises(ValueError, match="stop_below"):
         MTPDrafter(distilled[1], TargetModel(memorizing_target), stop_below=1.0)
+
+
+def test_hybrid_copies_short_matches_only_when_they_beat_the_drafter(memorizing_target, memorized_sequences, distilled):
+    """Plumbing: hybrid's choice between a short n-gram match and an MTP draft follows what each
+    was worth, and the output is the target's either way. A random tiny target that loops on one
+    token, with an untrained drafter: short copies win after a step or two. The memorizing target
+    (memorized transcripts) with its distilled drafter: MTP keeps drafting past short matches."""
+    looping = build_target("shared_ple", seed=5)
+    weak = HybridDrafter(MTPDrafter(build_assistant(looping, ordered=True, seed=1), TargetModel(looping)), NgramDrafter())
+    prompt = [2, 5, 9, 11, 13]
+    result = Engine(looping, weak).generate(prompt, max_new_tokens=64, num_draft_tokens=4, stop_token_ids=[])
+    assert result.token_ids == Engine(looping).generate(prompt, max_new_tokens=64, stop_token_ids=[]).token_ids
+    assert weak.choices["short"] > weak.choices["mtp"] + weak.choices["mtp_over_short"], weak.choices
+    assert weak.worth["ngram"].mean > weak.worth["mtp"].mean
+
+    strong = HybridDrafter(MTPDrafter(distilled[1], TargetModel(memorizing_target)), NgramDrafter())
+    engine = Engine(memorizing_target, strong)
+    plain = Engine(memorizing_target)
+    for seq in memorized_sequences:
+        result = engine.generate(seq[:8], max_new_tokens=80, num_draft_tokens=4)
+        assert result.token_ids == plain.generate(seq[:8], max_new_tokens=80).token_ids
+    assert strong.choices["mtp_over_short"] > 3 * strong.choices["short"], strong.choices
+    engine.forget()
+    assert strong.worth["mtp"].mean == PRIOR_VALUE["mtp"]  # forget drops what was learned

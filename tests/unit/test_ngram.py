@@ -55,6 +55,15 @@ def test_index_finds_the_longest_keyed_recent_occurrence():
     assert index.lookup([99, 98, 97], 4) == Match([], 0)
 
 
+def test_index_copies_from_the_earliest_occurrence_within_an_output():
+    """A looping output holds its keys many times; the earliest occurrence has the most after it."""
+    index = SuffixIndex(max_tokens=1000)
+    index.add([1, 2, 3] + [7] * 12)
+    assert index.lookup([5, 7, 7, 7], 4) == Match([7, 7, 7, 7], 3)
+    index.add([8] + [7] * 5 + [9])  # a more recent output still wins over the earlier one
+    assert index.lookup([5, 7, 7, 7], 4) == Match([7, 7, 9], 3)
+
+
 def test_index_forgets_the_oldest_outputs_within_its_budget():
     index = SuffixIndex(max_tokens=20)
     index.add(list(range(10, 22)))  # 12 tokens

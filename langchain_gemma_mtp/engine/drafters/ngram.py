@@ -71,8 +71,10 @@ def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> Match:
 class SuffixIndex:
     """Recent requests' outputs, found by the n-grams that end inside them; bounded in tokens.
 
-    Each key (the last 8 or 3 tokens before a position) maps to its most recent occurrence, so a
-    lookup costs two dict probes however much is indexed. The oldest outputs go first.
+    Each key (the last 8 or 3 tokens before a position) maps to its occurrence in the most recent
+    output, the earliest one there (the most tokens follow it: a looping output would otherwise
+    offer only its last token), so a lookup costs two dict probes however much is indexed. The
+    oldest outputs go first.
     """
 
     def __init__(self, max_tokens: int = DEFAULT_INDEX_TOKENS):
@@ -88,7 +90,7 @@ class SuffixIndex:
         doc_id, self._next_id = self._next_id, self._next_id + 1
         self._docs[doc_id] = tokens
         self.tokens += len(tokens)
-        for end in range(len(tokens) - 1):  # positions with something after them
+        for end in range(len(tokens) - 2, -1, -1):  # positions with something after them, last first
             for size in INDEX_KEY_LENGTHS:
                 if end + 1 >= size:
                     self._table[tuple(tokens[end + 1 - size:end + 1])] = (doc_id, end)
