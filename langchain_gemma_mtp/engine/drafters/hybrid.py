@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeState, StatelessDrafter
+from .base import DecodeState
 from .mtp import MTPDrafter
 from .ngram import NgramDrafter
 
@@ -57,7 +57,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class HybridDrafter(StatelessDrafter):
+class HybridDrafter:
     """Lossless either way: copied drafts are point masses, MTP drafts carry their probabilities.
 
     Matches of `min_match`+ tokens are always copied. A shorter match is copied when the copies'
