@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import common_prefix_length
 from .base import DecodeState
 from .mtp import MTPDrafter
 from .ngram import NgramDrafter
@@ -48,13 +49,6 @@ class HybridStep:
     worth: dict[str, Worth]
     short_match: list[int] | None = None  # a short match's tokens, scored whichever drafter ran
     mtp_drafted: int | None = None  # draft tokens MTP proposed this step, None when a copy was used
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 class HybridDrafter:
@@ -106,7 +100,7 @@ class HybridDrafter:
         step: HybridStep = state.drafter_state
         if step.short_match is not None:
             verified = state.tokens[len(state.tokens) - n_accepted - 1:]
-            accepted = common_prefix(step.short_match, verified)
+            accepted = common_prefix_length(step.short_match, verified)
             step.worth["ngram"].observe(accepted - self.ngram.cost_per_draft_token * len(step.short_match))
         if step.mtp_drafted is not None:
             step.worth["mtp"].observe(n_accepted - self.mtp.cost_per_draft_token * step.mtp_drafted)
