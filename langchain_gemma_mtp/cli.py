@@ -125,10 +125,19 @@ def distill(args: argparse.Namespace) -> int:
 
         args.target = str(embedded_model_dir())
     options = DistillOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    options.kv_layers = dict(args.kv_layers)
     result = run(options)
     print(f"saved {result.out} after {result.steps} steps: held-out mean accepted length at k={options.draft_steps} "
           f"{result.mean_accepted_length:.2f}")
     return 0
+
+
+def _type_index(text: str) -> tuple[str, int]:
+    """TYPE=INDEX of --kv-layer."""
+    layer_type, _, index = text.partition("=")
+    if not index.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=INDEX (e.g. full_attention=5)")
+    return layer_type.strip(), int(index)
 
 
 def _distill_parser(sub) -> None:
@@ -154,6 +163,10 @@ def _distill_parser(sub) -> None:
     p.add_argument("--query-weight", type=float, default=0.0,
                    help="also teach each drafter layer the target's own queries in the layer whose K/V it reads "
                         "(1 - cosine, this weight against the token loss; 0: tokens only)")
+    p.add_argument("--kv-layer", dest="kv_layers", type=_type_index, action="append", default=[], metavar="TYPE=INDEX",
+                   help="the target layer (0-based) whose K/V the drafter's layers of TYPE (sliding_attention or "
+                        "full_attention) read, instead of the last of that type; e.g. full_attention=5, the 270M's "
+                        "copying layer (benchmarks/distill/induction_layers.py finds it). Gemma 3 targets only")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (a --resume continues up to this)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")

@@ -6,7 +6,7 @@ import json
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from ..engine.loading import (
     resolve_checkpoint,
     validate_mtp_pair,
 )
-from ..engine.target import TargetModel
+from ..engine.target import KV_LAYERS_KEY, TargetModel, kv_layer_problems
 from ..errors import DistillError, IncompatibleDrafterError
 from .architecture import (
     assistant_config,
@@ -54,7 +54,9 @@ WARMUP = 20  # optimizer steps of linear learning-rate warm-up
 ARCHITECTURE_DEFAULTS = {"layers": 2, "centroids": 0, "centroid_top_k": 32}
 # Options that define the drafter and its data: a resume must keep them.
 _IDENTITY = ("target", "init", "data", "prompts", "tokens", "layers", "hidden", "intermediate", "draft_steps",
-             "centroids", "centroid_top_k", "seq_len", "temperature", "heldout", "seed", "dtype", "query_weight")
+             "centroids", "centroid_top_k", "seq_len", "temperature", "heldout", "seed", "dtype", "query_weight",
+             "kv_layers")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -74,6 +76,7 @@ class DistillOptions:
     centroids: int | None = None
     centroid_top_k: int | None = None
     query_weight: float = 0.0  # weight of the query-matching loss (unrolled_loss); 0: tokens only
+    kv_layers: dict[str, int] = field(default_factory=dict)  # target layer read per layer type; {}: the last of each (or --init's)
     steps: int = 300
     lr: float = 1e-3
     seq_len: int = 256
@@ -157,8 +160,15 @@ def check_options(o: DistillOptions) -> tuple[Path, object]:
     if o.hidden not in (None, tc.hidden_size) and vocab > FULL_SOFTMAX_MAX_VOCAB:
         raise DistillError(f"--hidden {o.hidden} differs from the target's {tc.hidden_size}: the drafter would need its own "
                            f"{vocab}-row head. Leave --hidden unset to share the target's LM head.")
-    if "full_attention" not in (getattr(tc, "layer_types", None) or []):
+    layer_types = getattr(tc, "layer_types", None) or []
+    if "full_attention" not in layer_types:
         raise DistillError(f"target {o.target} has no full-attention layers to share K/V from: it is not a Gemma 3/4 model.")
+    unknown = [t for t in o.kv_layers if t not in LAYER_TYPES]
+    if unknown:
+        raise DistillError(f"--kv-layer: unknown layer type {unknown[0]!r}: use {' or '.join(LAYER_TYPES)}.")
+    problems = kv_layer_problems(layer_types, hasattr(tc, "kv_sharing_modes"), o.kv_layers)
+    if problems:
+        raise DistillError(f"--kv-layer: {'; '.join(problems)}. Name a target layer of that type (0-based).")
     state = Path(o.out) / STATE_FILE
     if o.resume and not state.is_file():
         raise DistillError(f"--resume: no {STATE_FILE} in {o.out}; run once without --resume to start.")
@@ -213,10 +223,15 @@ def _save_state(path: Path, **state) -> None:
 def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrainedModel, Gemma4AssistantConfig]:
     """A fresh assistant shaped for the target, or the --init one (checked against it, trained in fp32)."""
     if o.init is None:
+        target.read_kv_from(o.kv_layers)
         config = assistant_config(target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate,
                                   centroids=o.centroids, centroid_top_k=o.centroid_top_k)
+        if o.kv_layers:
+            setattr(config, KV_LAYERS_KEY, dict(o.kv_layers))
         return build_assistant(target, config, seed=o.seed), config
     assistant, _ = load_causal_lm(o.init, target.device, torch.float32)
+    if o.kv_layers:  # the init's layers now read other target layers: their attention retrains
+        setattr(assistant.config, KV_LAYERS_KEY, {**(getattr(assistant.config, KV_LAYERS_KEY, None) or {}), **o.kv_layers})
     try:
         validate_mtp_pair(target, assistant)  # binds a shared head to this target's
     except IncompatibleDrafterError as exc:
@@ -231,7 +246,8 @@ def distill(o: DistillOptions) -> DistillResult:
     out = Path(o.out)
     state_path = out / STATE_FILE
     state = torch.load(state_path, weights_only=False) if o.resume else None
-    defaults = {f.name: f.default for f in fields(DistillOptions)}  # runs saved before an option existed
+    # runs saved before an option existed
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(DistillOptions)}
     changed = [k for k in _IDENTITY if state["options"].get(k, defaults[k]) != getattr(o, k)] if state is not None else []
     if changed:
         raise DistillError(f"--resume with different options ({', '.join(changed)}) than the run in {out}: "
@@ -243,6 +259,7 @@ def distill(o: DistillOptions) -> DistillResult:
         assistant, config = _initial_assistant(o, target)
     else:
         config = Gemma4AssistantConfig.from_dict(state["config"])
+        target.read_kv_from(getattr(config, KV_LAYERS_KEY, None) or {})
     seqs = _sequences(o, model, tokenizer, o.progress)
     n_held = max(1, round(len(seqs) * o.heldout))
     top_m = TOP_M if target.vocab_size > FULL_SOFTMAX_MAX_VOCAB else 0

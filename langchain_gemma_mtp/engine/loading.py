@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .drafters import DRAFTER_NAMES
-from .target import TargetModel, text_config_of
+from .target import KV_LAYERS_KEY, TargetModel, kv_layer_problems, text_config_of
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def layer_attr(config, layer_idx: int, name: str):
 
 def kv_source_layer(target: TargetModel, layer_type: str) -> int:
     """The target layer whose K/V an assistant layer of `layer_type` reads (the last one of that type
-    that computes its own K/V)."""
+    that computes its own K/V, or the one the paired assistant names)."""
     tc = target.config
     if target.returns_shared_kv:
         modes = tc.kv_sharing_modes
@@ -174,7 +174,7 @@ def kv_source_layer(target: TargetModel, layer_type: str) -> int:
 
 def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
     """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state;
-    then bind the target's LM head into an assistant that shares it."""
+    then point the target at the K/V layers it reads and bind its LM head into an assistant that shares it."""
     tc, ac = target.config, assistant.config
     atc = ac.get_text_config()
     problems = []
@@ -184,11 +184,15 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
         problems.append(f"backbone_hidden_size {ac.backbone_hidden_size} != target hidden size {tc.hidden_size}")
     if not target.kv_layers:
         problems.append("the target has no sliding/full layer types to share K/V from")
+    chosen = dict(getattr(ac, KV_LAYERS_KEY, None) or {})
+    kv_problems = kv_layer_problems(target.layer_types, target.returns_shared_kv, chosen)
+    problems += kv_problems
+    sources = {**target.default_kv_layers, **({} if kv_problems else chosen)}
     for i, layer_type in enumerate(atc.layer_types):
         if layer_type not in target.kv_layers:
             problems.append(f"assistant layer {i} reads {layer_type} K/V, which the target does not have")
             continue
-        j = kv_source_layer(target, layer_type)
+        j = kv_source_layer(target, layer_type) if target.returns_shared_kv else sources[layer_type]
         for attr in ("head_dim", "num_key_value_heads"):
             a, t = layer_attr(atc, i, attr), layer_attr(tc, j, attr)
             if a != t:
@@ -209,6 +213,7 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
             "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
             + ". Use the assistant released with (or distilled for) this target (X-assistant for X), or drafter='ngram'."
         )
+    target.read_kv_from(chosen)
     if shares_head:
         bind_shared_head(assistant, target)
 

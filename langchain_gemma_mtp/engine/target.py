@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..errors import IncompatibleDrafterError
 from .cache import LayerKV, new_cache
 from .head import project
 
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# An assistant config may map a layer type to the target layer whose K/V its layers of that type read
+# ({"full_attention": 5}); unnamed types read the last target layer of their type. Only for targets
+# whose cache the engine reads (Gemma 3): Gemma 4 targets hand over their own shared K/V.
+KV_LAYERS_KEY = "target_kv_layers"
 
 
 def text_config_of(model: PreTrainedModel):
     """The text decoder's config (the whole config for text-only models)."""
     return model.config.get_text_config()
+
+
+def kv_layer_problems(layer_types: Sequence[str], shares_kv: bool, chosen: dict[str, int]) -> list[str]:
+    """Why `chosen` ({layer type: target layer}) cannot be the K/V an assistant reads from a target with
+    these `layer_types` (`shares_kv`: a Gemma 4 target, which hands over its own)."""
+    if not chosen:
+        return []
+    if shares_kv:
+        return [f"it names target K/V layers ({KV_LAYERS_KEY}) but this target hands over its own shared K/V"]
+    problems = []
+    for layer_type, index in chosen.items():
+        if not isinstance(index, int) or not 0 <= index < len(layer_types):
+            problems.append(f"{KV_LAYERS_KEY}: {layer_type} reads layer {index!r}, not one of the target's 0..{len(layer_types) - 1}")
+        elif layer_types[index] != layer_type:
+            problems.append(f"{KV_LAYERS_KEY}: target layer {index} is {layer_types[index]}, not {layer_type}")
+    return problems
 
 
 @dataclass
@@ -52,8 +74,19 @@ class TargetModel:
         # Only Gemma 4 skips its kv-shared layers for positions whose logits are not needed, and
         # only with per-layer inputs (without them its slicing path crashes).
         self._prefill_keep = 1 if self.returns_shared_kv and has_ple and self.config.num_kv_shared_layers else None
-        layer_types = list(getattr(self.config, "layer_types", None) or [])
-        self.kv_layers = {t: max(i for i, lt in enumerate(layer_types) if lt == t) for t in set(layer_types)}
+        self.layer_types = list(getattr(self.config, "layer_types", None) or [])
+        # Which layer's K/V the drafter reads per layer type: the last of each type, unless the paired
+        # assistant names others (read_kv_from).
+        self.default_kv_layers = {t: max(i for i, lt in enumerate(self.layer_types) if lt == t) for t in set(self.layer_types)}
+        self.kv_layers = dict(self.default_kv_layers)
+
+    def read_kv_from(self, chosen: dict[str, int]) -> None:
+        """Hand the drafter the K/V of the layers in `chosen` (the last of each other type);
+        IncompatibleDrafterError names a layer that does not exist or has another type."""
+        problems = kv_layer_problems(self.layer_types, self.returns_shared_kv, chosen)
+        if problems:
+            raise IncompatibleDrafterError("; ".join(problems) + ". Name a target layer of the same attention type.")
+        self.kv_layers = {**self.default_kv_layers, **chosen}
 
     def new_cache(self, prefix: list[LayerKV] | None = None, length: int = 0) -> DynamicCache:
         """An empty cache, or one starting with the first `length` positions of a stored prefix."""

@@ -35,7 +35,11 @@ from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.loading import kv_source_layer, load_causal_lm
 from langchain_gemma_mtp.engine.target import TargetModel
-from langchain_gemma_mtp.errors import DistillError, ModelNotFoundError
+from langchain_gemma_mtp.errors import (
+    DistillError,
+    IncompatibleDrafterError,
+    ModelNotFoundError,
+)
 from langchain_gemma_mtp.testing import TOKENIZER_DIR
 
 TOKENIZER = TOKENIZER_DIR
@@ -278,3 +282,81 @@ def test_long_prompts_keep_their_first_token(distill_setup):
     (seq, start), = generated_sequences(model, tokenizer, [long_prompt], seq_len=64, budget=1000)
     assert seq[0] == tokenizer.bos_token_id
     assert start == 32 and seq[1:start] == long_prompt[-31:]
+
+
+def test_a_drafter_can_read_another_target_layer_and_stays_lossless(distill_setup, tmp_path):
+    """--kv-layer full_attention=1: the drafter's full-attention layer reads the tiny Gemma 3's layer 1
+    instead of its last full layer (3); the choice is saved with the drafter, a resume keeps it, and
+    the engine hands the drafter that layer's K/V, with output equal to plain greedy."""
+    _, targets, prompts, held = distill_setup
+    extra = ("--kv-layer", "full_attention=1")
+    assert cli.main(_args(targets["gemma3"], tmp_path / "straight", prompts, 6, *extra)) == 0
+    assert cli.main(_args(targets["gemma3"], tmp_path / "resumed", prompts, 3, *extra)) == 0
+    assert cli.main(_args(targets["gemma3"], tmp_path / "resumed", prompts, 6, *extra, "--resume")) == 0
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["target_kv_layers"] == {"full_attention": 1}
+    with pytest.raises(DistillError, match="kv_layers"):
+        cli.main(_args(targets["gemma3"], tmp_path / "resumed", prompts, 8, "--resume"))
+    # --init re-points a drafter's layers.
+    assert cli.main(_args(targets["gemma3"], tmp_path / "moved", prompts, 1, "--init", str(tmp_path / "straight"),
+                          "--kv-layer", "full_attention=3")) == 0
+    assert json.loads((tmp_path / "moved" / "config.json").read_text())["target_kv_layers"] == {"full_attention": 3}
+
+    engine = Engine.from_pretrained(targets["gemma3"], drafter="mtp", assistant=tmp_path / "straight", dtype="float32")
+    target = engine.drafter.target
+    assert target.kv_layers == {"sliding_attention": 2, "full_attention": 1}
+    cache = target.new_cache()
+    kv = target.rollback(cache, target.forward(held[0], cache), 0)
+    assert torch.equal(kv["full_attention"][0], cache.layers[1].keys)
+    # A drafter built around the in-memory assistant points its target the same way.
+    assert MTPDrafter(engine.drafter.assistant, TargetModel(engine.model)).target.kv_layers["full_attention"] == 1
+    plain = Engine(engine.model)
+    for ids in held:
+        assert engine.generate(ids, max_new_tokens=30, num_draft_tokens=3).token_ids == plain.generate(ids, max_new_tokens=30).token_ids
+
+
+@pytest.mark.parametrize(
+    "kind, extra, says",
+    [
+        ("gemma3", ["--kv-layer", "full_attention=0"], "target layer 0 is sliding_attention, not full_attention"),
+        ("gemma3", ["--kv-layer", "full_attention=9"], "not one of the target's 0..3"),
+        ("gemma3", ["--kv-layer", "global=1"], "unknown layer type 'global'"),
+        ("shared_ple", ["--kv-layer", "full_attention=1"], "hands over its own shared K/V"),
+    ],
+)
+def test_bad_kv_layer_options_fail_before_any_work(kind, extra, says, distill_setup, tmp_path):
+    _, targets, prompts, _ = distill_setup
+    out = tmp_path / "never"
+    with pytest.raises(DistillError, match=says):
+        cli.main(_args(targets[kind], out, prompts, 5, *extra, *KINDS[kind]))
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # argparse: not TYPE=INDEX
+        cli.main(_args(targets[kind], out, prompts, 5, "--kv-layer", "full_attention"))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_drafter_naming_target_layers_it_cannot_read_is_refused(kind, distill_setup, tmp_path):
+    """The layer choice in a checkpoint's config is checked when the pair loads, like its geometry."""
+    _, targets, _, _ = distill_setup
+    model, _ = load_causal_lm(str(targets[kind]), torch.device("cpu"), torch.float32)
+    config = assistant_config(TargetModel(model), layers=2, hidden=None, intermediate=None, centroids=0, centroid_top_k=8)
+    config.target_kv_layers = {"full_attention": 0}
+    save_assistant(build_assistant(TargetModel(model), config), tmp_path / "a")
+    says = "target layer 0 is sliding_attention" if kind == "gemma3" else "hands over its own shared K/V"
+    with pytest.raises(IncompatibleDrafterError, match=says):
+        Engine.from_pretrained(targets[kind], drafter="mtp", assistant=tmp_path / "a", dtype="float32")
+
+
+
+def test_runs_saved_before_an_option_existed_still_resume(distill_setup, tmp_path):
+    """A state file without a newer option's key (kv_layers, a dict) resumes as if it had the default."""
+    _, targets, prompts, _ = distill_setup
+    out = tmp_path / "old"
+    assert cli.main(_args(targets["gemma3"], out, prompts, 2)) == 0
+    state = torch.load(out / "distill-state.pt", weights_only=False)
+    del state["options"]["kv_layers"]
+    torch.save(state, out / "distill-state.pt")
+    assert cli.main(_args(targets["gemma3"], out, prompts, 3, "--resume")) == 0
+    assert json.loads((out / "distill.json").read_text())["steps"] == 3

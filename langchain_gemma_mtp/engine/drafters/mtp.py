@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..head import centroid_candidates, project
-from ..target import TargetModel
+from ..target import KV_LAYERS_KEY, TargetModel
 from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
 
 # Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
@@ -35,6 +35,7 @@ class MTPDrafter(StatelessDrafter):
         self.assistant = assistant
         self.target = target
         self.stop_below = stop_below
+        target.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
         if k <= 0 or state.shared_kv is None:
