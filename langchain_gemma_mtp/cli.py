@@ -124,8 +124,8 @@ def distill(args: argparse.Namespace) -> int:
         from .embedded import embedded_model_dir
 
         args.target = str(embedded_model_dir())
-    options = DistillOptions(**{k: v for k, v in vars(args).items() if k != "command"})
-    options.kv_layers = dict(args.kv_layers)
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    options = DistillOptions(**{**given, "kv_layers": dict(args.kv_layers)})  # TYPE=INDEX pairs
     result = run(options)
     print(f"saved {result.out} after {result.steps} steps: held-out mean accepted length at k={options.draft_steps} "
           f"{result.mean_accepted_length:.2f}")
