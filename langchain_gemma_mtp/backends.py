@@ -20,7 +20,7 @@ from .runtime import ChatRequest, ChatRuntime
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
     from .engine import Engine
 
-EngineKey = tuple[str, str, str | None, str | None, str | None]
+EngineKey = tuple[str, str, str | None, str | None, str | None, float | None]
 
 
 class Backend(Protocol):
@@ -75,8 +75,10 @@ class _Registry:
                     return self._engines[key]
             from .engine import Engine
 
-            model, drafter, assistant, device, dtype = key
-            engine = Engine.from_pretrained(model, drafter=drafter, assistant=assistant, device=device, dtype=dtype)
+            model, drafter, assistant, device, dtype, stop_below = key
+            engine = Engine.from_pretrained(
+                model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below
+            )
             with self._lock:
                 self._engines[key] = engine
                 self._loading.pop(key, None)
@@ -97,8 +99,10 @@ class _Registry:
 REGISTRY = _Registry()
 
 
-def engine_key(model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None) -> EngineKey:
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype)
+def engine_key(
+    model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None, mtp_stop_below: float | None = None
+) -> EngineKey:
+    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, mtp_stop_below)
 
 
 def in_process_backend(
@@ -108,9 +112,10 @@ def in_process_backend(
     device: str | None = None,
     dtype: str | None = None,
     *,
+    mtp_stop_below: float | None = None,
     engine: Engine | None = None,
 ) -> InProcessBackend:
     """The backend for a model (loaded through the registry on first use) or for a ready engine."""
     if engine is None:
-        engine = REGISTRY.engine(engine_key(model, drafter, assistant, device, dtype))
+        engine = REGISTRY.engine(engine_key(model, drafter, assistant, device, dtype, mtp_stop_below))
     return InProcessBackend(REGISTRY.runtime(engine, model_name=model))

@@ -124,6 +124,10 @@ class ChatGemmaMTP(BaseChatModel):
     """Ask the model to think first; its thoughts come back as reasoning content."""
     device: str | None = None
     dtype: str | None = None
+    mtp_stop_below: float | None = None
+    """In-process MTP drafting stops a draft once the product of the drafter's own probabilities
+    falls below this (None: the engine's default, 0.3; 0: always draft the full length). Lower it
+    where verifying wide drafts is cheap (GPUs); a server sets its own (`--mtp-stop-below`)."""
     streaming: bool = False
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
     engine: Any = Field(default=None, exclude=True)
@@ -153,6 +157,16 @@ class ChatGemmaMTP(BaseChatModel):
     def _one_place_to_run(self) -> ChatGemmaMTP:
         if self.base_url is not None and self.engine is not None:
             raise ValueError("pass either engine= (run here) or base_url= (run on a server), not both.")
+        if self.mtp_stop_below is not None:
+            if self.base_url is not None or self.engine is not None:
+                raise ValueError(
+                    "mtp_stop_below applies when this class loads the model itself: a server sets its own "
+                    "(gemma-mtp serve --mtp-stop-below), a ready engine= its drafter's (MTPDrafter(stop_below=...))."
+                )
+            # Imported here: torch loads only for in-process use.
+            from .engine.drafters.mtp import check_stop_below
+
+            check_stop_below(self.mtp_stop_below)
         return self
 
     @field_validator("draft_hint")
@@ -174,6 +188,7 @@ class ChatGemmaMTP(BaseChatModel):
             "assistant_model": self.assistant_model,
             "device": self.device,
             "dtype": self.dtype,
+            "mtp_stop_below": self.mtp_stop_below,
             **{name: getattr(self, name) for name in _PER_CALL_FIELDS},
         }
 
@@ -192,7 +207,8 @@ class ChatGemmaMTP(BaseChatModel):
             self._backend = HTTPBackend(self.base_url, self.model, key, self.timeout, self.max_retries)
         elif self._backend is None:
             self._backend = in_process_backend(
-                self.model, self.drafter, self.assistant_model, self.device, self.dtype, engine=self.engine
+                self.model, self.drafter, self.assistant_model, self.device, self.dtype,
+                mtp_stop_below=self.mtp_stop_below, engine=self.engine,
             )
         return self._backend
 

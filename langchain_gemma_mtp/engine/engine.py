@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from .drafters.mtp import DEFAULT_STOP_BELOW, check_stop_below
 from .loading import (
     check_drafter_name,
     find_assistant,
@@ -67,14 +68,19 @@ class Engine:
         *,
         gguf_file: str | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        mtp_stop_below: float | None = None,
     ) -> Engine:
         """Load a target and pair it with a drafter.
 
         drafter: "auto" (hybrid when an MTP assistant is given or found as `X-assistant`, a draft
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
         n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
+        mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
+        below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
         """
         check_drafter_name(drafter)
+        if mtp_stop_below is not None:
+            check_stop_below(mtp_stop_below)
         if drafter == "draft_model" and assistant is None:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
@@ -91,13 +97,18 @@ class Engine:
                 drafter = "ngram"
             else:
                 drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
+        if mtp_stop_below is not None and drafter not in ("mtp", "hybrid"):
+            raise InvalidRequestError(
+                f"mtp_stop_below only applies to MTP drafting, and this engine drafts with {drafter!r}: "
+                "pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave mtp_stop_below unset."
+            )
         target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
         target = TargetModel(target_model)
         chosen: Drafter
         if drafter in ("mtp", "hybrid"):
             helper, _ = load_causal_lm(assistant, dev, dt)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target)
+            chosen = MTPDrafter(helper, target, DEFAULT_STOP_BELOW if mtp_stop_below is None else mtp_stop_below)
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":

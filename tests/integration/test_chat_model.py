@@ -72,6 +72,28 @@ def test_construction_loads_nothing_and_equal_settings_share_one_engine(path) ->
     assert ChatGemmaMTP(model=path)._backend_for_calls().runtime.engine is not first._backend_for_calls().runtime.engine
 
 
+def test_mtp_stop_below_loads_its_own_engine(path) -> None:
+    llm = ChatGemmaMTP(model=path, drafter="mtp", mtp_stop_below=0.0)
+    engine = llm._backend_for_calls().runtime.engine
+    assert engine.drafter.stop_below == 0.0
+    assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, 0.0))
+    assert ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine.drafter.stop_below == 0.3
+    assert llm._identifying_params["mtp_stop_below"] == 0.0
+    assert llm.invoke("Hello").content == HELLO_ANSWER  # drafting settings never change a greedy answer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mtp_stop_below": 1.5}, r"stop_below must be a number in \[0, 1\)"),
+        ({"mtp_stop_below": 0.2, "base_url": "http://127.0.0.1:1/v1"}, "a server sets its own"),
+    ],
+)
+def test_bad_mtp_stop_below_is_refused_at_construction(path, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ChatGemmaMTP(model=path, **kwargs)
+
+
 def test_a_ready_engine_can_be_passed(path) -> None:
     engine = Engine.from_pretrained(path, drafter="none")
     llm = ChatGemmaMTP(engine=engine)

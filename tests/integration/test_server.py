@@ -418,6 +418,14 @@ def test_a_client_that_disconnects_cancels_its_generation(babbling_server) -> No
 # -- the console command ----------------------------------------------------------------------------
 
 
+def test_serve_mtp_stop_below_sets_the_served_drafter_and_refuses_bad_values(path) -> None:
+    from langchain_gemma_mtp import cli
+
+    assert load_runtime(path, mtp_stop_below=0.0).engine.drafter.mtp.stop_below == 0.0  # auto: hybrid
+    with pytest.raises(SystemExit, match=r"gemma-mtp serve: stop_below must be a number in \[0, 1\)"):
+        cli.main(["serve", "--model", path, "--mtp-stop-below", "1.5"])
+
+
 def test_gemma_mtp_serve_command_serves_a_model_dir(path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     with serve_in_subprocess(["--model", path, "--api-key", "k"], env=env, timeout_s=120) as server:

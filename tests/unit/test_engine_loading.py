@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from langchain_gemma_mtp import cli
 from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters.mtp import DEFAULT_STOP_BELOW
 from langchain_gemma_mtp.errors import (
     IncompatibleDrafterError,
     InvalidRequestError,
@@ -33,6 +35,30 @@ def test_auto_uses_a_causal_lm_assistant_as_draft_model(checkpoints, tmp_path):
     draft = save(build_target("gemma3", seed=9), tmp_path / "draft")
     engine = Engine.from_pretrained(checkpoints["noshare"], assistant=draft)
     assert engine.drafter.name == "draft_model"
+
+
+def test_mtp_stop_below_reaches_the_mtp_drafter(checkpoints):
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.stop_below == DEFAULT_STOP_BELOW
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp", mtp_stop_below=0).drafter.stop_below == 0.0
+    hybrid = Engine.from_pretrained(checkpoints["noshare"], mtp_stop_below=0.5).drafter  # auto: hybrid
+    assert hybrid.name == "hybrid" and hybrid.mtp.stop_below == 0.5
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, "0.3", True])
+def test_bad_mtp_stop_below_fails_before_loading(tmp_path, value):
+    # The target does not exist: the threshold's error must come first, before any loading.
+    with pytest.raises(InvalidRequestError, match=r"stop_below must be a number in \[0, 1\)"):
+        Engine.from_pretrained(tmp_path / "missing", drafter="mtp", assistant=tmp_path / "a", mtp_stop_below=value)
+
+
+def test_mtp_stop_below_without_mtp_drafting_is_refused(checkpoints, tmp_path):
+    with pytest.raises(InvalidRequestError, match="only applies to MTP drafting.*'ngram'"):
+        Engine.from_pretrained(checkpoints["noshare"], drafter="ngram", mtp_stop_below=0.2)
+    lonely = save(build_target("noshare"), tmp_path / "lonely")  # auto finds no assistant: n-gram
+    with pytest.raises(InvalidRequestError, match="only applies to MTP drafting"):
+        Engine.from_pretrained(lonely, mtp_stop_below=0.2)
+    with pytest.raises(InvalidRequestError, match="only applies to MTP drafting"):  # the demo's flag reaches the engine
+        cli.main(["demo", "--model", str(checkpoints["noshare"]), "--drafter", "ngram", "--mtp-stop-below", "0.2"])
 
 
 def test_unknown_drafter_name_fails_before_loading(checkpoints):

@@ -5,12 +5,22 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from ...errors import InvalidRequestError
 from ..head import centroid_candidates, project
 from ..target import KV_LAYERS_KEY, TargetModel
 from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
 
 # Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
 DEFAULT_STOP_BELOW = 0.3
+
+
+def check_stop_below(value: float) -> float:
+    """`value` if it is a valid early-stop threshold, else a typed error naming the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise InvalidRequestError(
+            f"stop_below must be a number in [0, 1) (0: always draft k; default {DEFAULT_STOP_BELOW}), got {value!r}."
+        )
+    return float(value)
 
 
 class MTPDrafter(StatelessDrafter):
@@ -30,11 +40,9 @@ class MTPDrafter(StatelessDrafter):
     cost_per_draft_token = 0.1
 
     def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_STOP_BELOW):
-        if not 0.0 <= stop_below < 1.0:
-            raise ValueError(f"stop_below must be in [0, 1), got {stop_below}.")
+        self.stop_below = check_stop_below(stop_below)
         self.assistant = assistant
         self.target = target
-        self.stop_below = stop_below
         target.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
 
     def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
