@@ -7,10 +7,13 @@ format around both kinds. `gemma-mtp distill --data` labels every position with 
 prediction (one teacher-forced forward per window: far cheaper than generating text).
 With `--echo`, each excerpt is short and repeated six times, the request being the excerpt itself:
 text only copying predicts, as the embedded 270M's echo-and-loop replies are (the drafter's
-weakest case, docs/benchmarks.md). Deterministic for a given installation and seed.
+weakest case, docs/benchmarks.md). With `--random-words`, each record is 6-24 random words of the
+embedded model's vocabulary written 2-4 times: nothing but copying predicts the later copies, which
+tests whether a drafter can learn to copy at all. Deterministic for a given installation and seed.
 
     python benchmarks/distill/make_corpus.py --out /tmp/corpus-270m.jsonl --records 1500
     python benchmarks/distill/make_corpus.py --out /tmp/echo-270m.jsonl --records 800 --echo
+    python benchmarks/distill/make_corpus.py --out /tmp/words-270m.jsonl --records 1500 --random-words --seed 5
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import importlib.metadata
 import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -93,6 +97,24 @@ def records(n: int, chars: int, seed: int, echo: bool = False) -> list[dict]:
     return out
 
 
+def random_word_records(n: int, seed: int) -> list[dict]:
+    """Random whole-word tokens of the embedded model's vocabulary, joined by one random separator,
+    the line written 2-4 times."""
+    from transformers import AutoTokenizer
+
+    from langchain_gemma_mtp.embedded import embedded_model_dir
+
+    vocab = AutoTokenizer.from_pretrained(str(embedded_model_dir())).get_vocab()
+    words = sorted({w[1:] for w in vocab if w.startswith("\u2581") and re.fullmatch(r"[A-Za-z_]{3,12}", w[1:])})
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        picked = rng.sample(words, rng.randint(6, 24))
+        line = rng.choice([" ", ", ", "_", ".", "(", " = ", "\n"]).join(picked)
+        out.append({"kind": "words", "text": "\n".join([line] * rng.randint(2, 4))})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -100,8 +122,12 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=800, help="about this many characters per excerpt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--echo", action="store_true", help="short excerpts repeated six times (copying), --chars unused")
+    ap.add_argument("--random-words", action="store_true", help="random vocabulary words written 2-4 times (pure copying)")
     args = ap.parse_args()
-    recs = records(args.records, args.chars, args.seed, args.echo)
+    if args.random_words:
+        recs = random_word_records(args.records, args.seed)
+    else:
+        recs = records(args.records, args.chars, args.seed, args.echo)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     print(f"{len(recs)} records ({sum(r['kind'] == 'code' for r in recs)} code) -> {args.out}")
 
