@@ -102,7 +102,11 @@ REGISTRY = _Registry()
 def engine_key(
     model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None, mtp_stop_below: float | None = None
 ) -> EngineKey:
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, mtp_stop_below)
+    from .engine.drafters.mtp import DEFAULT_STOP_BELOW  # keys are made only to load in-process
+
+    # The default spelled out is the default: one engine, not two copies of the model.
+    stop_below = None if mtp_stop_below == DEFAULT_STOP_BELOW else mtp_stop_below
+    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below)
 
 
 def in_process_backend(

@@ -77,7 +77,9 @@ def test_mtp_stop_below_loads_its_own_engine(path) -> None:
     engine = llm._backend_for_calls().runtime.engine
     assert engine.drafter.stop_below == 0.0
     assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, 0.0))
-    assert ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine.drafter.stop_below == 0.3
+    default = ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine
+    assert default.drafter.stop_below == 0.3 and default is not engine
+    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_stop_below=0.3)._backend_for_calls().runtime.engine is default
     assert llm._identifying_params["mtp_stop_below"] == 0.0
     assert llm.invoke("Hello").content == HELLO_ANSWER  # drafting settings never change a greedy answer
 
