@@ -102,6 +102,8 @@ def test_a_ready_engine_can_be_passed(path) -> None:
     assert llm.model == engine.name == path
     message = llm.invoke("Hello")
     assert message.content == HELLO_ANSWER and message.response_metadata["speculative"]["drafter"] == "none"
+    with pytest.raises(ValueError, match="a ready engine= its drafter's"):  # the engine's drafter owns it
+        ChatGemmaMTP(engine=engine, mtp_stop_below=0.2)
 
 
 # -- chunks, usage, metadata ------------------------------------------------------------------------
