@@ -20,7 +20,7 @@ from .runtime import ChatRequest, ChatRuntime
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
     from .engine import Engine
 
-EngineKey = tuple[str, str, str | None, str | None, str | None, float | None]
+EngineKey = tuple[str, str, str | None, str | None, str | None, float | None, int | None]
 
 
 class Backend(Protocol):
@@ -75,9 +75,10 @@ class _Registry:
                     return self._engines[key]
             from .engine import Engine
 
-            model, drafter, assistant, device, dtype, stop_below = key
+            model, drafter, assistant, device, dtype, stop_below, siblings = key
             engine = Engine.from_pretrained(
-                model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below
+                model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below,
+                mtp_siblings=siblings,
             )
             with self._lock:
                 self._engines[key] = engine
@@ -100,13 +101,18 @@ REGISTRY = _Registry()
 
 
 def engine_key(
-    model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None, mtp_stop_below: float | None = None
+    model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
+    mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
 ) -> EngineKey:
-    from .engine.drafters.mtp import DEFAULT_STOP_BELOW  # keys are made only to load in-process
+    from .engine.drafters.mtp import (  # keys are made only to load in-process
+        DEFAULT_SIBLINGS,
+        DEFAULT_STOP_BELOW,
+    )
 
-    # The default spelled out is the default: one engine, not two copies of the model.
+    # A default spelled out is the default: one engine, not two copies of the model.
     stop_below = None if mtp_stop_below == DEFAULT_STOP_BELOW else mtp_stop_below
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below)
+    siblings = None if mtp_siblings == DEFAULT_SIBLINGS else mtp_siblings
+    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings)
 
 
 def in_process_backend(
@@ -117,9 +123,10 @@ def in_process_backend(
     dtype: str | None = None,
     *,
     mtp_stop_below: float | None = None,
+    mtp_siblings: int | None = None,
     engine: Engine | None = None,
 ) -> InProcessBackend:
     """The backend for a model (loaded through the registry on first use) or for a ready engine."""
     if engine is None:
-        engine = REGISTRY.engine(engine_key(model, drafter, assistant, device, dtype, mtp_stop_below))
+        engine = REGISTRY.engine(engine_key(model, drafter, assistant, device, dtype, mtp_stop_below, mtp_siblings))
     return InProcessBackend(REGISTRY.runtime(engine, model_name=model))

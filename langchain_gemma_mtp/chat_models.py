@@ -128,6 +128,10 @@ class ChatGemmaMTP(BaseChatModel):
     """In-process MTP drafting stops a draft once the product of the drafter's own probabilities
     falls below this (None: the engine's default, 0.3; 0: always draft the full length). Lower it
     where verifying wide drafts is cheap (GPUs); a server sets its own (`--mtp-stop-below`)."""
+    mtp_siblings: int | None = None
+    """In-process MTP drafting: runners-up per draft position that greedy calls verify beside the
+    draft, as a tree (None: the engine's default, 3; 0: the draft alone). Raise it where verifying
+    wide drafts is cheap (GPUs); a server sets its own (`--mtp-siblings`)."""
     streaming: bool = False
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
     engine: Any = Field(default=None, exclude=True)
@@ -157,16 +161,18 @@ class ChatGemmaMTP(BaseChatModel):
     def _one_place_to_run(self) -> ChatGemmaMTP:
         if self.base_url is not None and self.engine is not None:
             raise ValueError("pass either engine= (run here) or base_url= (run on a server), not both.")
-        if self.mtp_stop_below is not None:
+        given = [name for name in ("mtp_stop_below", "mtp_siblings") if getattr(self, name) is not None]
+        if given:
             if self.base_url is not None or self.engine is not None:
                 raise ValueError(
-                    "mtp_stop_below applies when this class loads the model itself: a server sets its own "
-                    "(gemma-mtp serve --mtp-stop-below), a ready engine= its drafter's (MTPDrafter(stop_below=...))."
+                    f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} when this class loads the model itself: a server sets its own "
+                    "(gemma-mtp serve --mtp-stop-below/--mtp-siblings), a ready engine= its drafter's "
+                    "(MTPDrafter(stop_below=..., siblings=...))."
                 )
             # Imported here: torch loads only for in-process use.
-            from .engine.drafters.mtp import check_stop_below
+            from .engine.drafters.mtp import mtp_settings
 
-            check_stop_below(self.mtp_stop_below)
+            mtp_settings(self.mtp_stop_below, self.mtp_siblings)
         return self
 
     @field_validator("draft_hint")
@@ -189,6 +195,7 @@ class ChatGemmaMTP(BaseChatModel):
             "device": self.device,
             "dtype": self.dtype,
             "mtp_stop_below": self.mtp_stop_below,
+            "mtp_siblings": self.mtp_siblings,
             **{name: getattr(self, name) for name in _PER_CALL_FIELDS},
         }
 
@@ -208,7 +215,7 @@ class ChatGemmaMTP(BaseChatModel):
         elif self._backend is None:
             self._backend = in_process_backend(
                 self.model, self.drafter, self.assistant_model, self.device, self.dtype,
-                mtp_stop_below=self.mtp_stop_below, engine=self.engine,
+                mtp_stop_below=self.mtp_stop_below, mtp_siblings=self.mtp_siblings, engine=self.engine,
             )
         return self._backend
 

@@ -29,6 +29,12 @@ STOP_HELP = (
 )
 
 
+SIBLINGS_HELP = (
+    "greedy requests verify up to this many runners-up per MTP draft position beside the draft, as a tree "
+    "(default 3; 0: the draft alone; only with the mtp or hybrid drafter)"
+)
+
+
 def _load(args: argparse.Namespace):
     from .embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
     from .engine import Engine
@@ -37,7 +43,8 @@ def _load(args: argparse.Namespace):
     assistant = args.assistant
     if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
-    return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype, mtp_stop_below=args.mtp_stop_below)
+    return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
+                                  mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
 
 
 def _prompt_ids(engine, prompt: str) -> list[int]:
@@ -108,7 +115,8 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"the server needs its extra ({exc.name} is missing): pip install 'langchain-gemma-mtp[server]'") from exc
     name = args.served_model_name or args.model
     try:
-        runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype, mtp_stop_below=args.mtp_stop_below)
+        runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
+                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)
     d.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
+    d.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
     s = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
     s.add_argument("--model", required=True, help="hub id or local dir of the target model")
     s.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default=None, help=DTYPE_HELP)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
+    s.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")

@@ -59,6 +59,19 @@ def new_cache(config, prefix: Sequence[LayerKV] | None = None, length: int = 0) 
     return cache
 
 
+def keep_then(cache: DynamicCache, length: int, then: int) -> None:
+    """Cut every layer to its first `length` positions, then append the K/V it held at index `then`
+    (negative: from the end; one of the positions cut). New tensors, as everywhere here."""
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.keys is None:
+            continue
+        moved = slice(then, then + 1 if then < -1 else None)
+        layer.keys = torch.cat([layer.keys[..., :length, :], layer.keys[..., moved, :]], dim=-2)
+        layer.values = torch.cat([layer.values[..., :length, :], layer.values[..., moved, :]], dim=-2)
+        if isinstance(layer, HistorySlidingLayer):
+            layer.cumulative_length = length + 1
+
+
 def snapshot(cache: DynamicCache) -> list[LayerKV]:
     """The cache's tensors as they are now (safe to keep: later updates make new tensors)."""
     return [(layer.keys, layer.values) if layer.is_initialized and layer.keys is not None else None for layer in cache.layers]

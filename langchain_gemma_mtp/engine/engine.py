@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
-from .drafters.mtp import DEFAULT_STOP_BELOW, check_stop_below
+from .drafters.mtp import DEFAULT_SIBLINGS, DEFAULT_STOP_BELOW, mtp_settings
 from .loading import (
     check_drafter_name,
     find_assistant,
@@ -69,6 +69,7 @@ class Engine:
         gguf_file: str | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         mtp_stop_below: float | None = None,
+        mtp_siblings: int | None = None,
     ) -> Engine:
         """Load a target and pair it with a drafter.
 
@@ -77,10 +78,11 @@ class Engine:
         n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
         below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
+        mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
+        as a tree (None: DEFAULT_SIBLINGS, 0: the chain alone).
         """
         check_drafter_name(drafter)
-        if mtp_stop_below is not None:
-            check_stop_below(mtp_stop_below)
+        given = mtp_settings(mtp_stop_below, mtp_siblings)
         if drafter == "draft_model" and assistant is None:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
@@ -97,10 +99,11 @@ class Engine:
                 drafter = "ngram"
             else:
                 drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
-        if mtp_stop_below is not None and drafter not in ("mtp", "hybrid"):
+        if given and drafter not in ("mtp", "hybrid"):
+            names = " and ".join(given)
             raise InvalidRequestError(
-                f"mtp_stop_below only applies to MTP drafting, and this engine drafts with {drafter!r}: "
-                "pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave mtp_stop_below unset."
+                f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
+                f"pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave {names} unset."
             )
         target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
         target = TargetModel(target_model)
@@ -108,7 +111,8 @@ class Engine:
         if drafter in ("mtp", "hybrid"):
             helper, _ = load_causal_lm(assistant, dev, dt)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, DEFAULT_STOP_BELOW if mtp_stop_below is None else mtp_stop_below)
+            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_STOP_BELOW),
+                                given.get("mtp_siblings", DEFAULT_SIBLINGS))
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":

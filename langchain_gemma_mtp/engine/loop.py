@@ -11,6 +11,7 @@ from .cache import PrefixCache
 from .drafters import DecodeState, Drafter
 from .schedule import DraftPolicy
 from .target import TargetModel
+from .tree import DraftTree
 from .types import Burst, GenerationRequest, SpeculativeStats
 from .verify import choose_token, process_logits, verify_greedy, verify_sampled
 
@@ -71,23 +72,28 @@ def speculative_decode(
             k = min(policy.next_length(), room)
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
             state.draft_limit = room if policy.fixed is None else k
+            state.siblings = []
             draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
-            fwd = target.forward([state.tokens[-1]] + draft, cache)
+            tree = DraftTree(draft, state.siblings) if any(state.siblings) and sampling.greedy and target.verifies_trees else None
+            fwd = target.forward(tree.tokens(state.tokens[-1]) if tree else [state.tokens[-1]] + draft, cache, tree=tree)
             logits = target.logits(fwd.hidden)
-            if sampling.greedy:
-                n, nxt = verify_greedy(logits, draft)
+            if sampling.greedy:  # `sibling`: the slot of an accepted sibling, if any
+                accepted, nxt, sibling = verify_greedy(logits, draft, tree)
             else:
                 n, nxt = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
-            state.shared_kv = target.rollback(cache, fwd, len(draft) - n)
-            state.hidden = fwd.hidden[n:n + 1].unsqueeze(0)
-            stats.record_step(len(draft), n)
-            policy.observe(len(draft), n)
+                accepted, sibling = draft[:n], None
+            chain = len(accepted) - (sibling is not None)  # chain tokens kept
+            verified = tree.width - 1 if tree else len(draft)
+            state.shared_kv = target.rollback(cache, fwd, verified - chain, then=sibling)
+            state.hidden = fwd.hidden[chain if sibling is None else sibling].view(1, 1, -1)
+            stats.record_step(len(draft), len(accepted), verified - len(draft))
+            policy.observe(len(draft), chain)
 
-            new, finish = _finish(draft[:n] + [nxt], produced, request)
-            state.tokens.extend(draft[:n] + [nxt])
-            drafter.commit(state, n)
+            new, finish = _finish(accepted + [nxt], produced, request)
+            state.tokens.extend(accepted + [nxt])
+            drafter.commit(state, len(accepted))
             produced += len(new)
-            yield Burst(new, len(draft), n, finish)
+            yield Burst(new, len(draft), len(accepted), finish)
     finally:
         drafter.finish(state)
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.

@@ -10,8 +10,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import IncompatibleDrafterError
-from .cache import LayerKV, new_cache
+from .cache import LayerKV, keep_then, new_cache
 from .head import project
+from .tree import DraftTree
 
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # An assistant config may map a layer type to the target layer whose K/V its layers of that type read
@@ -92,17 +93,48 @@ class TargetModel:
         """An empty cache, or one starting with the first `length` positions of a stored prefix."""
         return new_cache(self.config, prefix, length)
 
-    def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True) -> Forward:
+    def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True,
+                tree: DraftTree | None = None) -> Forward:
         """Feed tokens (ids, or a (1, L) tensor already on the device) after what `cache` holds;
-        return final hidden states of the fed tokens."""
+        return final hidden states of the fed tokens. With `tree`, the tokens are its block
+        (`tree.tokens(pending)`), each attending to the cache and its own ancestors only."""
         ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor([token_ids], device=self.device)
         kwargs = {self._cache_kw: cache, "use_cache": True}
+        if tree is not None:
+            kwargs["attention_mask"], kwargs["position_ids"] = self._tree_masks(cache, tree)
         if self.returns_shared_kv:
             kwargs["return_shared_kv_states"] = want_kv
             kwargs["logits_to_keep"] = self._prefill_keep if prefill else None
         out = self.decoder(input_ids=ids, **kwargs)
         kv = out.shared_kv_states if self.returns_shared_kv and want_kv else None
         return Forward(out.last_hidden_state[0], dict(kv) if kv is not None else None)
+
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether `forward` can take a tree: its masks are built for these attention kernels."""
+        return self.model.config._attn_implementation in ("sdpa", "eager")
+
+    def _tree_masks(self, cache: DynamicCache, tree: DraftTree) -> tuple[dict[str, torch.Tensor] | torch.Tensor, torch.Tensor]:
+        """Per layer type, the attention mask of a tree's block over what each layer hands attention
+        (a sliding layer: only its window), and the block's positions (the cache's length + depth).
+        Past keys are masked by position as the model's own masks do; block keys by ancestry."""
+        width, past = tree.width, cache.get_seq_length()
+        positions = past + torch.tensor(tree.depths(), device=self.device)
+        ancestry = tree.ancestry().to(self.device)
+        window = getattr(self.config, "sliding_window", None)
+        masks = {}
+        for layer_type in set(self.layer_types) or {"full_attention"}:
+            first = self.layer_types.index(layer_type) if self.layer_types else 0
+            kv_length, kv_offset = cache.layers[first].get_mask_sizes(width)
+            seen = torch.cat([kv_offset + torch.arange(kv_length - width, device=self.device), positions])
+            mask = torch.cat([torch.ones(width, kv_length - width, dtype=torch.bool, device=self.device), ancestry], dim=1)
+            if layer_type == "sliding_attention":
+                mask &= seen[None, :] > positions[:, None] - window
+            mask = mask[None, None]
+            if self.model.config._attn_implementation == "eager":  # additive, in the model's dtype
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
+            masks[layer_type] = mask
+        return (masks if self.layer_types else masks["full_attention"]), positions[None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for the given hidden rows, with the model's final softcap."""
@@ -113,10 +145,19 @@ class TargetModel:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int) -> KV | None:
-        """Drop rejected tokens from the cache; return the drafter's K/V without them."""
-        cache.crop(-n_rejected)
+    def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int, then: int | None = None) -> KV | None:
+        """Drop the last `n_rejected` fed tokens from the cache, then, with `then` (a slot of the
+        last forward's tokens among those dropped: an accepted sibling), put that token's K/V back
+        after what remains. Return the drafter's K/V of what the cache now holds."""
+        fed = fwd.hidden.shape[0]
+        if then is None:
+            cache.crop(-n_rejected)
+        else:
+            keep_then(cache, cache.get_seq_length() - n_rejected, then - fed)
         if fwd.shared_kv is not None:
+            if then is not None:
+                return {t: tuple(torch.cat([x[:, :, :-n_rejected], x[:, :, then - fed:][:, :, :1]], dim=2) for x in kv)
+                        for t, kv in fwd.shared_kv.items()}
             if not n_rejected:
                 return fwd.shared_kv
             return {t: (k[:, :, :-n_rejected], v[:, :, :-n_rejected]) for t, (k, v) in fwd.shared_kv.items()}

@@ -80,16 +80,21 @@ class SpeculativeStats:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     drafted: int = 0
     accepted: int = 0
+    siblings: int = 0  # tokens verified beside the chain (greedy draft trees)
     target_forwards: int = 0
     steps: int = 0
     draft_lengths: list[int] = field(default_factory=list)
     drafted_at: list[int] = field(default_factory=list)  # per draft position: how often it was verified
     accepted_at: list[int] = field(default_factory=list)  # per draft position: how often it was accepted
 
-    def record_step(self, drafted: int, accepted: int) -> None:
+    def record_step(self, drafted: int, accepted: int, siblings: int = 0) -> None:
+        """One verify forward: a chain of `drafted` tokens, of which the first `accepted` positions
+        were kept (the last may have been a sibling in the chain token's place), and `siblings`
+        verified beside the chain."""
         self.steps += 1
         self.target_forwards += 1
         self.drafted += drafted
+        self.siblings += siblings
         self.accepted += accepted
         self.draft_lengths.append(drafted)
         while len(self.drafted_at) < drafted:

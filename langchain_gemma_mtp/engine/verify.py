@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .tree import DraftTree
 from .types import SamplingParams
 
 
@@ -27,16 +28,22 @@ def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tens
     return scores.softmax(-1)
 
 
-def verify_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
-    """Accept the longest draft prefix equal to the target's argmax; return (n_accepted, next_token).
+def verify_greedy(target_logits: torch.Tensor, draft: list[int], tree: DraftTree | None = None) -> tuple[list[int], int, int | None]:
+    """Accept the longest draft prefix equal to the target's argmax; return (accepted tokens, next
+    token, the slot of an accepted sibling or None).
 
-    `target_logits` holds k+1 rows: the predictions after the pending token and after each draft token.
+    `target_logits` holds a row per fed token: the predictions after the pending token and after
+    each draft token (then after each sibling, with `tree`). Where the chain fails, a sibling equal
+    to the target's own token there is accepted, and its row gives the next token.
     """
     preds = target_logits.argmax(-1).tolist()
     n = 0
     while n < len(draft) and draft[n] == preds[n]:
         n += 1
-    return n, preds[n]
+    slot = tree.sibling_slot(n + 1, preds[n]) if tree is not None else None
+    if slot is None:
+        return draft[:n], preds[n], None
+    return [*draft[:n], preds[n]], preds[slot], slot
 
 
 def verify_sampled(

@@ -23,11 +23,12 @@ STARTUP_TIMEOUT_S = 30.0
 
 def load_runtime(
     model: str, drafter: str = "auto", assistant: str | None = None, device: str | None = None, dtype: str | None = None,
-    *, mtp_stop_below: float | None = None,
+    *, mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
 ) -> ChatRuntime:
     """The ChatRuntime of a model, loaded through the process-wide engine registry: a server and
     in-process ChatGemmaMTP instances with the same settings share one engine."""
-    return in_process_backend(model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below).runtime
+    return in_process_backend(model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below,
+                              mtp_siblings=mtp_siblings).runtime
 
 
 def _config(runtime: ChatRuntime, settings: ServerSettings | None, log_level: str) -> uvicorn.Config:

@@ -84,11 +84,25 @@ def test_mtp_stop_below_loads_its_own_engine(path) -> None:
     assert llm.invoke("Hello").content == HELLO_ANSWER  # drafting settings never change a greedy answer
 
 
+def test_mtp_siblings_load_their_own_engine(path) -> None:
+    llm = ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=0)
+    engine = llm._backend_for_calls().runtime.engine
+    assert engine.drafter.siblings == 0
+    assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, None, 0))
+    default = ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine
+    assert default.drafter.siblings == 3 and default is not engine
+    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=3)._backend_for_calls().runtime.engine is default
+    assert llm._identifying_params["mtp_siblings"] == 0
+    assert llm.invoke("Hello").content == HELLO_ANSWER
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"mtp_stop_below": 1.5}, r"stop_below must be a number in \[0, 1\)"),
         ({"mtp_stop_below": 0.2, "base_url": "http://127.0.0.1:1/v1"}, "a server sets its own"),
+        ({"mtp_siblings": 9}, r"siblings must be an int in \[0, 8\]"),
+        ({"mtp_siblings": 1, "base_url": "http://127.0.0.1:1/v1"}, "mtp_siblings applies when this class loads"),
     ],
 )
 def test_bad_mtp_stop_below_is_refused_at_construction(path, kwargs, message) -> None:
@@ -104,6 +118,8 @@ def test_a_ready_engine_can_be_passed(path) -> None:
     assert message.content == HELLO_ANSWER and message.response_metadata["speculative"]["drafter"] == "none"
     with pytest.raises(ValueError, match="a ready engine= its drafter's"):  # the engine's drafter owns it
         ChatGemmaMTP(engine=engine, mtp_stop_below=0.2)
+    with pytest.raises(ValueError, match="a ready engine= its drafter's"):
+        ChatGemmaMTP(engine=engine, mtp_siblings=1)
 
 
 # -- chunks, usage, metadata ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from langchain_gemma_mtp import cli
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters.mtp import DEFAULT_STOP_BELOW
+from langchain_gemma_mtp.engine.drafters.mtp import DEFAULT_SIBLINGS, DEFAULT_STOP_BELOW
 from langchain_gemma_mtp.errors import (
     IncompatibleDrafterError,
     InvalidRequestError,
@@ -44,6 +44,19 @@ def test_mtp_stop_below_reaches_the_mtp_drafter(checkpoints):
     assert hybrid.name == "hybrid" and hybrid.mtp.stop_below == 0.5
 
 
+def test_mtp_siblings_reach_the_mtp_drafter(checkpoints):
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.siblings == DEFAULT_SIBLINGS
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp", mtp_siblings=0).drafter.siblings == 0
+    hybrid = Engine.from_pretrained(checkpoints["noshare"], mtp_siblings=5).drafter  # auto: hybrid
+    assert hybrid.name == "hybrid" and hybrid.mtp.siblings == 5
+
+
+@pytest.mark.parametrize("value", [-1, 9, 2.0, True])
+def test_bad_mtp_siblings_fail_before_loading(tmp_path, value):
+    with pytest.raises(InvalidRequestError, match=r"siblings must be an int in \[0, 8\]"):
+        Engine.from_pretrained(tmp_path / "missing", drafter="mtp", assistant=tmp_path / "a", mtp_siblings=value)
+
+
 @pytest.mark.parametrize("value", [1.0, -0.1, "0.3", True])
 def test_bad_mtp_stop_below_fails_before_loading(tmp_path, value):
     # The target does not exist: the threshold's error must come first, before any loading.
@@ -59,6 +72,10 @@ def test_mtp_stop_below_without_mtp_drafting_is_refused(checkpoints, tmp_path):
         Engine.from_pretrained(lonely, mtp_stop_below=0.2)
     with pytest.raises(InvalidRequestError, match="only applies to MTP drafting"):  # the demo's flag reaches the engine
         cli.main(["demo", "--model", str(checkpoints["noshare"]), "--drafter", "ngram", "--mtp-stop-below", "0.2"])
+    with pytest.raises(InvalidRequestError, match="mtp_stop_below and mtp_siblings only apply to MTP drafting"):
+        Engine.from_pretrained(lonely, mtp_stop_below=0.2, mtp_siblings=1)
+    with pytest.raises(InvalidRequestError, match="^mtp_siblings only applies to MTP drafting"):
+        cli.main(["demo", "--model", str(checkpoints["noshare"]), "--drafter", "ngram", "--mtp-siblings", "1"])
 
 
 def test_unknown_drafter_name_fails_before_loading(checkpoints):

@@ -31,6 +31,9 @@ class DecodeState:
     prefix_cache: PrefixCache | None = None  # where a drafter with a KV cache of its own may reuse prefixes
     draft_limit: int = MAX_DRAFT_TOKENS  # most draft tokens this step may verify (room left, or a fixed length)
     reproducible: bool = False  # a seeded sampled request: drafts must not depend on other requests
+    # Set by `propose` (greedy only): siblings[i] are other candidates for draft position i, verified
+    # with the chain in one forward as a tree (engine/tree.py). Empty: a plain chain.
+    siblings: list[list[int]] = field(default_factory=list)
 
 
 class Drafter(Protocol):

@@ -12,6 +12,22 @@ from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
 
 # Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
 DEFAULT_STOP_BELOW = 0.3
+# Greedy drafts also offer the next-best tokens at each depth, verified in the same forward as a
+# tree (engine/tree.py); a sibling is verified only if the drafter's own chance that it is accepted
+# (the chain before it accepted, times its probability) is at least SIBLING_MIN_CHANCE, since each
+# is a row of the verify forward. Measured on the 270M (docs/benchmarks.md, "Draft trees").
+DEFAULT_SIBLINGS = 3
+MAX_SIBLINGS = 8
+SIBLING_MIN_CHANCE = 0.03
+
+
+def check_siblings(value: int) -> int:
+    """`value` if it is a valid count of siblings per draft depth, else a typed error naming the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIBLINGS:
+        raise InvalidRequestError(
+            f"siblings must be an int in [0, {MAX_SIBLINGS}] (0: verify the chain alone; default {DEFAULT_SIBLINGS}), got {value!r}."
+        )
+    return value
 
 
 def check_stop_below(value: float) -> float:
@@ -21,6 +37,16 @@ def check_stop_below(value: float) -> float:
             f"stop_below must be a number in [0, 1) (0: always draft k; default {DEFAULT_STOP_BELOW}), got {value!r}."
         )
     return float(value)
+
+
+def mtp_settings(stop_below: float | None, siblings: int | None) -> dict[str, float | int]:
+    """The MTP settings a caller gave (None: the default), checked, by their `mtp_` names."""
+    given = {}
+    if stop_below is not None:
+        given["mtp_stop_below"] = check_stop_below(stop_below)
+    if siblings is not None:
+        given["mtp_siblings"] = check_siblings(siblings)
+    return given
 
 
 class MTPDrafter(StatelessDrafter):
@@ -34,13 +60,20 @@ class MTPDrafter(StatelessDrafter):
     falls below `stop_below`: the chance that the next draft is still accepted is then too small
     to pay for its step and its verification. The stop depends only on the drafts already made,
     so greedy output and the sampled distribution are unchanged; 0 always drafts k.
+
+    Greedy requests also get up to `siblings` runners-up at each depth (`state.siblings`), which
+    the loop verifies beside the chain as a tree: where the target rejects a draft token but chose
+    a sibling, that step keeps one more token. Sampled requests verify the chain alone.
     """
 
     name = "mtp"
     cost_per_draft_token = 0.1
+    sibling_min_chance = SIBLING_MIN_CHANCE
 
-    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_STOP_BELOW):
+    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_STOP_BELOW,
+                 siblings: int = DEFAULT_SIBLINGS):
         self.stop_below = check_stop_below(stop_below)
+        self.siblings = check_siblings(siblings)
         self.assistant = assistant
         self.target = target
         target.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
@@ -51,17 +84,31 @@ class MTPDrafter(StatelessDrafter):
         device = self.target.device
         position = torch.tensor([[len(state.tokens) - 1]], device=device)
         token, h = torch.tensor([[state.tokens[-1]]], device=device), state.hidden
-        drafts, probs, chance = [], [], 1.0
+        drafts, probs, chance, offered = [], [], 1.0, []
         for _ in range(k):
             last, h = self._step(token, h, position, state.shared_kv)
-            token, q, scores = self._choose(last[0, -1], state)
+            token, q, scores, ids = self._choose(last[0, -1], state)
             drafts.append(token)
             probs.append(q)
-            if self.stop_below:  # one host sync per draft step, only when stopping early is on
-                chance *= float(q[token.view(-1)[0]] if q is not None else torch.softmax(scores.float(), -1).max())
-                if chance < self.stop_below:
-                    break
-        return finish_draft(drafts, probs)
+            if not (self.stop_below or (q is None and self.siblings)):
+                continue
+            # One host sync per draft step: the drafter's own probabilities of its best tokens.
+            if q is None:
+                top = torch.softmax(scores.float(), -1).topk(min(self.siblings + 1, scores.shape[-1]))
+                best = top.values.tolist()
+                offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
+                chance *= best[0]
+            else:
+                chance *= float(q[token.view(-1)[0]])
+            if chance < self.stop_below:
+                break
+        tokens, stacked = finish_draft(drafts, probs)
+        if offered and self.siblings:  # the candidates' ids in one more sync; a tie may put the chosen one anywhere
+            state.siblings = [
+                [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings]
+                for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
+            ]
+        return tokens, stacked
 
     def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv) -> tuple[torch.Tensor, torch.Tensor]:
         """The assistant's forward without its head: (normed last state, projected state for the next step)."""
@@ -72,12 +119,12 @@ class MTPDrafter(StatelessDrafter):
                        use_cache=False).last_hidden_state
         return last, a.post_projection(last)
 
-    def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
-        greedy, the logits it was the best of. A centroid head scores only its top clusters'
-        tokens, so greedy drafting takes the best of those, and sampling draws from them (q is 0
-        elsewhere: any q keeps the rejection rule exact); transformers instead builds a
-        vocabulary-sized row."""
+        greedy, the logits it was the best of with their token ids (None: the whole vocabulary).
+        A centroid head scores only its top clusters' tokens, so greedy drafting takes the best of
+        those, and sampling draws from them (q is 0 elsewhere: any q keeps the rejection rule
+        exact); transformers instead builds a vocabulary-sized row."""
         weight = self.assistant.lm_head.weight
         embedder = self.assistant.masked_embedding
         if embedder is None:
@@ -85,7 +132,7 @@ class MTPDrafter(StatelessDrafter):
         else:
             ids, logits = centroid_candidates(embedder, last, weight)
             if state.sampling.greedy:
-                return ids[logits.argmax()].view(1, 1), None, logits
+                return ids[logits.argmax()].view(1, 1), None, logits, ids
             logits = torch.full((weight.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device).scatter_(0, ids, logits)
         token, q = draft_token(logits, state)
-        return token, q, logits if q is None else None
+        return token, q, logits if q is None else None, None
