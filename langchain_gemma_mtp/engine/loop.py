@@ -93,7 +93,7 @@ def speculative_decode(
             state.tokens.extend(accepted + [nxt])
             drafter.commit(state, len(accepted))
             produced += len(new)
-            yield Burst(new, len(draft), len(accepted), finish)
+            yield Burst(new, len(draft), len(accepted), finish, verified - len(draft))
     finally:
         drafter.finish(state)
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.

@@ -124,9 +124,10 @@ class Burst:
     """Tokens verified by one target forward pass, in order."""
 
     token_ids: list[int]
-    drafted: int
-    accepted: int
+    drafted: int  # the draft chain's length
+    accepted: int  # draft positions kept (the last may be a sibling kept in the chain token's place)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" on the last burst
+    siblings: int = 0  # tokens verified beside the chain (greedy draft trees)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class EngineCounters:
     drafts: int = 0  # steps that verified at least one draft token
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    sibling_tokens: int = 0
     generated_tokens: int = 0
     drafted_at: list[int] = field(default_factory=list)  # per draft position: drafts verified there
     accepted_at: list[int] = field(default_factory=list)  # per draft position: drafts accepted there
@@ -149,6 +151,7 @@ class EngineCounters:
             self.drafts += 1
         self.draft_tokens += burst.drafted
         self.accepted_tokens += burst.accepted
+        self.sibling_tokens += burst.siblings
         while len(self.drafted_at) < burst.drafted:
             self.drafted_at.append(0)
             self.accepted_at.append(0)

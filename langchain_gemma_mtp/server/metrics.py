@@ -36,6 +36,7 @@ class _EngineCollector(Collector):
             ("spec_decode_num_drafts", "Verification steps that checked at least one draft token.", c.drafts),
             ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", c.draft_tokens),
             ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", c.accepted_tokens),
+            ("spec_decode_num_sibling_tokens", "Runners-up verified beside the drafts (greedy draft trees).", c.sibling_tokens),
         )
         for name, doc, value in plain:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)

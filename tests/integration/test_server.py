@@ -176,7 +176,8 @@ def test_models_health_and_metrics(client, server) -> None:
     assert metric(server, "gemma_mtp:spec_decode_num_draft_tokens_total") > before
     assert metric(server, "gemma_mtp:request_success_total", '{finished_reason="stop"}') == finished + 1
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("spec_decode_num_drafts_total", "spec_decode_num_accepted_tokens_total", "generation_tokens_total",
+    for name in ("spec_decode_num_drafts_total", "spec_decode_num_accepted_tokens_total", "spec_decode_num_sibling_tokens_total",
+                 "generation_tokens_total",
                  "prompt_tokens_total", "time_to_first_token_seconds_bucket"):
         assert f"gemma_mtp:{name}" in text
     assert 'gemma_mtp:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text

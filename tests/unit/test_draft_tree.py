@@ -106,7 +106,8 @@ class TreeScript(StatelessDrafter):
 def test_accepted_siblings_keep_greedy_output_exact(target, k):
     ids = prompt(11)
     ref = plain_greedy(target, ids, NEW_TOKENS)
-    result = Engine(target.model, TreeScript(ref)).generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+    engine = Engine(target.model, TreeScript(ref))
+    result = engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
     assert result.token_ids == ref
     # Each step keeps the chain before the miss, then the sibling in its place (its row gives the next token).
     expected_accepted = expected_siblings = 0
@@ -114,6 +115,7 @@ def test_accepted_siblings_keep_greedy_output_exact(target, k):
         expected_accepted += step % d + 1
         expected_siblings += 3
     assert (result.stats.accepted, result.stats.siblings) == (expected_accepted, expected_siblings)
+    assert (engine.counters.accepted_tokens, engine.counters.sibling_tokens) == (expected_accepted, expected_siblings)
 
 
 def test_sampled_requests_verify_the_chain_alone(target):
