@@ -59,15 +59,18 @@ def new_cache(config, prefix: Sequence[LayerKV] | None = None, length: int = 0) 
     return cache
 
 
-def keep_then(cache: DynamicCache, length: int, then: int) -> None:
-    """Cut every layer to its first `length` positions, then append the K/V it held at index `then`
-    (negative: from the end; one of the positions cut). New tensors, as everywhere here."""
+def keep_then(x: torch.Tensor, length: int, then: int) -> torch.Tensor:
+    """Keys or values (..., L, D) cut to their first `length` positions, then the one at index `then`
+    (negative: from the end; one of the positions cut). A new tensor, as everywhere here."""
+    return torch.cat([x[..., :length, :], x[..., then:, :][..., :1, :]], dim=-2)
+
+
+def cache_keep_then(cache: DynamicCache, length: int, then: int) -> None:
+    """`keep_then` on every layer of a cache."""
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys is None:
             continue
-        moved = slice(then, then + 1 if then < -1 else None)
-        layer.keys = torch.cat([layer.keys[..., :length, :], layer.keys[..., moved, :]], dim=-2)
-        layer.values = torch.cat([layer.values[..., :length, :], layer.values[..., moved, :]], dim=-2)
+        layer.keys, layer.values = keep_then(layer.keys, length, then), keep_then(layer.values, length, then)
         if isinstance(layer, HistorySlidingLayer):
             layer.cumulative_length = length + 1
 

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import IncompatibleDrafterError
-from .cache import LayerKV, keep_then, new_cache
+from .cache import LayerKV, cache_keep_then, keep_then, new_cache
 from .head import project
 from .tree import DraftTree
 
@@ -153,11 +153,10 @@ class TargetModel:
         if then is None:
             cache.crop(-n_rejected)
         else:
-            keep_then(cache, cache.get_seq_length() - n_rejected, then - fed)
+            cache_keep_then(cache, cache.get_seq_length() - n_rejected, then - fed)
         if fwd.shared_kv is not None:
             if then is not None:
-                return {t: tuple(torch.cat([x[:, :, :-n_rejected], x[:, :, then - fed:][:, :, :1]], dim=2) for x in kv)
-                        for t, kv in fwd.shared_kv.items()}
+                return {t: tuple(keep_then(x, x.shape[-2] - n_rejected, then - fed) for x in kv) for t, kv in fwd.shared_kv.items()}
             if not n_rejected:
                 return fwd.shared_kv
             return {t: (k[:, :, :-n_rejected], v[:, :, :-n_rejected]) for t, (k, v) in fwd.shared_kv.items()}

@@ -51,7 +51,7 @@ def target(request) -> TargetModel:
 
 def test_each_node_sees_exactly_its_path(target):
     """Hidden states of a tree's nodes, past the sliding window, equal feeding each node's path as a chain,
-    and rolling back to a sibling leaves the cache a chain forward would."""
+    and rolling back to a sibling leaves the cache and the drafter's K/V a chain forward would."""
     ids = prompt(5, length=3 * WINDOW)
     tree = DraftTree([40, 41, 42], [[50, 51], [52], [53]])
     paths = {1: [40], 2: [40, 41], 3: [40, 41, 42], 4: [50], 5: [51], 6: [40, 52], 7: [40, 41, 53]}
@@ -60,23 +60,25 @@ def test_each_node_sees_exactly_its_path(target):
         target.forward(ids[:-1], cache, prefill=True)
         fwd = target.forward(tree.tokens(ids[-1]), cache, tree=tree)
         for slot, path in paths.items():
-            ref_cache = target.new_cache()
-            target.forward(ids[:-1], ref_cache, prefill=True)
-            ref = target.forward([ids[-1], *path], ref_cache)
-            torch.testing.assert_close(fwd.hidden[slot], ref.hidden[-1], atol=1e-4, rtol=1e-4)
-        # Keep pending, chain[0], then sibling 52 (slot 6): the cache of feeding [pending, 40, 52].
-        target.rollback(cache, fwd, tree.width - 2, then=6)
-        assert cache.get_seq_length() == len(ids) + 2
-        nxt = target.forward([7], cache)
-        torch.testing.assert_close(nxt.hidden[-1], target.forward([7], ref_cache_of(target, ids, [40, 52])).hidden[-1],
+            torch.testing.assert_close(fwd.hidden[slot], fed_path(target, ids, path)[1].hidden[-1], atol=1e-4, rtol=1e-4)
+        # Keep pending, chain[0], then sibling 52 (slot 6): the state of feeding [pending, 40, 52].
+        kv = target.rollback(cache, fwd, tree.width - 2, then=6)
+        ref_cache, ref_fwd = fed_path(target, ids, [40, 52])
+        ref_kv = target.rollback(ref_cache, ref_fwd, 0)
+        assert cache.get_seq_length() == ref_cache.get_seq_length() == len(ids) + 2
+        assert kv.keys() == ref_kv.keys()
+        for layer_type in kv:
+            for got, want in zip(kv[layer_type], ref_kv[layer_type]):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(target.forward([7], cache).hidden[-1], target.forward([7], ref_cache).hidden[-1],
                                    atol=1e-4, rtol=1e-4)
 
 
-def ref_cache_of(target: TargetModel, ids: list[int], path: list[int]):
+def fed_path(target: TargetModel, ids: list[int], path: list[int]):
+    """(cache, forward) after prefilling `ids[:-1]` and feeding the pending token and `path` as a chain."""
     cache = target.new_cache()
     target.forward(ids[:-1], cache, prefill=True)
-    target.forward([ids[-1], *path], cache)
-    return cache
+    return cache, target.forward([ids[-1], *path], cache)
 
 
 class TreeScript(StatelessDrafter):
