@@ -26,6 +26,8 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
+from engine_bench import in_thread
+
 from langchain_gemma_mtp.embedded import embedded_model_dir  # noqa: E402
 from langchain_gemma_mtp.engine import Engine  # noqa: E402
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime  # noqa: E402
@@ -60,11 +62,16 @@ def first_token_secs(engine: Engine, ids: list[int], max_new: int = 1) -> tuple[
     return first, time.perf_counter() - start, handle.cached_tokens
 
 
-def hf_secs(model, ids: list[int], max_new: int) -> float:
-    with torch.inference_mode():
+def hf_secs(model, ids: list[int], max_new: int, min_new: int = 0) -> float:
+    """Seconds of one HF generate, on a thread of its own (engine_bench.in_thread says why)."""
+
+    @torch.inference_mode()
+    def run() -> float:
         start = time.perf_counter()
-        model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new)
-    return time.perf_counter() - start
+        model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new)
+        return time.perf_counter() - start
+
+    return in_thread(run)
 
 
 def bench_trace(engine: Engine, runtime: ChatRuntime, repeats: int, max_new: int) -> dict:
@@ -115,12 +122,7 @@ def run_streams(engine: Engine, prompts: list[list[int]], max_new: int, concurre
 def hf_streams(model, prompts: list[list[int]], max_new: int) -> dict:
     """HF serves one request at a time: request i's first token waits for every request before it."""
     ttft = [hf_secs(model, ids, 1) for ids in prompts]
-    durations = []
-    for ids in prompts:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new)
-            durations.append(time.perf_counter() - start)
+    durations = [hf_secs(model, ids, max_new, min_new=max_new) for ids in prompts]
     firsts = [sum(durations[:i]) + ttft[i] for i in range(len(prompts))]
     wall = sum(durations)
     return dict(wall=wall, tok_s=max_new * len(prompts) / wall, worst_first=max(firsts), first=firsts, tokens=max_new * len(prompts))

@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,6 +46,14 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def in_thread(fn):
+    """`fn()` on a thread that ends with it. PyTorch work on a thread that stays alive (this main
+    thread) would keep an OpenMP team beside the engine's owner thread and slow both
+    (benchmarks/owner_thread_bench.py), so every torch call of a benchmark outside the engine runs here."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
     fn()
@@ -53,8 +62,12 @@ def median_seconds(fn, repeats: int) -> float:
 
 def hf_run(model, ids, max_new, calls, **kw):
     before = calls[0]
-    with torch.inference_mode():
-        out, secs = timed(lambda: model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, **kw))
+
+    def run():
+        with torch.inference_mode():
+            return timed(lambda: model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, **kw))
+
+    out, secs = in_thread(run)
     return out[0, len(ids):].tolist(), secs, calls[0] - before
 
 
@@ -170,7 +183,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, assistant, prompts, title = tiny_setup(dtype) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
+    model, assistant, prompts, title = in_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
     if args.limit:
         prompts = prompts[: args.limit]
     calls = count_forwards(model)

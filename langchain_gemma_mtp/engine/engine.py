@@ -55,7 +55,8 @@ class Engine:
         self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
         # KV of recent requests, so agent steps that resend the same history prefill only what is new.
         self.prefix_cache = PrefixCache(prefix_cache_mb)
-        self.worker = EngineWorker(self.name)
+        self.worker = EngineWorker.for_device(self.device)
+        self.counters = EngineCounters()  # totals for metrics, written by the owner thread only
 
     @classmethod
     def from_pretrained(
@@ -137,11 +138,6 @@ class Engine:
     def device(self) -> torch.device:
         return self.target.device
 
-    @property
-    def counters(self) -> EngineCounters:
-        """Totals over every verification step run so far (cancelled requests included)."""
-        return self.worker.counters
-
     def make_request(
         self,
         prompt_ids: Iterable[int],
@@ -188,7 +184,7 @@ class Engine:
             else:
                 generator.seed()
         bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator, self.prefix_cache)
-        return self.worker.submit(bursts, stats, len(request.prompt_ids))
+        return self.worker.submit(bursts, stats, len(request.prompt_ids), self.counters)
 
     def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """Generate new token ids.

@@ -1,4 +1,5 @@
-"""The single owner thread that runs the model: a round-robin queue of requests, cancellable per step."""
+"""The owner thread that runs the models on one device: a round-robin queue of requests, cancellable
+per step, alive only while requests are."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import atexit
 import collections
 import threading
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -14,14 +14,16 @@ import torch
 from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
 _END = object()
-_WORKERS: weakref.WeakSet[EngineWorker] = weakref.WeakSet()
+_WORKERS: dict[str, EngineWorker] = {}  # one per device
+_WORKERS_LOCK = threading.Lock()
 
 
 class _Job:
     """Worker-side state of one request: its step generator and its outbox."""
 
-    def __init__(self, bursts: Iterator[Burst]):
+    def __init__(self, bursts: Iterator[Burst], counters: EngineCounters):
         self.bursts = bursts
+        self.counters = counters  # its engine's totals
         self.cancelled = False
         self.outbox: collections.deque = collections.deque()
         self.ready = threading.Condition()
@@ -46,9 +48,8 @@ class RequestHandle:
     out and calling `cancel()` all stop the request at its next verification step.
     """
 
-    def __init__(self, job: _Job, worker: EngineWorker, stats: SpeculativeStats, prompt_tokens: int):
+    def __init__(self, job: _Job, stats: SpeculativeStats, prompt_tokens: int):
         self._job = job
-        self._worker = worker
         self.stats = stats
         self.prompt_tokens = prompt_tokens
         self.token_ids: list[int] = []
@@ -115,7 +116,6 @@ class RequestHandle:
         """Stop generating at the next step; iteration then ends."""
         if not self._done:
             self._job.cancelled = True
-            self._worker.wake()
 
     def _result(self) -> GenerationResult:
         return GenerationResult(list(self.token_ids), self.finish_reason or "length", self.stats, self.prompt_tokens)
@@ -136,53 +136,74 @@ class RequestHandle:
 
 
 class EngineWorker:
-    """Owns the model: every forward pass runs on this one thread, under inference mode.
+    """Runs every forward on one device, on one thread, under inference mode.
 
-    Active requests take turns one verification step at a time, so a new request's first burst
-    does not wait for a long one to finish and every stream keeps moving.
+    Active requests (of every engine on the device) take turns one verification step at a time, so
+    a new request's first burst does not wait for a long one to finish and every stream keeps
+    moving. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
+    every thread that has run a parallel op keeps a team of OpenMP threads, and once these
+    outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
+    (measured on 2 cores beside one other team: 1.74x per small op, 1.17-1.22x per decode token of
+    the 270M; docs/benchmarks.md, "Owner thread"). So engines share their device's thread, and it ends when its queue empties.
     """
 
     def __init__(self, name: str):
         self.name = name
         self._active: collections.deque[_Job] = collections.deque()
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.counters = EngineCounters()  # totals for metrics, written by this thread only
-        _WORKERS.add(self)
 
-    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int) -> RequestHandle:
-        job = _Job(bursts)
-        with self._wake:
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> EngineWorker:
+        """The process's worker for `device` (made on first use)."""
+        key = str(device)
+        with _WORKERS_LOCK:
+            if key not in _WORKERS:
+                _WORKERS[key] = cls(key)
+            return _WORKERS[key]
+
+    @property
+    def running(self) -> bool:
+        """Whether the owner thread is alive (it is only while requests are active)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int, counters: EngineCounters) -> RequestHandle:
+        """Queue a request's steps; `counters` (its engine's) get every burst it yields."""
+        job = _Job(bursts, counters)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError(f"the {self.name} owner thread was stopped (the interpreter is exiting); nothing runs after that")
             self._active.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"gemma-mtp:{self.name}", daemon=True)
                 self._thread.start()
-            self._wake.notify()
-        return RequestHandle(job, self, stats, prompt_tokens)
-
-    def wake(self) -> None:
-        with self._wake:
-            self._wake.notify()
+        return RequestHandle(job, stats, prompt_tokens)
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread after its current step (pending requests end with it)."""
-        with self._wake:
+        with self._lock:
             self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _next_job(self) -> _Job | None:
+        """The next request to step, or None after the thread is let go (idle or stopping)."""
+        with self._lock:
+            if self._stopping:
+                for job in self._active:
+                    job.put(_END)
+                self._active.clear()
+            if not self._active:
+                self._thread = None  # a submit from now on starts a new thread
+                return None
+            return self._active.popleft()
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._wake:
-                    self._wake.wait_for(lambda: self._active or self._stopping)
-                    if self._stopping:
-                        for job in self._active:
-                            job.put(_END)
-                        return
-                    job = self._active.popleft()
+            while (job := self._next_job()) is not None:
                 if job.cancelled:
                     job.bursts.close()
                     job.put(_END)
@@ -195,18 +216,20 @@ class EngineWorker:
                 except BaseException as exc:  # handed to the consumer; the worker serves the others
                     job.put(exc)
                     continue
-                self.counters.add(burst)
+                job.counters.add(burst)
                 job.put(burst)
                 if burst.finish_reason is not None:
                     job.bursts.close()
                     job.put(_END)
                 else:
-                    with self._wake:
+                    with self._lock:
                         self._active.append(job)
 
 
 @atexit.register
 def _stop_workers() -> None:
     # A thread still inside torch when the interpreter exits aborts the process.
-    for worker in list(_WORKERS):
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS.values())
+    for worker in workers:
         worker.stop()

@@ -1,14 +1,19 @@
-"""The owner thread: concurrent callers from threads and asyncio, fair interleaving, cancellation."""
+"""The owner thread: concurrent callers from threads and asyncio, fair interleaving, cancellation,
+one thread per device shared by engines, and no thread (nor its OpenMP team) while idle."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters import NgramDrafter
 from test_engine_greedy import prompt
 
 
@@ -115,3 +120,52 @@ def test_an_error_inside_a_step_reaches_its_caller_and_the_worker_survives(engin
     finally:
         engine.drafter.propose = saved
     assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def os_threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+@pytest.fixture(scope="module")
+def sibling(engine):
+    """A second engine over the same model (another drafter), on the same device."""
+    return Engine(engine.model, NgramDrafter(), engine.tokenizer)
+
+
+def test_engines_on_one_device_share_its_owner_thread_and_keep_their_own_counters(engine, sibling, expected):
+    assert sibling.worker is engine.worker
+    before, sibling_before = engine.counters.steps, sibling.counters.steps
+    result = sibling.generate(prompt(1), max_new_tokens=30, stop_token_ids=[])
+    assert result.token_ids == expected[1]
+    assert engine.counters.steps == before
+    assert sibling.counters.steps == sibling_before + result.stats.target_forwards
+
+
+def test_a_request_on_one_engine_is_served_while_another_engines_long_one_runs(engine, sibling, expected):
+    long = engine.submit(prompt(1), max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+    next(long)
+    assert sibling.generate(prompt(2), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[2]
+    assert long.finish_reason is None and len(long.token_ids) < 200
+    long.cancel()
+    list(long)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's threads in /proc")
+def test_the_owner_thread_and_its_openmp_team_end_when_idle_and_come_back_for_the_next_request(engine, expected):
+    # An idle thread that ran torch work keeps an OpenMP team, which slows every other torch thread
+    # in the process (benchmarks/owner_thread_bench.py); so no thread may outlive its requests.
+    assert wait_until(lambda: not engine.worker.running)
+    idle = os_threads()
+    assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
+    assert wait_until(lambda: not engine.worker.running)
+    assert wait_until(lambda: os_threads() == idle), f"{os_threads() - idle} threads outlived the request"
+    assert engine.generate(prompt(3), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[3]
