@@ -26,10 +26,9 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from engine_bench import in_thread
 
 from langchain_gemma_mtp.embedded import embedded_model_dir  # noqa: E402
-from langchain_gemma_mtp.engine import Engine  # noqa: E402
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread  # noqa: E402
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime  # noqa: E402
 
 WORKLOADS = {w["id"]: w for w in map(json.loads, (HERE / "workloads.jsonl").read_text().splitlines()) if w}
@@ -63,7 +62,7 @@ def first_token_secs(engine: Engine, ids: list[int], max_new: int = 1) -> tuple[
 
 
 def hf_secs(model, ids: list[int], max_new: int, min_new: int = 0) -> float:
-    """Seconds of one HF generate, on a thread of its own (engine_bench.in_thread says why)."""
+    """Seconds of one HF generate, on a short-lived thread (on_short_lived_thread says why)."""
 
     @torch.inference_mode()
     def run() -> float:
@@ -71,7 +70,7 @@ def hf_secs(model, ids: list[int], max_new: int, min_new: int = 0) -> float:
         model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new)
         return time.perf_counter() - start
 
-    return in_thread(run)
+    return on_short_lived_thread(run)
 
 
 def bench_trace(engine: Engine, runtime: ChatRuntime, repeats: int, max_new: int) -> dict:

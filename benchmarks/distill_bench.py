@@ -31,10 +31,10 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from engine_bench import in_thread, median_seconds, plain_turns
+from engine_bench import median_seconds, plain_turns
 
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
-from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NoDrafter
 from langchain_gemma_mtp.engine.drafters.base import DecodeState
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
@@ -127,7 +127,7 @@ def main() -> None:
                                   for sib in args.siblings for least in args.sibling_min))
     for k in args.k:
         run(mtp, prompts[0][2], 8, k)
-    costs = in_thread(lambda: step_costs(mtp, prompts[0][2]))
+    costs = on_short_lived_thread(lambda: step_costs(mtp, prompts[0][2]))
     print(f"draft step {costs['draft_step_s'] * 1e3:.1f} ms, target decode forward {costs['target_forward_s'] * 1e3:.1f} ms "
           f"(ratio {costs['draft_step_over_target']:.2f})", flush=True)
     rows = []

@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from langchain_gemma_mtp.engine import Engine  # noqa: E402
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread  # noqa: E402
 from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from langchain_gemma_mtp.engine.target import TargetModel  # noqa: E402
 
@@ -46,14 +45,6 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def in_thread(fn):
-    """`fn()` on a thread that ends with it. PyTorch work on a thread that stays alive (this main
-    thread) would keep an OpenMP team beside the engine's owner thread and slow both
-    (benchmarks/owner_thread_bench.py), so every torch call of a benchmark outside the engine runs here."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
-
-
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
     fn()
@@ -67,7 +58,7 @@ def hf_run(model, ids, max_new, calls, **kw):
         with torch.inference_mode():
             return timed(lambda: model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, **kw))
 
-    out, secs = in_thread(run)
+    out, secs = on_short_lived_thread(run)
     return out[0, len(ids):].tolist(), secs, calls[0] - before
 
 
@@ -183,7 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, assistant, prompts, title = in_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
+    model, assistant, prompts, title = on_short_lived_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
     if args.limit:
         prompts = prompts[: args.limit]
     calls = count_forwards(model)

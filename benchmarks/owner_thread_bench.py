@@ -31,10 +31,9 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
 from distill_bench import timed_rounds, workload_prompts
-from engine_bench import in_thread
 
 from langchain_gemma_mtp.embedded import embedded_model_dir
-from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NoDrafter
 
 
@@ -102,8 +101,8 @@ def main() -> None:
         "alone": lambda: decode(first),
         "beside a parked thread": lambda: parked(lambda: decode(first)),
         "second engine": lambda: decode(second),
-        "micro alone": lambda: (None, in_thread(micro_seconds)),
-        "micro beside a parked thread": lambda: (None, parked(lambda: in_thread(micro_seconds))),
+        "micro alone": lambda: (None, on_short_lived_thread(micro_seconds)),
+        "micro beside a parked thread": lambda: (None, parked(lambda: on_short_lived_thread(micro_seconds))),
     }
     best = dict(zip(calls, (secs for _, secs in timed_rounds(list(calls.values()), args.repeats))))
     rows = {name: dict(seconds=secs, vs_alone=secs / best["micro alone" if name.startswith("micro") else "alone"])

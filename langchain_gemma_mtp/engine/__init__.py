@@ -1,7 +1,7 @@
 """Speculative decoding engine: token ids in, bursts of verified token ids out (no chat, no LangChain)."""
 
 from .engine import Engine
-from .worker import RequestHandle
+from .worker import RequestHandle, on_short_lived_thread
 from .types import Burst, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "RequestHandle",
     "SamplingParams",
     "SpeculativeStats",
+    "on_short_lived_thread",
 ]

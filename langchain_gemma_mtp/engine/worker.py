@@ -7,12 +7,15 @@ import asyncio
 import atexit
 import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
+T = TypeVar("T")
 _END = object()
 _WORKERS: dict[str, EngineWorker] = {}  # one per device
 _WORKERS_LOCK = threading.Lock()
@@ -144,7 +147,8 @@ class EngineWorker:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
     (measured on 2 cores beside one other team: 1.74x per small op, 1.17-1.22x per decode token of
-    the 270M; docs/benchmarks.md, "Owner thread"). So engines share their device's thread, and it ends when its queue empties.
+    the 270M; docs/benchmarks.md, "Owner thread"). So engines share their device's thread, and it
+    ends when its queue empties.
     """
 
     def __init__(self, name: str):
@@ -165,7 +169,7 @@ class EngineWorker:
 
     @property
     def running(self) -> bool:
-        """Whether the owner thread is alive (it is only while requests are active)."""
+        """Whether an owner thread is serving requests (there is none while idle)."""
         thread = self._thread
         return thread is not None and thread.is_alive()
 
@@ -224,6 +228,15 @@ class EngineWorker:
                 else:
                     with self._lock:
                         self._active.append(job)
+
+
+def on_short_lived_thread(fn: Callable[[], T]) -> T:
+    """`fn()` run on a thread that ends with it; its result or exception comes back here.
+
+    For torch work outside the engine (a conversion, a baseline, a measurement): run on a thread
+    that stays alive, it would keep an OpenMP team beside the owner thread's (see EngineWorker)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 @atexit.register

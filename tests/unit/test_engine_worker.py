@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
 from test_engine_greedy import prompt
 
@@ -169,3 +169,17 @@ def test_the_owner_thread_and_its_openmp_team_end_when_idle_and_come_back_for_th
     assert wait_until(lambda: not engine.worker.running)
     assert wait_until(lambda: os_threads() == idle), f"{os_threads() - idle} threads outlived the request"
     assert engine.generate(prompt(3), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[3]
+
+
+def test_on_short_lived_thread_returns_the_result_raises_the_error_and_leaves_no_thread():
+    caller = threading.current_thread()
+    ran_on = []
+
+    def work():
+        ran_on.append(threading.current_thread())
+        return 42
+
+    assert on_short_lived_thread(work) == 42
+    assert ran_on[0] is not caller and not ran_on[0].is_alive()
+    with pytest.raises(ZeroDivisionError):
+        on_short_lived_thread(lambda: 1 / 0)
