@@ -1,4 +1,5 @@
-"""The LM head over a few rows: transformers' `linear` vs our `engine.head.project`, per dtype and row count.
+"""The LM head over a few rows: transformers' `linear` vs our `engine.head.project`, per dtype and row count;
+and the greedy choice over its logits: `argmax` vs our `engine.verify.greedy_ids`.
 
 A 262,144 x 640 head (Gemma 3 270M's shape; random weights, the time does not depend on them).
 Rows 1 is a decode step, 2-17 a verification of 1-16 draft tokens.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_bench import median_seconds  # noqa: E402
 
 from langchain_gemma_mtp.engine.head import project  # noqa: E402
+from langchain_gemma_mtp.engine.verify import greedy_ids  # noqa: E402
 
 
 def main() -> None:
@@ -34,15 +36,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print("| dtype | rows | linear ms | project ms | speedup |\n|---|---|---|---|---|")
+    print("| dtype | rows | linear ms | project ms | speedup | argmax ms | greedy_ids ms |\n|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         weight = torch.randn(args.vocab, args.hidden, dtype=dtype)
         for n in args.rows:
             x = torch.randn(n, args.hidden, dtype=dtype)
             ref = median_seconds(lambda: F.linear(x, weight), args.repeats)
             ours = median_seconds(lambda: project(x, weight), args.repeats)
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours))
-            print(f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} |", flush=True)
+            logits = project(x, weight)
+            assert torch.equal(logits.argmax(-1), greedy_ids(logits))
+            arg = median_seconds(lambda: logits.argmax(-1), args.repeats)
+            greedy = median_seconds(lambda: greedy_ids(logits), args.repeats)
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours, argmax_s=arg, greedy_ids_s=greedy))
+            print(f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} | {arg * 1e3:.2f} | {greedy * 1e3:.2f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows), indent=1) + "\n")
 

@@ -8,6 +8,13 @@ from .tree import DraftTree
 from .types import SamplingParams
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row, first index on ties as `argmax`. `max` gives the same indices and
+    reads a bfloat16 row about twice as fast on CPU (262k-wide: 0.42 vs 0.96 ms), once per verified
+    row; benchmarks/head_bench.py measures it."""
+    return logits.max(-1).indices
+
+
 def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """Return float32 probabilities after temperature, top-k and top-p, row by row.
 
@@ -36,7 +43,7 @@ def verify_greedy(target_logits: torch.Tensor, draft: list[int], tree: DraftTree
     each draft token (then after each sibling, with `tree`). Where the chain fails, a sibling equal
     to the target's own token there is accepted, and its row gives the next token.
     """
-    preds = target_logits.argmax(-1).tolist()
+    preds = greedy_ids(target_logits).tolist()
     n = 0
     while n < len(draft) and draft[n] == preds[n]:
         n += 1
@@ -83,6 +90,6 @@ def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torc
     """One token from a single row of logits, greedy or sampled, as a (1, 1) tensor on the logits'
     device (no host sync), with the processed probabilities it was drawn from (None when greedy)."""
     if sampling.greedy:
-        return logits.argmax(-1).view(1, 1), None
+        return greedy_ids(logits).view(1, 1), None
     probs = process_logits(logits, sampling)
     return torch.multinomial(probs, 1, generator=generator).view(1, 1), probs

@@ -1,5 +1,5 @@
-"""The fast vocabulary projections: same values as transformers' own head, and the MTP drafter's
-centroid head drafting exactly what the assistant's own forward would."""
+"""The fast vocabulary projections: same values as transformers' own head, the greedy pick equal to
+`argmax`, and the MTP drafter's centroid head drafting exactly what the assistant's own forward would."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters.base import DecodeState
 from langchain_gemma_mtp.engine.head import centroid_candidates, project
 from langchain_gemma_mtp.engine.types import SamplingParams
+from langchain_gemma_mtp.engine.verify import greedy_ids
 
 
 @pytest.mark.parametrize("shape", [(640,), (1, 640), (2, 640), (5, 640), (1, 3, 640), (17, 640)])
@@ -31,6 +32,21 @@ def test_project_keeps_linear_for_other_dtypes():
     weight = torch.randn(300, 64, dtype=torch.bfloat16)
     hidden = torch.randn(3, 64, dtype=torch.bfloat16)
     assert torch.equal(project(hidden, weight), F.linear(hidden, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ids_pick_argmax_first_index_on_ties(dtype):
+    """The engine's greedy choice is `argmax`'s, ties included: bf16 logits tie often (8-bit mantissa)."""
+    g = torch.Generator().manual_seed(3)
+    for rows, width in ((1, 262144), (6, 262144), (3, 50)):
+        logits = torch.randint(-4, 5, (rows, width), generator=g).to(dtype)  # many ties for the top value
+        assert torch.equal(greedy_ids(logits), logits.argmax(-1))
+        top = logits.max(-1).values
+        first = [int((row == v).nonzero()[0]) for row, v in zip(logits, top)]
+        assert greedy_ids(logits).tolist() == first
+        smooth = torch.randn(rows, width, generator=g).to(dtype)
+        assert torch.equal(greedy_ids(smooth), smooth.argmax(-1))
+    assert greedy_ids(torch.tensor([1.0, 3.0, 3.0])).item() == 1
 
 
 def _state(engine: Engine, ids: list[int], sampling: SamplingParams) -> DecodeState:
