@@ -85,8 +85,9 @@ class MTPDrafter(StatelessDrafter):
         position = torch.tensor([[len(state.tokens) - 1]], device=device)
         token, h = torch.tensor([[state.tokens[-1]]], device=device), state.hidden
         drafts, probs, chance, offered = [], [], 1.0, []
+        masks = None  # every step of a draft attends to the same K/V from the same position
         for _ in range(k):
-            last, h = self._step(token, h, position, state.shared_kv)
+            last, h, masks = self._step(token, h, position, state.shared_kv, masks)
             token, q, scores, ids = self._choose(last[0, -1], state)
             drafts.append(token)
             probs.append(q)
@@ -110,14 +111,16 @@ class MTPDrafter(StatelessDrafter):
             ]
         return tokens, stacked
 
-    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv) -> tuple[torch.Tensor, torch.Tensor]:
-        """The assistant's forward without its head: (normed last state, projected state for the next step)."""
+    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks=None):
+        """The assistant's forward without its head: (normed last state, projected state for the next
+        step, the attention masks it used, for the next step to reuse)."""
         a = self.assistant
         x = a.pre_projection(torch.cat([self.target.embed(token), h], dim=-1))
-        masks = a.create_attention_masks(x, None, shared_kv)
+        if masks is None:
+            masks = a.create_attention_masks(x, None, shared_kv)
         last = a.model(inputs_embeds=x, attention_mask=masks, position_ids=position, shared_kv_states=shared_kv,
                        use_cache=False).last_hidden_state
-        return last, a.post_projection(last)
+        return last, a.post_projection(last), masks
 
     def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
