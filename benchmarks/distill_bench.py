@@ -1,10 +1,10 @@
 """The distilled MTP drafter on the embedded Gemma 3 270M: acceptance, drafter step cost and speedup per kind and k.
 
-For each workload kind, draft length k, early-stop threshold (`MTPDrafter.stop_below`) and
-siblings per depth (`MTPDrafter.siblings`: greedy draft trees), in one run against plain decoding
-(drafter "none"):
-mean accepted length (tokens per target forward), per-position acceptance, tokens/s and the
-speedup over plain decoding, and whether the output equals plain greedy (fp32: must; bf16:
+For each workload kind, draft length k, early-stop threshold (`MTPDrafter.stop_below`), siblings
+per depth (`MTPDrafter.siblings`: greedy draft trees) and centroid clusters scored per draft step,
+in one run against plain decoding (drafter "none"): mean accepted length (tokens per target
+forward), per-position acceptance, tokens/s and the speedup over plain decoding (from the fastest
+runs, and paired round by round), and whether the output equals plain greedy (fp32: must; bf16:
 agreement only). The drafter's own step cost is measured once per dtype as the time of one draft
 step over the time of one single-token target forward (decode at a prompt-length context).
 None of the workload prompts is in the drafter's training prompts (checked).
@@ -13,6 +13,7 @@ None of the workload prompts is in the drafter's training prompts (checked).
     python benchmarks/distill_bench.py --dtype float32 --out benchmarks/results/distill-270m-fp32.json
     python benchmarks/distill_bench.py --dtype bfloat16 -k 4 6 8 --stop-below 0 0.2 0.3 --out ...
     python benchmarks/distill_bench.py --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 0 1 2 3 --out ...
+    python benchmarks/distill_bench.py --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 3 --centroid-top-k 32 4 --out ...
     python benchmarks/distill_bench.py --limit 2 -k 1 4         # smoke run
 """
 
@@ -87,14 +88,25 @@ def run(engine: Engine, ids: list[int], max_new: int, k: int | None):
 
 
 def timed_rounds(calls: list, rounds: int) -> list[tuple]:
-    """(result, fastest seconds) of each call, run in `rounds` interleaved rounds: a slow spell of the
-    machine then hits every setting alike, and the fastest of a call's runs is the least disturbed."""
+    """(result, fastest seconds, seconds of every round) of each call, run in `rounds` interleaved
+    rounds: a slow spell of the machine then hits every setting alike, and the fastest of a call's
+    runs is the least disturbed. The rounds' own times let a caller pair calls made moments apart."""
     best = [None] * len(calls)
     for _ in range(rounds):
         for i, call in enumerate(calls):
             result, secs = call()
-            best[i] = (result, secs if best[i] is None else min(secs, best[i][1]))
+            best[i] = (result, secs, [secs]) if best[i] is None else (result, min(secs, best[i][1]), best[i][2] + [secs])
     return best
+
+
+def paired_speedup(rows: list[dict]) -> float:
+    """Speedup over plain decoding of these rows together, round by round (each setting's run against
+    the plain run of the same round, moments before it), median over the rounds: the machine's slow
+    spells, which can last longer than a prompt, then hit both sides of a ratio alike."""
+    rounds = min(len(r["secs_rounds"]) for r in rows)
+    spec = [sum(r["tokens"] for r in rows) / sum(r["secs_rounds"][i] for r in rows) for i in range(rounds)]
+    base = [sum(r["plain_tokens"] for r in rows) / sum(r["plain_secs_rounds"][i] for r in rows) for i in range(rounds)]
+    return statistics.median(s / b for s, b in zip(spec, base))
 
 
 def main() -> None:
@@ -108,6 +120,8 @@ def main() -> None:
                     help="siblings per draft depth to try at every setting (0: verify the chain alone)")
     ap.add_argument("--sibling-min", type=float, nargs="+", default=[MTPDrafter.sibling_min_chance],
                     help="least drafter-estimated chance for a sibling to be verified, tried at every setting")
+    ap.add_argument("--centroid-top-k", type=int, nargs="+", default=[0],
+                    help="centroid clusters the drafter scores per step, tried at every setting (0: the drafter's own)")
     ap.add_argument("--kinds", nargs="*", help="only these workload kinds (default: all)")
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
@@ -123,8 +137,10 @@ def main() -> None:
         prompts = prompts[: args.limit]
     run(plain, prompts[0][2], 8, None)  # warm up kernels outside the timings
     # The least chance means nothing without siblings: one such setting, not one per value.
-    settings = list(dict.fromkeys((k, stop, sib, least if sib else 0.0) for k in args.k for stop in args.stop_below
-                                  for sib in args.siblings for least in args.sibling_min))
+    embedder = mtp.drafter.assistant.masked_embedding
+    own_top_k = embedder.centroid_intermediate_top_k if embedder is not None else 0
+    settings = list(dict.fromkeys((k, stop, sib, least if sib else 0.0, top or own_top_k) for k in args.k for stop in args.stop_below
+                                  for sib in args.siblings for least in args.sibling_min for top in args.centroid_top_k))
     for k in args.k:
         run(mtp, prompts[0][2], 8, k)
     costs = on_short_lived_thread(lambda: step_costs(mtp, prompts[0][2]))
@@ -133,21 +149,25 @@ def main() -> None:
     rows = []
     for pid, kind, ids in prompts:
         calls = [lambda ids=ids: run(plain, ids, args.max_new, None)]
-        for k, stop, sib, least in settings:
-            def call(k=k, stop=stop, sib=sib, least=least, ids=ids):
+        for k, stop, sib, least, top in settings:
+            def call(k=k, stop=stop, sib=sib, least=least, top=top, ids=ids):
                 mtp.drafter.stop_below, mtp.drafter.siblings, mtp.drafter.sibling_min_chance = stop, sib, least
+                if embedder is not None:
+                    embedder.centroid_intermediate_top_k = top
                 return run(mtp, ids, args.max_new, k)
             calls.append(call)
-        (base, base_s), *timed = timed_rounds(calls, args.repeats)
-        for (k, stop, sib, least), (result, secs) in zip(settings, timed):
+        (base, base_s, base_rounds), *timed = timed_rounds(calls, args.repeats)
+        for (k, stop, sib, least, top), (result, secs, secs_rounds) in zip(settings, timed):
             speedup = (len(result.token_ids) / secs) / (len(base.token_ids) / base_s)
-            rows.append(dict(id=pid, kind=kind, k=k, stop_below=stop, siblings=sib, sibling_min=least, drafted=result.stats.drafted,
+            rows.append(dict(id=pid, kind=kind, k=k, stop_below=stop, siblings=sib, sibling_min=least, centroid_top_k=top, drafted=result.stats.drafted,
                              verified=result.stats.drafted + result.stats.siblings, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
+                             secs_rounds=secs_rounds, plain_secs_rounds=base_rounds,
                              plain_tokens=len(base.token_ids), speedup=speedup,
                              mean_accepted_length=result.stats.mean_accepted_length,
                              per_position=result.stats.per_position_acceptance,
                              forwards=result.stats.target_forwards, same=result.token_ids == base.token_ids))
-            print(f"{pid} k={k} stop below {stop} siblings {sib} (min {least}): accepted length {result.stats.mean_accepted_length:.2f}, speedup x{speedup:.2f}"
+            print(f"{pid} k={k} stop below {stop} siblings {sib} (min {least}) top {top}: accepted length {result.stats.mean_accepted_length:.2f}, "
+                  f"speedup x{speedup:.2f} (paired x{paired_speedup(rows[-1:]):.2f})"
                   f"{'' if rows[-1]['same'] else ' (differs from plain)'}", flush=True)
     print(f"\n## Distilled MTP drafter, Gemma 3 270M, {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
     print(f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
@@ -159,22 +179,24 @@ def main() -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Per kind, k, stop threshold and siblings: mean accepted length, draft tokens per target forward
-    (chain, and all verified), speedup over plain decoding (total tokens / total time), identity."""
+    """Per kind, k, stop threshold, siblings and centroid clusters: mean accepted length, draft tokens
+    per target forward (chain, and all verified), speedup over plain decoding (total tokens / total
+    time of the fastest runs; and paired round by round, where rounds were recorded), identity."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["kind"], r["k"], r.get("stop_below", 0.0), r.get("siblings", 0), r.get("sibling_min", 0.0))].append(r)
-    lines = [("| kind | k | stop below | siblings (least chance) | prompts | mean accepted length | drafted per forward "
-              "| verified per forward | speedup vs plain | same as plain |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (kind, k, stop, sib, least), rs in sorted(groups.items()):
+        groups[(r["kind"], r["k"], r.get("stop_below", 0.0), r.get("siblings", 0), r.get("sibling_min", 0.0), r.get("centroid_top_k"))].append(r)
+    lines = [("| kind | k | stop below | siblings (least chance) | clusters | prompts | mean accepted length | drafted per forward "
+              "| verified per forward | speedup vs plain | paired | same as plain |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kind, k, stop, sib, least, top), rs in sorted(groups.items(), key=lambda g: tuple(x or 0 for x in g[0])):
         spec = sum(r["tokens"] for r in rs) / sum(r["secs"] for r in rs)
         base = sum(r["plain_tokens"] for r in rs) / sum(r["plain_secs"] for r in rs)
         mal = statistics.mean(r["mean_accepted_length"] for r in rs)
         forwards = sum(r["forwards"] for r in rs)
         drafted = sum(r.get("drafted", 0) for r in rs) / forwards
         verified = sum(r.get("verified", r.get("drafted", 0)) for r in rs) / forwards
-        lines.append(f"| {kind} | {k} | {stop:g} | {sib} ({least:g}) | {len(rs)} | {mal:.2f} | {drafted:.2f} | {verified:.2f} | {spec / base:.2f}x | "
+        lines.append(f"| {kind} | {k} | {stop:g} | {sib} ({least:g}) | {top or '-'} | {len(rs)} | {mal:.2f} | {drafted:.2f} | {verified:.2f} | {spec / base:.2f}x | "
+                     f"{f'{paired_speedup(rs):.2f}x' if all('secs_rounds' in r for r in rs) else '-'} | "
                      f"{sum(r['same'] for r in rs)}/{len(rs)} |")
     return "\n".join(lines)
 
