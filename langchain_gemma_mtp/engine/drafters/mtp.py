@@ -111,7 +111,8 @@ class MTPDrafter(StatelessDrafter):
             ]
         return tokens, stacked
 
-    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks=None):
+    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv,
+              masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The assistant's forward without its head: (normed last state, projected state for the next
         step, the attention masks it used, for the next step to reuse)."""
         a = self.assistant
