@@ -88,15 +88,15 @@ def run(engine: Engine, ids: list[int], max_new: int, k: int | None):
 
 
 def timed_rounds(calls: list, rounds: int) -> list[tuple]:
-    """(result, fastest seconds, seconds of every round) of each call, run in `rounds` interleaved
-    rounds: a slow spell of the machine then hits every setting alike, and the fastest of a call's
-    runs is the least disturbed. The rounds' own times let a caller pair calls made moments apart."""
-    best = [None] * len(calls)
+    """(result, seconds of every round) of each call, run in `rounds` interleaved rounds: a slow spell
+    of the machine then hits every setting alike, the fastest of a call's runs is the least
+    disturbed, and calls of one round, made moments apart, can be paired."""
+    timed = [(None, [])] * len(calls)
     for _ in range(rounds):
         for i, call in enumerate(calls):
             result, secs = call()
-            best[i] = (result, secs, [secs]) if best[i] is None else (result, min(secs, best[i][1]), best[i][2] + [secs])
-    return best
+            timed[i] = (result, timed[i][1] + [secs])
+    return timed
 
 
 def paired_speedup(rows: list[dict]) -> float:
@@ -156,8 +156,10 @@ def main() -> None:
                     embedder.centroid_intermediate_top_k = top
                 return run(mtp, ids, args.max_new, k)
             calls.append(call)
-        (base, base_s, base_rounds), *timed = timed_rounds(calls, args.repeats)
-        for (k, stop, sib, least, top), (result, secs, secs_rounds) in zip(settings, timed):
+        (base, base_rounds), *timed = timed_rounds(calls, args.repeats)
+        base_s = min(base_rounds)
+        for (k, stop, sib, least, top), (result, secs_rounds) in zip(settings, timed):
+            secs = min(secs_rounds)
             speedup = (len(result.token_ids) / secs) / (len(base.token_ids) / base_s)
             rows.append(dict(id=pid, kind=kind, k=k, stop_below=stop, siblings=sib, sibling_min=least, centroid_top_k=top, drafted=result.stats.drafted,
                              verified=result.stats.drafted + result.stats.siblings, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
