@@ -135,6 +135,18 @@ def os_threads() -> int:
     return len(list(Path("/proc/self/task").iterdir()))
 
 
+def settled_threads(quiet: float = 0.3) -> int:
+    """The process's thread count once it has stayed the same for `quiet` seconds: threads of earlier
+    tests (an owner thread that just returned, executor threads) may still be ending."""
+    count, since = os_threads(), time.monotonic()
+    deadline = since + 10.0
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.01)
+        if (now := os_threads()) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 @pytest.fixture(scope="module")
 def sibling(engine):
     """A second engine over the same model (another drafter), on the same device."""
@@ -164,10 +176,11 @@ def test_the_owner_thread_and_its_openmp_team_end_when_idle_and_come_back_for_th
     # An idle thread that ran torch work keeps an OpenMP team, which slows every other torch thread
     # in the process (benchmarks/owner_thread_bench.py); so no thread may outlive its requests.
     assert wait_until(lambda: not engine.worker.running)
-    idle = os_threads()
+    idle = settled_threads()
     assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
     assert wait_until(lambda: not engine.worker.running)
-    assert wait_until(lambda: os_threads() == idle), f"{os_threads() - idle} threads outlived the request"
+    # At most the idle count: an unrelated thread may still end meanwhile, none of ours may stay.
+    assert wait_until(lambda: os_threads() <= idle), f"{os_threads() - idle} threads outlived the request"
     assert engine.generate(prompt(3), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[3]
 
 
