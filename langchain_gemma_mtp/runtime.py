@@ -31,12 +31,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import TemplateError
-
 from .errors import ContextLengthError, InvalidRequestError
 from .formats import gemma4, json_calls
 from .formats.streaming import ParsedDelta, StreamingParser
 from .hints import DraftHint, resolve_draft_hint
+from .prompt import PromptEncoder
 from .messages import check_tool, merge_consecutive, normalize_messages, normalize_tool_choice, tool_names
 from .text_stream import IncrementalDecoder, StopMatcher
 
@@ -114,6 +113,7 @@ class ChatRuntime:
             raise InvalidRequestError(f"{engine.name} has no tokenizer: chat needs one; pass tokenizer=.")
         self.model_name = model_name or engine.name
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+        self.prompts = PromptEncoder(self.tokenizer, self.chat_template, self.model_name)
         # Gemma 4's own tool-call format when the template renders it; the JSON convention otherwise.
         self.native_tools = "<|tool_call>" in self.chat_template
         vocab = self.tokenizer.get_vocab()
@@ -143,8 +143,7 @@ class ChatRuntime:
             messages = _with_system_note(messages, "\n\n".join(notes))
         if not self.native_tools:
             messages = merge_consecutive(json_calls.inline_tool_history(messages))
-        text = self._render(messages, offered if self.native_tools else None, request.reasoning)
-        prompt_ids = self.tokenizer.encode(text + forced, add_special_tokens=False)
+        prompt_ids = self.prompts.encode(messages, offered if self.native_tools else None, request.reasoning, forced)
         names = set(tool_names(offered))
         parser: StreamingParser
         if self.native_tools:
@@ -159,19 +158,6 @@ class ChatRuntime:
             max_new_tokens=self._room(len(prompt_ids), request.max_tokens),
             stop_strings=[*_stop_list(request.stop), *self._internal_stops],
         )
-
-    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools or None,
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                tokenize=False,
-                enable_thinking=reasoning,
-            )
-        except TemplateError as exc:
-            raise InvalidRequestError(f"the chat template of {self.model_name} rejected the messages: {exc}") from exc
 
     def _room(self, prompt_tokens: int, max_tokens: int) -> int:
         """max_tokens, cut to the room the context leaves after the prompt."""
@@ -342,7 +328,6 @@ class _Decoding:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # The engine has no prefix cache yet: nothing of the prompt is read from one.
             "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens},
         }
 

@@ -172,7 +172,7 @@ def test_reasoning_switches_thinking_on(blank) -> None:
 
 def test_prompt_longer_than_the_context_names_both_numbers(blank) -> None:
     long = "The quick brown fox jumps over the lazy dog. " * 150
-    tokens = len(blank.tokenizer.encode(blank._render(normalize_messages([{"role": "user", "content": long}]), None, False)))
+    tokens = len(blank.prompts.encode(normalize_messages([{"role": "user", "content": long}]), None, False))
     assert tokens > 1024
     with pytest.raises(ContextLengthError, match=f"the prompt is {tokens} tokens but blank has a context of 1024 tokens"):
         blank.prepare(request(long))
