@@ -37,7 +37,7 @@ from engine_bench import median_seconds, plain_turns
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NoDrafter
-from langchain_gemma_mtp.engine.drafters.base import DecodeState
+from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 
 TRAINING_PROMPTS = sorted((HERE / "distill").glob("prompts-270m*.jsonl"))
@@ -67,7 +67,7 @@ def step_costs(engine: Engine, ids: list[int], repeats: int = 20) -> dict[str, f
     cache = target.new_cache()
     fwd = target.forward(ids[:-1], cache, prefill=True)
     kv = target.rollback(cache, fwd, 0)
-    state = DecodeState(tokens=list(ids), prompt_len=len(ids), hidden=fwd.hidden[-1:][None], shared_kv=kv)
+    step = DraftStep(DraftRequest(len(ids)), list(ids), 1, 1, hidden=fwd.hidden[-1:][None], shared_kv=kv)
 
     def target_step():
         out = target.forward([ids[-1]], cache)
@@ -75,7 +75,7 @@ def step_costs(engine: Engine, ids: list[int], repeats: int = 20) -> dict[str, f
         cache.crop(-1)
 
     t = median_seconds(target_step, repeats)
-    d = median_seconds(lambda: drafter.propose(state, 1), repeats)
+    d = median_seconds(lambda: drafter.propose(step), repeats)
     return {"target_forward_s": t, "draft_step_s": d, "draft_step_over_target": d / t}
 
 

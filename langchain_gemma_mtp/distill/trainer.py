@@ -20,13 +20,11 @@ from transformers import (
 
 from ..engine.loading import (
     ASSISTANT_MODEL_TYPES,
-    SHARED_HEAD_FLAG,
-    bind_shared_head,
     load_causal_lm,
     resolve_checkpoint,
     validate_mtp_pair,
 )
-from ..engine.target import KV_LAYERS_KEY, TargetModel, kv_layer_problems
+from ..engine.target import KV_LAYERS_KEY, SHARED_HEAD_FLAG, TargetModel, bind_shared_head, kv_layer_problems
 from ..errors import DistillError, IncompatibleDrafterError
 from .architecture import (
     assistant_config,
@@ -233,9 +231,10 @@ def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrain
     if o.kv_layers:  # the init's layers now read other target layers: their attention retrains
         setattr(assistant.config, KV_LAYERS_KEY, {**(getattr(assistant.config, KV_LAYERS_KEY, None) or {}), **o.kv_layers})
     try:
-        validate_mtp_pair(target, assistant)  # binds a shared head to this target's
+        validate_mtp_pair(target, assistant)
     except IncompatibleDrafterError as exc:
         raise DistillError(f"--init {o.init} cannot start a drafter for {o.target}: {exc}") from None
+    target.pair(assistant)  # reads the K/V layers it names; binds a shared head to this target's
     return assistant, assistant.config
 
 

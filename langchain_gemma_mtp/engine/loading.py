@@ -14,15 +14,11 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .drafters import DRAFTER_NAMES
-from .target import KV_LAYERS_KEY, TargetModel, kv_layer_problems, text_config_of
+from .target import KV_LAYERS_KEY, SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, TargetModel, kv_layer_problems, text_config_of
 
 log = logging.getLogger(__name__)
 
 ASSISTANT_MODEL_TYPES = ("gemma4_assistant",)
-# An assistant config with this flag set drafts through its target's LM head: its checkpoint stores
-# no vocabulary-sized matrix, and pairing binds the target's (see bind_shared_head).
-SHARED_HEAD_FLAG = "shares_target_lm_head"
-SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -173,8 +169,8 @@ def kv_source_layer(target: TargetModel, layer_type: str) -> int:
 
 
 def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
-    """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state;
-    then point the target at the K/V layers it reads and bind its LM head into an assistant that shares it."""
+    """Raise IncompatibleDrafterError unless the assistant can read this target's K/V and hidden state.
+    Changes nothing: `TargetModel.pair` sets the pair up."""
     tc, ac = target.config, assistant.config
     atc = ac.get_text_config()
     problems = []
@@ -213,17 +209,6 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
             "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
             + ". Use the assistant released with (or distilled for) this target (X-assistant for X), or drafter='ngram'."
         )
-    target.read_kv_from(chosen)
-    if shares_head:
-        bind_shared_head(assistant, target)
-
-
-def bind_shared_head(assistant: PreTrainedModel, target: TargetModel) -> None:
-    """Make the assistant draft through the target's LM head weight (the same tensor, no copy); the
-    assistant's tied input embedding, which it never reads, points at it too."""
-    weight = target.lm_head.weight
-    assistant.lm_head.weight = weight
-    assistant.get_input_embeddings().weight = weight
 
 
 def validate_draft_model(target: TargetModel, draft: TargetModel) -> None:

@@ -1,5 +1,5 @@
-"""One request's speculative loop: prefill after the longest cached prefix, then draft -> verify -> roll
-back, one burst per step."""
+"""One request's speculative loop: prefill after the longest cached prefix, then each step
+draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens per step."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import torch
 
 from .cache import PrefixCache
-from .drafters import DecodeState, Drafter
+from .drafters import NO_DRAFT, Draft, Drafter, DraftRequest, DraftStep
 from .schedule import DraftPolicy
 from .target import TargetModel
 from .tree import DraftTree
 from .types import Burst, GenerationRequest, SpeculativeStats
-from .verify import choose_token, process_logits, verify_greedy, verify_sampled
+from .verify import choose_token, judge
 
 TARGET = "target"  # the target's namespace in the prefix cache
 
@@ -27,6 +27,13 @@ def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[
     if len(new) >= room:
         return new[:room], "length"
     return new, None
+
+
+def _tree(draft: Draft, request: GenerationRequest, target: TargetModel) -> DraftTree | None:
+    """The draft as a tree when it offers alternatives and the request and model can verify one."""
+    if any(draft.alternatives) and request.sampling.greedy and target.verifies_trees:
+        return DraftTree(draft.tokens, draft.alternatives)
+    return None
 
 
 def speculative_decode(
@@ -51,19 +58,14 @@ def speculative_decode(
     stats.target_forwards += 1
     if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
         prefix_cache.insert(TARGET, prompt, cache)
-    state = DecodeState(
-        tokens=prompt + [first],
-        prompt_len=len(prompt),
-        hidden=fwd.hidden[-1:].unsqueeze(0),
-        shared_kv=target.rollback(cache, fwd, 0),
-        sampling=sampling,
-        generator=generator,
-        prefix_cache=prefix_cache,
-        reproducible=request.seed is not None and not sampling.greedy,
-    )
+    # The committed sequence; tokens[-1] is pending (chosen, not yet fed). `hidden` and `shared_kv`
+    # are the target's state at the token before it: what the next draft starts from.
+    tokens = prompt + [first]
+    hidden, shared_kv = fwd.hidden[-1:].unsqueeze(0), target.rollback(cache, fwd, 0)
+    drafting = DraftRequest(len(prompt), sampling, generator, request.learns, prefix_cache)
+    session = drafter.open(drafting)
     new, finish = _finish([first], 0, request)
     produced = len(new)
-    drafter.start(state)
     try:
         yield Burst(new, 0, 0, finish)
         while finish is None:
@@ -71,31 +73,24 @@ def speculative_decode(
             room = request.max_new_tokens - produced - 1
             k = min(policy.next_length(), room)
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
-            state.draft_limit = room if policy.fixed is None else k
-            state.siblings = []
-            draft, draft_probs = drafter.propose(state, k) if k > 0 else ([], None)
-            tree = DraftTree(draft, state.siblings) if any(state.siblings) and sampling.greedy and target.verifies_trees else None
-            fwd = target.forward(tree.tokens(state.tokens[-1]) if tree else [state.tokens[-1]] + draft, cache, tree=tree)
-            logits = target.logits(fwd.hidden)
-            if sampling.greedy:  # `sibling`: the slot of an accepted sibling, if any
-                accepted, nxt, sibling = verify_greedy(logits, draft, tree)
-            else:
-                n, nxt = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
-                accepted, sibling = draft[:n], None
-            chain = len(accepted) - (sibling is not None)  # chain tokens kept
-            verified = tree.width - 1 if tree else len(draft)
-            state.shared_kv = target.rollback(cache, fwd, verified - chain, then=sibling)
-            state.hidden = fwd.hidden[chain if sibling is None else sibling].view(1, 1, -1)
-            stats.record_step(len(draft), len(accepted), verified - len(draft))
-            policy.observe(len(draft), chain)
+            limit = k if policy.fixed is not None else room
+            draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
+            tree = _tree(draft, request, target)
+            fwd = target.forward(tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree=tree)
+            verdict = judge(target.logits(fwd.hidden), draft.tokens, draft.probs, tree, sampling, generator)
+            shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
+            hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
 
-            new, finish = _finish(accepted + [nxt], produced, request)
-            state.tokens.extend(accepted + [nxt])
-            drafter.commit(state, len(accepted))
+            step = [*verdict.accepted, verdict.next_token]
+            tokens.extend(step)
+            session.commit(tokens, len(verdict.accepted))
+            stats.record_step(len(draft), len(verdict.accepted), verdict.siblings_verified)
+            policy.observe(len(draft), verdict.chain)
+            new, finish = _finish(step, produced, request)
             produced += len(new)
-            yield Burst(new, len(draft), len(accepted), finish, verified - len(draft))
+            yield Burst(new, len(draft), len(verdict.accepted), finish, verdict.siblings_verified)
     finally:
-        drafter.finish(state)
+        session.close(tokens)
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.
-        if prefix_cache is not None and cache.get_seq_length() == len(state.tokens) - 1:
-            prefix_cache.insert(TARGET, state.tokens[:-1], cache)
+        if prefix_cache is not None and cache.get_seq_length() == len(tokens) - 1:
+            prefix_cache.insert(TARGET, tokens[:-1], cache)

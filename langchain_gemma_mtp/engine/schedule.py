@@ -87,8 +87,9 @@ class DraftScheduler:
     def policy(self, request: GenerationRequest, *, can_draft: bool) -> DraftPolicy:
         """The policy for one call: fixed when it asks for a length, else adaptive for its hint kind.
 
-        A seeded call adapts on a private copy of the hint's prior, so the same seed gives the same
-        output whatever earlier calls taught the engine.
+        A call that may not learn across calls (`GenerationRequest.learns`: a seeded sampled one)
+        adapts on a private copy of the hint's prior, so the same seed gives the same output
+        whatever earlier calls taught the engine.
         """
         if not can_draft:
             return DraftPolicy(0, None, self.cost, self._lock)
@@ -98,7 +99,7 @@ class DraftScheduler:
         if isinstance(hint, int):
             return DraftPolicy(hint, None, self.cost, self._lock)
         kind = hint or "auto"
-        if request.seed is not None:
+        if not request.learns:
             return DraftPolicy(None, AcceptanceEstimate.prior(HINT_PRIOR_ALPHA[kind]), self.cost, threading.Lock())
         return DraftPolicy(None, self._estimates[kind], self.cost, self._lock)
 

@@ -19,6 +19,10 @@ KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # ({"full_attention": 5}); unnamed types read the last target layer of their type. Only for targets
 # whose cache the engine reads (Gemma 3): Gemma 4 targets hand over their own shared K/V.
 KV_LAYERS_KEY = "target_kv_layers"
+# An assistant config with this flag set drafts through its target's LM head: its checkpoint stores
+# no vocabulary-sized matrix, and pairing binds the target's (TargetModel.pair).
+SHARED_HEAD_FLAG = "shares_target_lm_head"
+SHARED_HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def text_config_of(model: PreTrainedModel):
@@ -88,6 +92,14 @@ class TargetModel:
         if problems:
             raise IncompatibleDrafterError("; ".join(problems) + ". Name a target layer of the same attention type.")
         self.kv_layers = {**self.default_kv_layers, **chosen}
+
+    def pair(self, assistant: PreTrainedModel) -> None:
+        """Work with an MTP assistant: hand it the K/V of the layers it names (the last of each other
+        type) and, when it shares this model's LM head, bind that head into it. The one place a pair
+        is set up (MTPDrafter calls it); `loading.validate_mtp_pair` checks a pair and changes nothing."""
+        self.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
+        if getattr(assistant.config, SHARED_HEAD_FLAG, False):
+            bind_shared_head(assistant, self)
 
     def new_cache(self, prefix: list[LayerKV] | None = None, length: int = 0) -> DynamicCache:
         """An empty cache, or one starting with the first `length` positions of a stored prefix."""
@@ -170,3 +182,11 @@ class TargetModel:
                 keys, values = keys[..., 1 - layer.sliding_window:, :], values[..., 1 - layer.sliding_window:, :]
             kv[t] = (keys, values)
         return kv
+
+
+def bind_shared_head(assistant: PreTrainedModel, target: TargetModel) -> None:
+    """Make the assistant draft through the target's LM head weight (the same tensor, no copy); the
+    assistant's tied input embedding, which it never reads, points at it too."""
+    weight = target.lm_head.weight
+    assistant.lm_head.weight = weight
+    assistant.get_input_embeddings().weight = weight

@@ -35,6 +35,14 @@ class GenerationRequest:
     draft_hint: str | int | None = None
     stop_token_ids: frozenset[int] = frozenset()
 
+    @property
+    def learns(self) -> bool:
+        """Whether this request may draw on what the engine learned from other calls (draft
+        schedules, the n-gram index, the hybrid drafter's choice). A seeded sampled request may
+        not: the same seed must give the same output whatever other requests ran. The one place
+        for this rule."""
+        return self.seed is None or self.sampling.greedy
+
     def validate(self, vocab_size: int, max_positions: int | None) -> None:
         """Raise InvalidRequestError naming the problem and the fix."""
         if not self.prompt_ids:

@@ -1,6 +1,9 @@
-"""Verification of drafts by the target: greedy prefix match and lossless rejection sampling."""
+"""Verification of drafts by the target: greedy prefix match and lossless rejection sampling, and
+the verdict the loop acts on."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -93,3 +96,45 @@ def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torc
         return greedy_ids(logits).view(1, 1), None
     probs = process_logits(logits, sampling)
     return torch.multinomial(probs, 1, generator=generator).view(1, 1), probs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one verify forward decided, in the terms the loop acts on.
+
+    The forward fed the pending token, the draft chain and (with a tree) the siblings: `drop` of
+    those rows leave the cache, and `kept_slot` (an accepted sibling) is put back after what stays.
+    `hidden_row` is the row whose hidden state the next draft starts from.
+    """
+
+    accepted: list[int]  # draft positions kept (the last may be a sibling in its chain token's place)
+    next_token: int  # the target's own token after them
+    drop: int
+    kept_slot: int | None
+    hidden_row: int
+    siblings_verified: int  # rows verified beside the chain
+
+    @property
+    def chain(self) -> int:
+        """Tokens of the draft chain itself that were kept."""
+        return len(self.accepted) - (self.kept_slot is not None)
+
+
+def judge(
+    logits: torch.Tensor,
+    draft: list[int],
+    draft_probs: torch.Tensor | None,
+    tree: DraftTree | None,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> Verdict:
+    """The verdict on a draft from the target's logits (a row per fed token): greedy prefix match
+    (with siblings when `tree`), or speculative sampling on the processed distributions."""
+    if sampling.greedy:
+        accepted, next_token, slot = verify_greedy(logits, draft, tree)
+    else:
+        n, next_token = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
+        accepted, slot = draft[:n], None
+    chain = len(accepted) - (slot is not None)
+    verified = tree.width - 1 if tree is not None else len(draft)
+    return Verdict(accepted, next_token, verified - chain, slot, chain if slot is None else slot, verified - len(draft))

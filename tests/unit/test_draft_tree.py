@@ -7,7 +7,7 @@ import torch
 from tiny_models import VOCAB, WINDOW, build_target
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import StatelessDrafter
+from langchain_gemma_mtp.engine.drafters import NO_DRAFT, Draft, StatelessDrafter
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter, check_siblings
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.tree import DraftTree
@@ -90,18 +90,18 @@ class TreeScript(StatelessDrafter):
     def __init__(self, continuation: list[int]):
         self.continuation, self.steps = continuation, 0
 
-    def propose(self, state, k):
-        done = len(state.tokens) - state.prompt_len
-        chain = self.continuation[done:done + k]
+    def propose(self, step):
+        done = len(step.tokens) - step.request.prompt_len
+        chain = self.continuation[done:done + step.k]
         if not chain:
-            return [], None
+            return NO_DRAFT
         miss = self.steps % len(chain)
         self.steps += 1
         true = chain[miss]
         chain = [*chain[:miss], (true + 1) % VOCAB, *chain[miss + 1:]]
-        state.siblings = [[] for _ in chain]
-        state.siblings[miss] = [(true + 2) % VOCAB, true, (true + 3) % VOCAB]
-        return chain, None
+        alternatives = [[] for _ in chain]
+        alternatives[miss] = [(true + 2) % VOCAB, true, (true + 3) % VOCAB]
+        return Draft(chain, None, alternatives)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -137,10 +137,8 @@ class ChainOf(StatelessDrafter):
     def __init__(self, inner):
         self.inner, self.name, self.cost_per_draft_token = inner, "chain", 0.1
 
-    def propose(self, state, k):
-        draft = self.inner.propose(state, k)
-        state.siblings = []
-        return draft
+    def propose(self, step):
+        return Draft(self.inner.propose(step).tokens)
 
 
 def test_mtp_drafter_offers_siblings_only_when_greedy(checkpoints):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
+from langchain_gemma_mtp.engine.drafters import Draft, DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from tiny_models import VOCAB, build_target
 
@@ -77,9 +77,9 @@ class ScriptedDrafter(StatelessDrafter):
     def __init__(self, continuation: list[int], shift: int, name: str):
         self.continuation, self.shift, self.name = continuation, shift, name
 
-    def propose(self, state, k):
-        done = len(state.tokens) - state.prompt_len
-        return [(t + self.shift) % VOCAB for t in self.continuation[done:done + k]], None
+    def propose(self, step):
+        done = len(step.tokens) - step.request.prompt_len
+        return Draft([(t + self.shift) % VOCAB for t in self.continuation[done:done + step.k]])
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])

@@ -10,7 +10,7 @@ from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters.base import DecodeState
+from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
 from langchain_gemma_mtp.engine.head import centroid_candidates, project
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import greedy_ids
@@ -49,13 +49,13 @@ def test_greedy_ids_pick_argmax_first_index_on_ties(dtype):
     assert greedy_ids(torch.tensor([1.0, 3.0, 3.0])).item() == 1
 
 
-def _state(engine: Engine, ids: list[int], sampling: SamplingParams) -> DecodeState:
+def _step(engine: Engine, ids: list[int], sampling: SamplingParams, k: int, generator=None) -> DraftStep:
     target = engine.target
     cache = target.new_cache()
     fwd = target.forward(ids[:-1], cache, prefill=True)
     kv = target.rollback(cache, fwd, 0)
-    return DecodeState(tokens=list(ids), prompt_len=len(ids), hidden=fwd.hidden[-1:][None], shared_kv=kv,
-                       sampling=sampling)
+    request = DraftRequest(len(ids), sampling, generator)
+    return DraftStep(request, list(ids), k, k, hidden=fwd.hidden[-1:][None], shared_kv=kv)
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
@@ -67,17 +67,18 @@ def test_mtp_drafts_equal_the_assistants_own_forward(checkpoints, kind, assistan
     engine = Engine.from_pretrained(path, drafter="mtp", assistant=path.parent / f"{kind}-{assistant}")
     drafter, a = engine.drafter, engine.drafter.assistant
     ids = torch.randint(3, engine.target.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()
-    state = _state(engine, ids, SamplingParams())
-    stopped, _ = drafter.propose(state, 4)  # the default early stop: a prefix of the full draft
+    step = _step(engine, ids, SamplingParams(), 4)
+    stopped = drafter.propose(step).tokens  # the default early stop: a prefix of the full draft
     drafter.stop_below = 0.0
-    drafts, probs = drafter.propose(state, 4)
+    draft = drafter.propose(step)
+    drafts, probs = draft.tokens, draft.probs
     assert probs is None and len(drafts) == 4
     # The same steps through the stock forward (its head, its masks), greedy over its logits.
-    token, h = torch.tensor([[ids[-1]]]), state.hidden
+    token, h = torch.tensor([[ids[-1]]]), step.hidden
     expected = []
     for _ in range(4):
         out = a(inputs_embeds=torch.cat([engine.target.embed(token), h], dim=-1),
-                position_ids=torch.tensor([[len(ids) - 1]]), shared_kv_states=state.shared_kv)
+                position_ids=torch.tensor([[len(ids) - 1]]), shared_kv_states=step.shared_kv)
         token, h = out.logits[0, -1].argmax().view(1, 1), out.last_hidden_state
         expected.append(int(token))
     assert drafts == expected
@@ -91,10 +92,10 @@ def test_sampled_centroid_drafts_put_mass_only_on_scored_tokens(checkpoints):
     embedder = engine.drafter.assistant.masked_embedding
     assert embedder is not None
     ids = list(range(3, 20))
-    state = _state(engine, ids, SamplingParams(temperature=1.0))
-    state.generator = torch.Generator().manual_seed(0)
+    step = _step(engine, ids, SamplingParams(temperature=1.0), 3, torch.Generator().manual_seed(0))
     engine.drafter.stop_below = 0.0  # three drafts, whatever their probabilities
-    drafts, probs = engine.drafter.propose(state, 3)
+    draft = engine.drafter.propose(step)
+    drafts, probs = draft.tokens, draft.probs
     assert probs.shape == (3, engine.target.vocab_size)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
     scored = embedder.centroid_intermediate_top_k * (embedder.vocab_size // embedder.num_centroids)

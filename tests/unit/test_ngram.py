@@ -1,6 +1,6 @@
 """N-gram drafting: which occurrence is copied, how much of it, and the cross-call suffix index."""
 
-from langchain_gemma_mtp.engine.drafters import DecodeState, Match, NgramDrafter, SuffixIndex, lookup_continuation
+from langchain_gemma_mtp.engine.drafters import Draft, DraftRequest, DraftStep, Match, NgramDrafter, SuffixIndex, lookup_continuation
 from langchain_gemma_mtp.engine.drafters.ngram import INDEX_CONTEXT, MAX_MATCH
 
 
@@ -76,31 +76,37 @@ def test_index_forgets_the_oldest_outputs_within_its_budget():
     assert index.lookup([30, 31, 32], 2) == Match([33, 99], 3)
 
 
-def state_of(tokens: list[int], prompt_len: int, **kw) -> DecodeState:
-    return DecodeState(tokens=list(tokens), prompt_len=prompt_len, **kw)
+def step_of(tokens: list[int], prompt_len: int, k: int = 4, limit: int = 16, learns: bool = True) -> DraftStep:
+    return DraftStep(DraftRequest(prompt_len, learns=learns), list(tokens), k, limit)
+
+
+def close(drafter: NgramDrafter, tokens: list[int], prompt_len: int) -> None:
+    drafter.open(DraftRequest(prompt_len)).close(tokens)
 
 
 def test_drafter_learns_outputs_across_calls_and_grows_drafts_with_the_match():
     drafter = NgramDrafter()
     prompt = [3, 4, 5, 6, 7]
     output = list(range(100, 130))
-    drafter.finish(state_of(prompt + output, len(prompt)))
+    close(drafter, prompt + output, len(prompt))
     # A new request whose own tokens never saw the output: the index supplies it, and a match of
     # 5 tokens (the prompt) lets the draft grow past the schedule's k of 2.
-    ask = state_of([1] + prompt, 6)
-    assert drafter.propose(ask, 2) == (output[:5], None)
-    ask.draft_limit = 3  # max_new_tokens is near: never more than the loop allows
-    assert drafter.propose(ask, 2)[0] == output[:3]
-    # A seeded sampled request must not depend on other requests: only its own tokens count.
-    assert drafter.propose(state_of([1] + prompt, 6, reproducible=True), 2) == ([], None)
+    session = drafter.open(DraftRequest(6))
+    assert session.propose(step_of([1] + prompt, 6, k=2)) == Draft(output[:5])
+    # max_new_tokens is near: never more than the loop allows
+    assert session.propose(step_of([1] + prompt, 6, k=2, limit=3)).tokens == output[:3]
+    # A request that may not learn across calls (seeded sampling) sees only its own tokens.
+    seeded = drafter.open(DraftRequest(6, learns=False))
+    assert seeded.propose(step_of([1] + prompt, 6, k=2, learns=False)) == Draft([])
 
 
 def test_indexed_output_keeps_some_prompt_context_and_prefers_the_longer_match():
     drafter = NgramDrafter()
     prompt = list(range(50, 50 + 3 * INDEX_CONTEXT))
-    drafter.finish(state_of(prompt + [7, 8, 9, 10], len(prompt)))
+    close(drafter, prompt + [7, 8, 9, 10], len(prompt))
     assert drafter.index.tokens == INDEX_CONTEXT + 4  # the rest of the prompt is not indexed
     # The request's own 1-token match (97 at its start) loses to the index's 8-token match.
     tokens = [97, 1, 1] + prompt[-8:]
-    assert drafter.find(state_of(tokens, len(tokens)), 4) == Match([7, 8, 9, 10], 8)
-    assert NgramDrafter(index_tokens=0).find(state_of(tokens, len(tokens)), 4) == Match([1, 1, 90, 91], 1)
+    assert drafter.open(DraftRequest(len(tokens))).find(step_of(tokens, len(tokens))) == Match([7, 8, 9, 10], 8)
+    blind = NgramDrafter(index_tokens=0).open(DraftRequest(len(tokens)))
+    assert blind.find(step_of(tokens, len(tokens))) == Match([1, 1, 90, 91], 1)

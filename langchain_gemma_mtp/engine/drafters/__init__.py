@@ -1,6 +1,6 @@
-"""Drafters behind one protocol: Gemma 4 MTP, a draft model, n-gram lookup, hybrid, or none."""
+"""Drafters behind one contract: Gemma 4 MTP, a draft model, n-gram lookup, hybrid, or none."""
 
-from .base import DecodeState, Drafter, NoDrafter, StatelessDrafter
+from .base import NO_DRAFT, Draft, Drafter, DraftRequest, DraftSession, DraftStep, NoDrafter, StatelessDrafter
 from .draft_model import DraftModelDrafter
 from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
@@ -10,8 +10,12 @@ DRAFTER_NAMES = ("auto", "mtp", "hybrid", "draft_model", "ngram", "none")
 
 __all__ = [
     "DRAFTER_NAMES",
-    "DecodeState",
+    "NO_DRAFT",
+    "Draft",
     "DraftModelDrafter",
+    "DraftRequest",
+    "DraftSession",
+    "DraftStep",
     "Drafter",
     "HybridDrafter",
     "Match",

@@ -1,76 +1,110 @@
-"""The drafter protocol and the per-request decoding state drafters read."""
+"""The drafter contract: what a drafter is given (read-only views) and what it returns (a draft value).
+
+A drafter is built with the services it keeps across calls (an n-gram index, a model); for each
+request the loop opens a session with the request's constants and services (`DraftRequest`), then
+every step hands it a read-only `DraftStep` and takes back a `Draft`; `commit` says how many draft
+tokens stayed, `close` that the request ended. Nothing a drafter returns is written into shared
+request state, and nothing it is given may be changed by it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from ..cache import PrefixCache
 from ..target import KV
-from ..types import MAX_DRAFT_TOKENS, SamplingParams
+from ..types import SamplingParams
 from ..verify import choose_token
 
 
-@dataclass
-class DecodeState:
-    """One request's committed sequence as the drafter sees it.
+@dataclass(frozen=True)
+class DraftRequest:
+    """What stays the same over one request, given when its session opens."""
+
+    prompt_len: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+    # False for a seeded sampled request: its drafts must not depend on other requests, so it does
+    # not read what drafters learned across calls (one rule, decided by the engine).
+    learns: bool = True
+    prefix_cache: PrefixCache | None = None  # where a drafter with a KV cache of its own may reuse prefixes
+
+
+@dataclass(frozen=True)
+class DraftStep:
+    """One step's read-only view of the request.
 
     `tokens[-1]` is the pending token: chosen, not yet fed to the target. `hidden` is the target's
     final hidden state at the token before it, `shared_kv` the target's K/V up to that token.
     """
 
-    tokens: list[int]
-    prompt_len: int
+    request: DraftRequest
+    tokens: Sequence[int]
+    k: int  # draft tokens the schedule asks for
+    limit: int  # most draft tokens this step may verify (room left, or the caller's fixed length)
     hidden: torch.Tensor | None = None  # (1, 1, H)
     shared_kv: KV | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    generator: torch.Generator | None = None
-    drafter_state: Any = None  # per-request data a drafter keeps (its own KV cache), so drafters stay shareable
-    prefix_cache: PrefixCache | None = None  # where a drafter with a KV cache of its own may reuse prefixes
-    draft_limit: int = MAX_DRAFT_TOKENS  # most draft tokens this step may verify (room left, or a fixed length)
-    reproducible: bool = False  # a seeded sampled request: drafts must not depend on other requests
-    # Set by `propose` (greedy only): siblings[i] are other candidates for draft position i, verified
-    # with the chain in one forward as a tree (engine/tree.py). Empty: a plain chain.
-    siblings: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Draft tokens, the (len, V) probabilities they were sampled from (None for point masses:
+    greedy drafting or lookup), and for greedy drafts `alternatives[i]`: other candidates for
+    position i, verified beside the chain in one forward as a tree (engine/tree.py)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+    alternatives: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+NO_DRAFT = Draft([])
+
+
+class DraftSession(Protocol):
+    """One request's drafter."""
+
+    def propose(self, step: DraftStep) -> Draft:
+        """Up to `step.k` draft tokens after `step.tokens` (a drafter may go up to `step.limit`)."""
+
+    def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
+        """`tokens` now holds the verified continuation, of which the last `n_accepted` + 1 are new."""
+
+    def close(self, tokens: Sequence[int]) -> None:
+        """The request ended (done, cancelled or failed): keep what later requests can use."""
 
 
 class Drafter(Protocol):
-    """Proposes draft tokens; told after each verification how many were kept."""
+    """Proposes draft tokens through one session per request."""
 
     name: str
     # Cost of one draft token relative to one target forward (drafting plus wider verification);
     # the adaptive schedule trades it against acceptance.
     cost_per_draft_token: float
 
-    def start(self, state: DecodeState) -> None:
-        """Begin a request: put any per-request data in `state.drafter_state`."""
-
-    def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        """Up to k draft tokens after `state.tokens`, with the (k, V) probabilities they were sampled
-        from, or None when drafting was deterministic (greedy or lookup)."""
-
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        """`state.tokens` now holds the verified continuation; roll back what was rejected."""
-
-    def finish(self, state: DecodeState) -> None:
-        """The request ended (done, cancelled or failed): keep what later requests can use."""
+    def open(self, request: DraftRequest) -> DraftSession:
+        """A session for one request."""
 
     def forget(self) -> None:
         """Drop what was learned from earlier requests."""
 
 
 class StatelessDrafter:
-    """Base of drafters that keep nothing per request or across requests: the hooks do nothing."""
+    """Base of drafters that keep nothing per request: the drafter is its own session."""
 
-    def start(self, state: DecodeState) -> None:
+    def open(self, request: DraftRequest) -> DraftSession:
+        return self  # type: ignore[return-value]  # subclasses define propose
+
+    def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
         pass
 
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        pass
-
-    def finish(self, state: DecodeState) -> None:
+    def close(self, tokens: Sequence[int]) -> None:
         pass
 
     def forget(self) -> None:
@@ -83,13 +117,13 @@ class NoDrafter(StatelessDrafter):
     name = "none"
     cost_per_draft_token = 0.0
 
-    def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        return [], None
+    def propose(self, step: DraftStep) -> Draft:
+        return NO_DRAFT
 
 
-def draft_token(logits: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draft_token(logits: torch.Tensor, request: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A draft token chosen as the request samples (see verify.choose_token)."""
-    return choose_token(logits, state.sampling, state.generator)
+    return choose_token(logits, request.sampling, request.generator)
 
 
 def finish_draft(tokens: list[torch.Tensor], probs: list[torch.Tensor | None]) -> tuple[list[int], torch.Tensor | None]:

@@ -3,14 +3,13 @@ short match, copy it or let the MTP drafter guess, whichever has lately been wor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..cache import common_prefix_length
-from .base import DecodeState
+from .base import Draft, DraftRequest, DraftStep
 from .mtp import MTPDrafter
-from .ngram import NgramDrafter
+from .ngram import NgramDrafter, NgramSession
 
 # A match this long is copied rather than drafted: in agent traffic (quoted tool results,
 # repeated call skeletons, resent code) what follows such a match almost always follows again,
@@ -42,15 +41,6 @@ def prior_worth() -> dict[str, Worth]:
     return {source: Worth(value) for source, value in PRIOR_VALUE.items()}
 
 
-@dataclass
-class HybridStep:
-    """One request's view: the worth estimates it reads and what the last step drafted."""
-
-    worth: dict[str, Worth]
-    short_match: list[int] | None = None  # a short match's tokens, scored whichever drafter ran
-    mtp_drafted: int | None = None  # draft tokens MTP proposed this step, None when a copy was used
-
-
 class HybridDrafter:
     """Lossless either way: copied drafts are point masses, MTP drafts carry their probabilities.
 
@@ -61,7 +51,8 @@ class HybridDrafter:
     bound); MTP is scored on the steps it drafts. A strong assistant thus keeps drafting past
     short matches, while a weak one (the 270M's distilled drafter on echoing text) yields to them.
     The choice reads only verified history, so outputs stay the target's. Estimates are shared
-    across requests, except for seeded sampled ones, which start from the priors (reproducible).
+    across requests, except for requests that may not learn across calls (seeded sampled ones),
+    which start from the priors (reproducible).
     """
 
     name = "hybrid"
@@ -76,39 +67,50 @@ class HybridDrafter:
         # match, MTP with no match.
         self.choices = {"long": 0, "short": 0, "mtp_over_short": 0, "mtp": 0}
 
-    def start(self, state: DecodeState) -> None:
-        state.drafter_state = HybridStep(prior_worth() if state.reproducible else self.worth)
-
-    def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        step: HybridStep = state.drafter_state
-        match = self.ngram.find(state, k)
-        step.short_match, step.mtp_drafted = None, None
-        if match.tokens and match.length >= self.min_match:
-            self.choices["long"] += 1
-            return match.tokens, None
-        if match.tokens:
-            step.short_match = match.tokens
-            if step.worth["ngram"].mean >= step.worth["mtp"].mean:
-                self.choices["short"] += 1
-                return match.tokens, None
-        draft, probs = self.mtp.propose(state, k)
-        step.mtp_drafted = len(draft)
-        self.choices["mtp" if step.short_match is None else "mtp_over_short"] += 1
-        return draft, probs
-
-    def commit(self, state: DecodeState, n_accepted: int) -> None:
-        step: HybridStep = state.drafter_state
-        if step.short_match is not None:
-            verified = state.tokens[len(state.tokens) - n_accepted - 1:]
-            accepted = common_prefix_length(step.short_match, verified)
-            step.worth["ngram"].observe(accepted - self.ngram.cost_per_draft_token * len(step.short_match))
-        if step.mtp_drafted is not None:
-            step.worth["mtp"].observe(n_accepted - self.mtp.cost_per_draft_token * step.mtp_drafted)
-        step.short_match, step.mtp_drafted = None, None  # a step without drafts scores nothing
-
-    def finish(self, state: DecodeState) -> None:
-        self.ngram.finish(state)
+    def open(self, request: DraftRequest) -> HybridSession:
+        return HybridSession(self, self.ngram.open(request), self.worth if request.learns else prior_worth())
 
     def forget(self) -> None:
         self.ngram.forget()
         self.worth = prior_worth()
+
+
+class HybridSession:
+    """One request's choice between copying and MTP, and what its last step drafted."""
+
+    def __init__(self, drafter: HybridDrafter, ngram: NgramSession, worth: dict[str, Worth]):
+        self.drafter = drafter
+        self.ngram = ngram
+        self.worth = worth
+        self.short_match: list[int] | None = None  # a short match's tokens, scored whichever drafter ran
+        self.mtp_drafted: int | None = None  # draft tokens MTP proposed this step, None when a copy was used
+
+    def propose(self, step: DraftStep) -> Draft:
+        hybrid = self.drafter
+        match = self.ngram.find(step)
+        self.short_match, self.mtp_drafted = None, None
+        if match.tokens and match.length >= hybrid.min_match:
+            hybrid.choices["long"] += 1
+            return Draft(match.tokens)
+        if match.tokens:
+            self.short_match = match.tokens
+            if self.worth["ngram"].mean >= self.worth["mtp"].mean:
+                hybrid.choices["short"] += 1
+                return Draft(match.tokens)
+        draft = hybrid.mtp.propose(step)
+        self.mtp_drafted = len(draft)
+        hybrid.choices["mtp" if self.short_match is None else "mtp_over_short"] += 1
+        return draft
+
+    def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
+        hybrid = self.drafter
+        if self.short_match is not None:
+            verified = tokens[len(tokens) - n_accepted - 1:]
+            accepted = common_prefix_length(self.short_match, verified)
+            self.worth["ngram"].observe(accepted - hybrid.ngram.cost_per_draft_token * len(self.short_match))
+        if self.mtp_drafted is not None:
+            self.worth["mtp"].observe(n_accepted - hybrid.mtp.cost_per_draft_token * self.mtp_drafted)
+        self.short_match, self.mtp_drafted = None, None  # a step without drafts scores nothing
+
+    def close(self, tokens: Sequence[int]) -> None:
+        self.ngram.close(tokens)

@@ -7,8 +7,8 @@ from transformers import PreTrainedModel
 
 from ...errors import InvalidRequestError
 from ..head import centroid_candidates, project
-from ..target import KV_LAYERS_KEY, TargetModel
-from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
+from ..target import TargetModel
+from .base import NO_DRAFT, Draft, DraftRequest, DraftStep, StatelessDrafter, draft_token, finish_draft
 
 # Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
 DEFAULT_STOP_BELOW = 0.3
@@ -61,9 +61,13 @@ class MTPDrafter(StatelessDrafter):
     to pay for its step and its verification. The stop depends only on the drafts already made,
     so greedy output and the sampled distribution are unchanged; 0 always drafts k.
 
-    Greedy requests also get up to `siblings` runners-up at each depth (`state.siblings`), which
-    the loop verifies beside the chain as a tree: where the target rejects a draft token but chose
-    a sibling, that step keeps one more token. Sampled requests verify the chain alone.
+    Greedy requests also get up to `siblings` runners-up at each depth (the draft's
+    `alternatives`), which the loop verifies beside the chain as a tree: where the target rejects a
+    draft token but chose a sibling, that step keeps one more token. Sampled requests verify the
+    chain alone.
+
+    The assistant must already be paired with the target (`loading.pair_mtp`): it reads the
+    target's K/V layers and, where it shares it, the target's LM head.
     """
 
     name = "mtp"
@@ -76,19 +80,20 @@ class MTPDrafter(StatelessDrafter):
         self.siblings = check_siblings(siblings)
         self.assistant = assistant
         self.target = target
-        target.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
+        target.pair(assistant)
 
-    def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        if k <= 0 or state.shared_kv is None:
-            return [], None
+    def propose(self, step: DraftStep) -> Draft:
+        if step.k <= 0 or step.shared_kv is None:
+            return NO_DRAFT
+        request = step.request
         device = self.target.device
-        position = torch.tensor([[len(state.tokens) - 1]], device=device)
-        token, h = torch.tensor([[state.tokens[-1]]], device=device), state.hidden
+        position = torch.tensor([[len(step.tokens) - 1]], device=device)
+        token, h = torch.tensor([[step.tokens[-1]]], device=device), step.hidden
         drafts, probs, chance, offered = [], [], 1.0, []
         masks = None  # every step of a draft attends to the same K/V from the same position
-        for _ in range(k):
-            last, h, masks = self._step(token, h, position, state.shared_kv, masks)
-            token, q, scores, ids = self._choose(last[0, -1], state)
+        for _ in range(step.k):
+            last, h, masks = self._step(token, h, position, step.shared_kv, masks)
+            token, q, scores, ids = self._choose(last[0, -1], request)
             drafts.append(token)
             probs.append(q)
             if not (self.stop_below or (q is None and self.siblings)):
@@ -104,12 +109,14 @@ class MTPDrafter(StatelessDrafter):
             if chance < self.stop_below:
                 break
         tokens, stacked = finish_draft(drafts, probs)
-        if offered and self.siblings:  # the candidates' ids in one more sync; a tie may put the chosen one anywhere
-            state.siblings = [
-                [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings]
-                for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
-            ]
-        return tokens, stacked
+        if not (offered and self.siblings):
+            return Draft(tokens, stacked)
+        # The candidates' ids in one more sync; a tie may put the chosen one anywhere.
+        alternatives = [
+            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings]
+            for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
+        ]
+        return Draft(tokens, stacked, alternatives)
 
     def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv,
               masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -123,7 +130,7 @@ class MTPDrafter(StatelessDrafter):
                        use_cache=False).last_hidden_state
         return last, a.post_projection(last), masks
 
-    def _choose(self, last: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _choose(self, last: torch.Tensor, request: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
         greedy, the logits it was the best of with their token ids (None: the whole vocabulary).
         A centroid head scores only its top clusters' tokens, so greedy drafting takes the best of
@@ -135,8 +142,8 @@ class MTPDrafter(StatelessDrafter):
             logits = project(last, weight)
         else:
             ids, logits = centroid_candidates(embedder, last, weight)
-            if state.sampling.greedy:
+            if request.sampling.greedy:
                 return ids[logits.argmax()].view(1, 1), None, logits, ids
             logits = torch.full((weight.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device).scatter_(0, ids, logits)
-        token, q = draft_token(logits, state)
+        token, q = draft_token(logits, request)
         return token, q, logits if q is None else None, None

@@ -9,12 +9,11 @@ lets the draft grow to m tokens (up to MAX_DRAFT_TOKENS) even when the schedule 
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
-
 from ..types import MAX_DRAFT_TOKENS
-from .base import DecodeState, StatelessDrafter
+from .base import Draft, DraftRequest, DraftStep
 
 MAX_MATCH = 16  # how far back a match is compared when choosing between occurrences
 INDEX_KEY_LENGTHS = (8, 3)  # the index finds an occurrence by its last 8 tokens, else its last 3
@@ -32,7 +31,7 @@ class Match(NamedTuple):
 NO_MATCH = Match([], 0)
 
 
-def match_length(a: list[int], a_end: int, b: list[int], b_end: int) -> int:
+def match_length(a: Sequence[int], a_end: int, b: Sequence[int], b_end: int) -> int:
     """How many tokens agree going back from a[a_end] and b[b_end] (up to MAX_MATCH)."""
     n = 0
     while n < MAX_MATCH and n <= a_end and n <= b_end and a[a_end - n] == b[b_end - n]:
@@ -40,7 +39,7 @@ def match_length(a: list[int], a_end: int, b: list[int], b_end: int) -> int:
     return n
 
 
-def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> Match:
+def lookup_continuation(tokens: Sequence[int], k: int, min_ngram: int = 1) -> Match:
     """Up to k tokens that followed an earlier occurrence of the sequence's suffix, or NO_MATCH when
     none matches at least `min_ngram` tokens.
 
@@ -65,7 +64,7 @@ def lookup_continuation(tokens: list[int], k: int, min_ngram: int = 1) -> Match:
             if key == (k, MAX_MATCH):
                 break
     usable, length = best_key
-    return Match(tokens[best_end + 1:best_end + 1 + usable], length) if usable else NO_MATCH
+    return Match(list(tokens[best_end + 1:best_end + 1 + usable]), length) if usable else NO_MATCH
 
 
 class SuffixIndex:
@@ -103,10 +102,10 @@ class SuffixIndex:
                     if key is not None and self._table.get(key, (None,))[0] == old_id:
                         del self._table[key]
 
-    def lookup(self, context: list[int], k: int) -> Match:
+    def lookup(self, context: Sequence[int], k: int) -> Match:
         """Up to k tokens that followed the longest-keyed recent occurrence of the context's suffix."""
         for size in INDEX_KEY_LENGTHS:
-            hit = self._table.get(tuple(context[-size:])) if len(context) >= size else None
+            hit = self._table.get(tuple(context[len(context) - size:])) if len(context) >= size else None
             if hit is not None:
                 doc = self._docs[hit[0]]
                 end = hit[1]
@@ -114,11 +113,12 @@ class SuffixIndex:
         return NO_MATCH
 
 
-class NgramDrafter(StatelessDrafter):
-    """Deterministic drafts (a point mass for the sampler) from this request and from the index.
+class NgramDrafter:
+    """Deterministic drafts (a point mass for the sampler) from the request and from the index.
 
-    Requests that sample with a seed use only their own tokens, so a seed reproduces its output
-    whatever other requests taught the index.
+    Built with its cross-call index; a request that may not learn across calls (a seeded sampled
+    one) drafts from its own tokens only, so a seed reproduces its output whatever other requests
+    taught the index (its output still feeds the index).
     """
 
     name = "ngram"
@@ -128,30 +128,46 @@ class NgramDrafter(StatelessDrafter):
         self.min_ngram = min_ngram
         self.index = SuffixIndex(index_tokens) if index_tokens else None
 
-    def find(self, state: DecodeState, k: int) -> Match:
+    def open(self, request: DraftRequest) -> NgramSession:
+        return NgramSession(self, request)
+
+    def forget(self) -> None:
+        if self.index is not None:
+            self.index = SuffixIndex(self.index.max_tokens)
+
+
+class NgramSession:
+    """One request's n-gram drafting: its own tokens, and the index when it may learn across calls."""
+
+    def __init__(self, drafter: NgramDrafter, request: DraftRequest):
+        self.drafter = drafter
+        self.request = request
+
+    def find(self, step: DraftStep) -> Match:
         """The better of the request's own match and the index's; an index match's draft grows
-        with its match length.
+        with its match length, up to `step.limit`.
 
         Only index matches grow: an earlier output that matches this long tends to repeat whole
         (an agent's call skeletons, re-quoted results), while a long match inside the prompt is
         often a text being edited, where long drafts were measured to cost more than they saved
         (copy_edit, fp32: x1.46 with growth vs x1.81 without on the workloads).
         """
-        limit = min(MAX_DRAFT_TOKENS, state.draft_limit)
-        best = lookup_continuation(state.tokens, min(k, limit), self.min_ngram)
-        if self.index is not None and not state.reproducible:
-            other = self.index.lookup(state.tokens, limit)
+        limit = min(MAX_DRAFT_TOKENS, step.limit)
+        best = lookup_continuation(step.tokens, min(step.k, limit), self.drafter.min_ngram)
+        index = self.drafter.index
+        if index is not None and self.request.learns:
+            other = index.lookup(step.tokens, limit)
             if other.length > best.length and other.tokens:
-                return Match(other.tokens[:max(k, other.length)], other.length)
+                return Match(other.tokens[:max(step.k, other.length)], other.length)
         return best
 
-    def propose(self, state: DecodeState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        return self.find(state, k).tokens, None
+    def propose(self, step: DraftStep) -> Draft:
+        return Draft(self.find(step).tokens)
 
-    def forget(self) -> None:
-        if self.index is not None:
-            self.index = SuffixIndex(self.index.max_tokens)
+    def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
+        pass
 
-    def finish(self, state: DecodeState) -> None:
-        if self.index is not None and len(state.tokens) > state.prompt_len:
-            self.index.add(state.tokens[max(0, state.prompt_len - INDEX_CONTEXT):])
+    def close(self, tokens: Sequence[int]) -> None:
+        index, start = self.drafter.index, self.request.prompt_len
+        if index is not None and len(tokens) > start:
+            index.add(list(tokens[max(0, start - INDEX_CONTEXT):]))
