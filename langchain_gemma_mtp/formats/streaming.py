@@ -89,12 +89,15 @@ def new_call_id() -> str:
 class StreamingParser:
     """Feed decoded text piece by piece; get content, reasoning and tool calls back as deltas.
 
-    Text outside regions is content. A marker split across feeds is held back until it is
-    complete (or shown not to be a marker), so no marker text ever leaks into content or
-    reasoning, whatever the split. Subclasses declare `regions` and implement the hooks.
+    Text outside regions is content, less any `drops` marker (a control token that means
+    nothing there, such as a stray close marker). A marker split across feeds is held back
+    until it is complete (or shown not to be a marker), so no marker text ever leaks into
+    content or reasoning, whatever the split. Subclasses declare `regions` and `drops` and
+    implement the hooks.
     """
 
     regions: tuple[Region, ...] = ()
+    drops: tuple[str, ...] = ()
 
     def __init__(self, tool_names: set[str] | None = None) -> None:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
@@ -102,7 +105,7 @@ class StreamingParser:
         self._region: Region | None = None
         self._scanned = 0  # chars of _buf already searched for a whole-region end
         self._next_index = 0
-        self._opens = tuple(r.open for r in self.regions)
+        self._opens = tuple(r.open for r in self.regions) + self.drops
 
     def feed(self, text: str) -> ParsedDelta:
         """Parse the next piece of model output."""
@@ -136,14 +139,21 @@ class StreamingParser:
                 delta.content += self._buf[: len(self._buf) - keep]
                 self._buf = self._buf[len(self._buf) - keep :]
                 return
-            start, region = found
+            start, marker = found
             delta.content += self._buf[:start]
-            self._buf = self._buf[start + len(region.open) :]
-            self._region, self._scanned = region, 0
-            self.region_start(region)
+            self._buf = self._buf[start + len(marker) :]
+            region = next((r for r in self.regions if r.open == marker), None)
+            if region is not None:
+                self.enter(region)
 
-    def _first_open(self) -> tuple[int, Region] | None:
-        hits = [(i, r) for r in self.regions if (i := self._buf.find(r.open)) >= 0]
+    def enter(self, region: Region) -> None:
+        """Continue inside `region`, as if its open marker had just been read."""
+        self._region, self._scanned = region, 0
+        self.region_start(region)
+
+    def _first_open(self) -> tuple[int, str] | None:
+        """The first region open or dropped marker in the buffer, with its position."""
+        hits = [(i, m) for m in self._opens if (i := self._buf.find(m)) >= 0]
         return min(hits, key=lambda hit: hit[0]) if hits else None
 
     def _drain_region(self, region: Region, delta: ParsedDelta, final: bool) -> bool:
