@@ -19,8 +19,9 @@ MODEL_TURN = "<|turn>model"
 _NOT_IN_THOUGHT = ("<|turn>", "<turn|>", TOOL_CALL.open, TOOL_CALL.close, TOOL_RESPONSE_OPEN, "<tool_response|>")
 
 _BARE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# A channel opens with its name on a line of its own: `<|channel>thought\n`.
-_CHANNEL_NAME = re.compile(r"\w*")
+# A thought channel opens with its name on a line of its own. Like vLLM, llama.cpp and ollama,
+# only this name line is framing: `<|channel>This\nThat` is all thought.
+NAME_LINE = "thought\n"
 _CALL_HEAD = re.compile(r"\s*call:\s*([^\s{}]+)\s*(?=\{)")
 
 
@@ -153,17 +154,15 @@ class Gemma4OutputParser(StreamingParser):
         """The thought text after the channel's name line; None while that line is undecided."""
         while head.startswith(CHANNEL.open):  # a doubled `<|channel><|channel>thought`
             head = head[len(CHANNEL.open) :]
-        name_end = _CHANNEL_NAME.match(head).end()
-        if name_end == len(head) or (head and CHANNEL.open.startswith(head)):
-            self._channel_head = head  # still reading the name, or a repeated open marker
+        if NAME_LINE.startswith(head) or CHANNEL.open.startswith(head):
+            self._channel_head = head  # still reading the name line, or a repeated open marker
             return None
         self._channel_head = None
-        # A newline after the name ends the name line; anything else means there was none.
-        return head[name_end + 1 :] if head[name_end] == "\n" else head
+        return head.removeprefix(NAME_LINE)
 
     def region_end(self, region: Region, body: str, closed: bool, delta: ParsedDelta) -> None:
         if region is CHANNEL:
-            # A bare name with no newline (`<|channel>thought<channel|>`) is an empty channel.
+            # A name with no newline (`<|channel>thought<channel|>`) is an empty channel.
             if self._held_newline and not closed:
                 delta.reasoning += "\n"  # the output ended: no close marker made it framing
             self._channel_head, self._held_newline = None, False

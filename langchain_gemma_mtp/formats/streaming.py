@@ -103,7 +103,7 @@ class StreamingParser:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
         self._buf = ""  # text not yet handed on
         self._region: Region | None = None
-        self._scanned = 0  # chars of _buf already searched for a whole-region end
+        self._body: list[str] = []  # a whole region's text read so far, less _buf
         self._next_index = 0
         self._opens = tuple(r.open for r in self.regions) + self.drops
 
@@ -119,8 +119,8 @@ class StreamingParser:
         delta = ParsedDelta()
         self._drain(delta, final=True)
         if self._region is not None:
-            region, body = self._region, self._buf
-            self._buf, self._region = "", None
+            region, body = self._region, "".join(self._body) + self._buf
+            self._buf, self._body, self._region = "", [], None
             if region.streams:
                 self.region_text(region, body, delta)
                 body = ""
@@ -148,7 +148,7 @@ class StreamingParser:
 
     def enter(self, region: Region) -> None:
         """Continue inside `region`, as if its open marker had just been read."""
-        self._region, self._scanned = region, 0
+        self._region, self._body = region, []
         self.region_start(region)
 
     def _first_open(self) -> tuple[int, str] | None:
@@ -170,22 +170,24 @@ class StreamingParser:
             self._region = None
             self.region_end(region, "", True, delta)
             return True
-        # Search only the new text (plus a marker's length of overlap) so long bodies stay linear.
-        start = max(0, self._scanned - len(region.close) - len(region.open))
-        end = self._buf.find(region.close, start)
+        end = self._buf.find(region.close)
         # The same region opening again before this one closed means the model started over:
         # end this one there as unclosed and parse the next on its own.
-        restart = self._buf.find(region.open, start)
+        restart = self._buf.find(region.open)
         if restart >= 0 and (end < 0 or restart < end):
-            body, self._buf = self._buf[:restart], self._buf[restart:]
-            self._region = None
+            body, self._buf = "".join(self._body) + self._buf[:restart], self._buf[restart:]
+            self._body, self._region = [], None
             self.region_end(region, body, False, delta)
             return True
         if end < 0:
-            self._scanned = len(self._buf)
+            # Bank all but what could start a marker, so a long body is copied once, not per feed.
+            keep = max(len(region.close), len(region.open)) - 1
+            if len(self._buf) > keep:
+                self._body.append(self._buf[:-keep])
+                self._buf = self._buf[-keep:]
             return False
-        body, self._buf = self._buf[:end], self._buf[end + len(region.close) :]
-        self._region = None
+        body, self._buf = "".join(self._body) + self._buf[:end], self._buf[end + len(region.close) :]
+        self._body, self._region = [], None
         self.region_end(region, body, True, delta)
         return True
 

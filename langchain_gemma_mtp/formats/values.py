@@ -30,7 +30,8 @@ def read_value(text: str, *, close_unterminated: bool = False, bare_strings: boo
     single quotes; bare object keys (`city`, `k-1`, `a b`); Python's True/False/None; trailing
     commas. With `close_unterminated`, strings, objects and lists left open at the end of the
     text are closed (a truncated call keeps everything it wrote; nothing is dropped). With
-    `bare_strings`, an unquoted value that is not a number or a literal is a string
+    `bare_strings` (Gemma 4 arguments), single-quoted strings are raw like `<|"|>` ones, and
+    an unquoted value that is not a number or a literal is a string
     (`unit:celsius`, `expr:432+1`), as vLLM reads Gemma 4 arguments; one holding a colon or a
     double quote, or spaces inside a list, is refused: it more likely hides a missing comma or
     quote than means itself.
@@ -125,6 +126,8 @@ class _Reader:
             return text[body_start:end]
         if text[start] == '"':
             return self.json_string()
+        if self.bare_strings:
+            return self.raw_single_quoted_string()
         return self.single_quoted_string()
 
     def json_string(self) -> str:
@@ -165,6 +168,17 @@ class _Reader:
             self.fail("unterminated string (no closing ')")
         self.pos = len(text)
         return self.decode_respelled(out, len(text))
+
+    def raw_single_quoted_string(self) -> str:
+        # Gemma 4 strings are raw, so a single-quoted one is too (`':\s*\w+'`, as ollama reads it):
+        # a backslash only keeps the quote after it from ending the string, and stays in the text.
+        text, i = self.text, self.pos + 1
+        while i < len(text) and text[i] != "'":
+            i += 2 if text[i] == "\\" else 1
+        if i >= len(text):
+            self.fail("unterminated string (no closing ')")
+        body, self.pos = text[self.pos + 1 : i], i + 1
+        return body
 
     def decode_respelled(self, body: list[str], end: int) -> str:
         try:
