@@ -31,10 +31,9 @@ def read_value(text: str, *, close_unterminated: bool = False, bare_strings: boo
     commas. With `close_unterminated`, strings, objects and lists left open at the end of the
     text are closed (a truncated call keeps everything it wrote; nothing is dropped). With
     `bare_strings` (Gemma 4 arguments), single-quoted strings are raw like `<|"|>` ones, and
-    an unquoted value that is not a number or a literal is a string
-    (`unit:celsius`, `expr:432+1`), as vLLM reads Gemma 4 arguments; one holding a colon or a
-    double quote, or spaces inside a list, is refused: it more likely hides a missing comma or
-    quote than means itself.
+    an unquoted value that is not a number or a literal is a string (`unit:celsius`,
+    `expr:432+1`, as vLLM reads them); one holding a colon or a double quote, or a space inside
+    a list, is refused: it more likely hides a missing comma or quote than means itself.
     Raises ValueError, naming the position, when the text is not such a value.
     """
     reader = _Reader(text, close_unterminated, bare_strings)
@@ -100,8 +99,7 @@ class _Reader:
         if token in _WORDS:
             self.pos = start + len(token)
             return _WORDS[token]
-        number = _NUMBER.fullmatch(token)
-        if number:
+        if _NUMBER.fullmatch(token):
             return self.number(_NUMBER.match(self.text, start))
         # In a list, spaces could be a missing comma (`[1 2]`); in an object, that shows as a colon.
         if ":" in token or '"' in token or (in_list and any(c.isspace() for c in token)):
