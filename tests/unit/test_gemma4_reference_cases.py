@@ -237,8 +237,6 @@ LLAMA_CPP = {
         in_thought=True,
         note="llama.cpp prefixes the prefilled reasoning ('I'm'); the prompt holds that here",
     ),
-    # common/chat.cpp reads a key as any text up to the colon (`gemma4-dict-key`).
-    "non_identifier_keys": args_case(f"a b:[1,{{z:true}}],k-1:{Q}x{Q}", {"a b": [1, {"z": True}], "k-1": "x"}),
 }
 
 # ollama/ollama model/parsers/gemma4_test.go (TestGemma4Parser and the tests after it).
@@ -347,6 +345,9 @@ OLLAMA = {
 
 # This project's own cases: April-style literals, framing, in-thought starts, forced openings.
 OURS = {
+    # Keys as llama.cpp's common/chat.cpp reads them (`gemma4-dict-key`: any text up to the
+    # colon) and as the July 2026 template writes them (bare, identifiers or not).
+    "non_identifier_keys": args_case(f"a b:[1,{{z:true}}],k-1:{Q}x{Q}", {"a b": [1, {"z": True}], "k-1": "x"}),
     "april_python_literals": args_case("a:None,b:True,c:False", {"a": None, "b": True, "c": False}),
     "ambiguous_bare_value": strict_case("unit:celsius deg:2", "is ambiguous", ""),
     "spaces_in_list_item": strict_case("xs:[1 2]", "is ambiguous", ""),
