@@ -31,11 +31,8 @@ class PromptEncoder:
         self.markers = frozenset(t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip())
         self._added_ids = frozenset(tokenizer.added_tokens_decoder)
 
-    def encode(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool, continuation: str = ""
-    ) -> list[int]:
-        """Prompt ids for `messages` with the generation prompt, then `continuation` (text we write
-        for the model, e.g. a forced tool-call opening, whose markers are real control tokens)."""
+    def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> list[int]:
+        """Prompt ids for `messages` with the generation prompt."""
         _check_keys(messages, "messages", self.markers)
         _check_keys(tools or [], "tools", self.markers)
         try:
@@ -55,10 +52,16 @@ class PromptEncoder:
             raise InvalidRequestError(
                 f"cannot encode this conversation safely with the tokenizer of {self.model_name}: {exc}"
             ) from exc
-        ids = list(ids)
-        return self._append(ids, continuation) if continuation else ids
+        return list(ids)
 
-    def _append(self, ids: list[int], continuation: str) -> list[int]:
+    def text_after(self, ids: list[int], marker: str) -> str:
+        """The prompt's text from the last `marker` control token on ("" when it has none). Only
+        the template writes control tokens, so message text cannot move where this starts."""
+        marker_id = self.tokenizer.convert_tokens_to_ids(marker)
+        start = max((i for i, t in enumerate(ids) if t == marker_id), default=None)
+        return "" if start is None else self.tokenizer.decode(ids[start:])
+
+    def append(self, ids: list[int], continuation: str) -> list[int]:
         """`ids` + `continuation`, encoded as if the template had written it.
 
         The text after the prompt's last control token (e.g. `model\\n`) is template text:

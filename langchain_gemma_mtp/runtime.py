@@ -143,11 +143,18 @@ class ChatRuntime:
             messages = _with_system_note(messages, "\n\n".join(notes))
         if not self.native_tools:
             messages = merge_consecutive(json_calls.inline_tool_history(messages))
-        prompt_ids = self.prompts.encode(messages, offered if self.native_tools else None, request.reasoning, forced)
+        prompt_ids = self.prompts.encode(messages, offered if self.native_tools else None, request.reasoning)
+        # Where the model starts: some templates end the prompt inside an open thought channel
+        # (July 2026, thinking on, after tool responses); a forced opening closes it first.
+        in_thought = self.native_tools and gemma4.prompt_ends_in_thought(self.prompts.text_after(prompt_ids, gemma4.TURN))
+        if self.native_tools:
+            forced = gemma4.forced_opening(forced, in_thought)
+        if forced:
+            prompt_ids = self.prompts.append(prompt_ids, forced)
         names = set(tool_names(offered))
         parser: StreamingParser
         if self.native_tools:
-            parser = gemma4.Gemma4OutputParser(names, thinking=request.reasoning)
+            parser = gemma4.Gemma4OutputParser(names, thinking=request.reasoning, in_thought=in_thought)
         else:
             parser = json_calls.JsonToolCallParser(names)
         return PreparedPrompt(

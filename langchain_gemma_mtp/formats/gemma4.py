@@ -14,7 +14,8 @@ from .values import GEMMA_QUOTE, read_value
 CHANNEL = Region("<|channel>", "<channel|>", streams=True)
 TOOL_CALL = Region("<|tool_call>", "<tool_call|>", streams=False)
 TOOL_RESPONSE_OPEN = "<|tool_response>"
-MODEL_TURN = "<|turn>model"
+TURN = "<|turn>"
+MODEL_TURN = TURN + "model"
 # Markers that never occur inside a thought channel a template opened for the model to fill.
 _NOT_IN_THOUGHT = ("<|turn>", "<turn|>", TOOL_CALL.open, TOOL_CALL.close, TOOL_RESPONSE_OPEN, "<tool_response|>")
 
