@@ -190,7 +190,7 @@ def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
                         "full_attention) read, instead of the last of that type; e.g. full_attention=5, the 270M's "
                         "copying layer (benchmarks/distill/induction_layers.py finds it). Gemma 3 targets only")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (a --resume continues up to this)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step")
     p.add_argument("--gen-batch", type=int, default=16, help="prompts the target continues at once")
@@ -201,7 +201,7 @@ def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved drafter")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, held-out split and initialization")
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-out split, initialization and sampling")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

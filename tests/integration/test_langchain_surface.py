@@ -124,6 +124,9 @@ def test_trim_messages_with_the_model_as_token_counter(local, remote) -> None:
         assert llm.get_num_tokens_from_messages(trimmed) <= budget
         kept[name] = [m.content for m in trimmed]
     assert kept["local"] == kept["remote"]
+    # A conversation longer than the context is counted (and so can be trimmed), not refused.
+    too_long = [HumanMessage("The quick brown fox jumps over the lazy dog. " * 200)]
+    assert local.get_num_tokens_from_messages(too_long) == remote.get_num_tokens_from_messages(too_long) > CONTEXT
 
 
 # -- the server's tokenize routes ---------------------------------------------------------------------
@@ -161,8 +164,11 @@ def test_bad_tokenize_requests_get_openai_errors(server, route, body, status, ne
     assert needle in reply.json()["error"]["message"]
 
 
-def test_version_route(server) -> None:
+def test_version_route_and_the_metrics_content_type(server) -> None:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
     assert httpx.get(f"{server.url}/version").json() == {"version": langchain_gemma_mtp.__version__}
+    assert httpx.get(f"{server.url}/metrics").headers["content-type"] == CONTENT_TYPE_LATEST
 
 
 # -- the model profile --------------------------------------------------------------------------------
