@@ -163,10 +163,6 @@ class ChatRuntime:
             stop_strings=[*_stop_list(request.stop), *self._internal_stops],
         )
 
-    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Plain text to token ids as message text is tokenized: marker strings in it stay text."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
-
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
@@ -193,6 +189,10 @@ class ChatRuntime:
                 "shorten the conversation (drop or summarize old turns)."
             )
         return min(max_tokens, context - prompt_tokens)
+
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text to token ids as message text is tokenized: marker strings in it stay text."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
 
     # -- generation -----------------------------------------------------------------------------
 
