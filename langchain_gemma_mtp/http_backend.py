@@ -78,6 +78,7 @@ class HTTPBackend:
     # -- sending, with retries ------------------------------------------------------------------
 
     def _send(self, body: dict[str, Any] | None, path: str = _PATH) -> httpx.Response:
+        """POST `body` to `path` (GET without a body), retried; the response is open for streaming."""
         for attempt in range(self.max_retries + 1):
             request = self._client.build_request("POST" if body is not None else "GET", path, json=body)
             response = None
