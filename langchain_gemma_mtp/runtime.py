@@ -99,7 +99,6 @@ class PreparedPrompt:
     forced: str  # output text already committed in the prompt (a forced tool call or JSON opening)
     parser: StreamingParser
     draft_hint: str | int
-    max_new_tokens: int
     stop_strings: list[str]
 
 
@@ -123,7 +122,12 @@ class ChatRuntime:
     # -- prompt ---------------------------------------------------------------------------------
 
     def prepare(self, request: ChatRequest) -> PreparedPrompt:
-        """Render the request; raises InvalidRequestError (a ValueError) for anything malformed."""
+        """Render the request; raises InvalidRequestError (a ValueError) for anything malformed.
+
+        `prompt_ids` is what the engine is given, so its length is the token count of the request's
+        messages and tools (ChatGemmaMTP.get_num_tokens_from_messages, the server's /tokenize). Whether
+        it fits the context is checked on submission, so a prompt too long to run can still be counted.
+        """
         messages = normalize_messages(request.messages)
         tools = [check_tool(t) for t in request.tools or ()]
         choice = normalize_tool_choice(request.tool_choice, tools)
@@ -162,7 +166,6 @@ class ChatRuntime:
             forced=forced,
             parser=parser,
             draft_hint=draft_hint,
-            max_new_tokens=self._room(len(prompt_ids), request.max_tokens),
             stop_strings=[*_stop_list(request.stop), *self._internal_stops],
         )
 
@@ -180,12 +183,16 @@ class ChatRuntime:
             )
         return min(max_tokens, context - prompt_tokens)
 
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text to token ids as message text is tokenized: marker strings in it stay text."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
+
     # -- generation -----------------------------------------------------------------------------
 
     def _submit(self, request: ChatRequest, prepared: PreparedPrompt) -> tuple[RequestHandle, _Decoding]:
         handle = self.engine.submit(
             prepared.prompt_ids,
-            max_new_tokens=prepared.max_new_tokens,
+            max_new_tokens=self._room(len(prepared.prompt_ids), request.max_tokens),
             temperature=request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=request.top_k or 0,

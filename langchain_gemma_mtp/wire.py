@@ -17,6 +17,9 @@ Extensions, ignored by other OpenAI-compatible servers and clients:
 - `reasoning_content` in messages and deltas carries the thought channel (as vLLM and DeepSeek do;
   `reasoning` is read too).
 - `burst_sizes` in deltas: the tokens of each burst verified since the previous delta.
+
+`POST /tokenize` and `/detokenize` take vLLM's bodies (`TokenizeBody`, `DetokenizeBody`); the
+HTTP backend writes the chat form with `tokenize_body`, the prompt-shaping fields of a chat body.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from .hints import check_draft_hint
 from .runtime import ChatRequest
@@ -132,6 +135,60 @@ def request_body(request: ChatRequest, model: str, *, stream: bool) -> dict[str,
     if request.draft_hint != "auto" or request.num_draft_tokens is not None:
         body["speculative"] = {"draft_hint": request.draft_hint, "num_draft_tokens": request.num_draft_tokens}
     return body
+
+
+# The fields of a chat body that shape the prompt: what /tokenize needs to count it as the model sees it.
+_PROMPT_FIELDS = ("model", "messages", "tools", "tool_choice", "response_format", "chat_template_kwargs")
+
+
+def tokenize_body(request: ChatRequest, model: str) -> dict[str, Any]:
+    """The `POST /tokenize` body (chat form) for a request: its prompt, without generation options."""
+    body = request_body(request, model, stream=False)
+    return {key: body[key] for key in _PROMPT_FIELDS if key in body}
+
+
+class TokenizeBody(BaseModel):
+    """A `POST /tokenize` body, in vLLM's shapes: `prompt` (plain text) or `messages` (with `tools`,
+    rendered by the chat template exactly as a chat request's prompt is)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: Literal[True] = True  # the prompt a chat request is answered from always has it
+    add_special_tokens: StrictBool = True  # prompt form only (vLLM's default); the chat form's template writes them
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TokenizeBody:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (plain text) or messages (a chat), not both or neither")
+        return self
+
+    def to_request(self) -> ChatRequest:
+        """The chat request whose prompt this body asks for (chat form)."""
+        thinking = (self.chat_template_kwargs or {}).get("enable_thinking", False)
+        return ChatRequest(
+            messages=self.messages or [],
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            response_format=self.response_format,
+            reasoning=bool(thinking),
+        )
+
+
+class DetokenizeBody(BaseModel):
+    """A `POST /detokenize` body (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 def _wire_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -71,6 +72,7 @@ class Engine:
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         mtp_stop_below: float | None = None,
         mtp_siblings: int | None = None,
+        load_options: Mapping[str, Any] | None = None,
     ) -> Engine:
         """Load a target and pair it with a drafter.
 
@@ -81,6 +83,8 @@ class Engine:
         below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
         as a tree (None: DEFAULT_SIBLINGS, 0: the chain alone).
+        load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
+        `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
         check_drafter_name(drafter)
         given = mtp_settings(mtp_stop_below, mtp_siblings)
@@ -88,8 +92,11 @@ class Engine:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        options = dict(load_options or {})
+        helper_options = {k: v for k, v in options.items() if k != "revision"}
+        token = options.get("token")
         if drafter in ("auto", "mtp", "hybrid") and assistant is None:
-            assistant = find_assistant(model)
+            assistant = find_assistant(model, token)
             if assistant is None and drafter != "auto":
                 raise InvalidRequestError(
                     f"drafter={drafter!r} needs an MTP assistant, and none was given or found beside {model!s} "
@@ -99,25 +106,25 @@ class Engine:
             if assistant is None:
                 drafter = "ngram"
             else:
-                drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
+                drafter = "hybrid" if is_assistant_checkpoint(assistant, token) else "draft_model"
         if given and drafter not in ("mtp", "hybrid"):
             names = " and ".join(given)
             raise InvalidRequestError(
                 f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
                 f"pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave {names} unset."
             )
-        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
+        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file, options)
         target = TargetModel(target_model)
         chosen: Drafter
         if drafter in ("mtp", "hybrid"):
-            helper, _ = load_causal_lm(assistant, dev, dt)
+            helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             validate_mtp_pair(target, helper)
             chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_STOP_BELOW),
                                 given.get("mtp_siblings", DEFAULT_SIBLINGS))
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
-            draft_lm, _ = load_causal_lm(assistant, dev, dt)
+            draft_lm, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             draft = TargetModel(draft_lm)
             validate_draft_model(target, draft)
             chosen = DraftModelDrafter(draft)

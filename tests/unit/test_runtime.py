@@ -174,13 +174,14 @@ def test_prompt_longer_than_the_context_names_both_numbers(blank) -> None:
     long = "The quick brown fox jumps over the lazy dog. " * 150
     tokens = len(blank.prompts.encode(normalize_messages([{"role": "user", "content": long}]), None, False))
     assert tokens > 1024
+    assert len(blank.prepare(request(long)).prompt_ids) == tokens  # counted (trim_messages), not run
     with pytest.raises(ContextLengthError, match=f"the prompt is {tokens} tokens but blank has a context of 1024 tokens"):
-        blank.prepare(request(long))
+        next(blank.stream(request(long)))
 
 
 def test_max_tokens_is_cut_to_the_room_left_in_the_context(blank) -> None:
     prepared = blank.prepare(request("The quick brown fox jumps over the lazy dog. " * 100, max_tokens=512))
-    assert prepared.max_new_tokens == 1024 - len(prepared.prompt_ids) < 512
+    assert blank._room(len(prepared.prompt_ids), 512) == 1024 - len(prepared.prompt_ids) < 512
 
 
 def test_fallback_template_and_json_tool_convention(blank) -> None:

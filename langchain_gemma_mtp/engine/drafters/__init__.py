@@ -5,8 +5,7 @@ from .draft_model import DraftModelDrafter
 from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
 from .ngram import Match, NgramDrafter, SuffixIndex, lookup_continuation
-
-DRAFTER_NAMES = ("auto", "mtp", "hybrid", "draft_model", "ngram", "none")
+from ...drafter_names import DRAFTER_NAMES
 
 __all__ = [
     "DRAFTER_NAMES",
