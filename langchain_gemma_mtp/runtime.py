@@ -184,8 +184,9 @@ class ChatRuntime:
         return min(max_tokens, context - prompt_tokens)
 
     def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Plain text to token ids as message text is tokenized: marker strings in it stay text."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
+        """Plain text to token ids as message text is tokenized: marker strings in it stay text
+        (with `add_special_tokens`, the tokenizer's own BOS and the like around it)."""
+        return self.prompts.encode_text(text, add_special_tokens)
 
     # -- generation -----------------------------------------------------------------------------
 
