@@ -266,6 +266,10 @@ def test_control_strings_in_a_tool_result_stay_plain_text_over_http(client, runt
     added = set(tokenizer.added_tokens_decoder)
     assert sum(t in added for t in safe) < sum(t in added for t in unsafe)
     assert tokenizer.decode(safe) == unsafe_text
+    # /tokenize shows the same ids the model was fed.
+    shown = httpx.post(f"{client.base_url.scheme}://{client.base_url.host}:{client.base_url.port}/tokenize",
+                       json={"model": NAME, "messages": messages, "tools": TOOLS}).json()
+    assert shown["tokens"] == safe
 
 
 async def test_chat_gemma_mtp_over_http_runs_an_async_agent_with_per_call_hints(server) -> None:
