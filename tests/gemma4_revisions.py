@@ -35,9 +35,9 @@ class Revision:
 
     name: str  # the fixture's file stem, e.g. "july_e2b"
     release: str  # "launch", "mid_april", "end_april" or "july"
-    size: str  # "all" (launch: one template for every size), "e2b" (E2B/E4B) or "31b" (26B/31B)
+    size: str  # "e2b" (E2B/E4B) or "31b" (26B/31B)
     ollama_commit: str  # where the published copy was taken from (ollama's renderer testdata)
-    thinking_off_prompt: str  # how the generation prompt ends with thinking off
+    thinking_off_prompt: str  # how the generation prompt after a user turn ends with thinking off
     thought_after_tools: bool  # with thinking on, the prompt after tool responses ends inside "<|channel>thought\n"
     string_arguments_raise: bool  # tool-call arguments given as a JSON string make the template raise
 
@@ -67,7 +67,8 @@ def _rev(name: str, release: str, size: str, commit: str) -> Revision:
 
 
 REVISIONS: tuple[Revision, ...] = (
-    _rev("launch", "launch", "all", "96b202d34"),
+    _rev("launch_e2b", "launch", "e2b", "96b202d34"),
+    _rev("launch_31b", "launch", "31b", "96b202d34"),  # ollama's launch copy + the 26B/31B closing lines
     _rev("mid_april_e2b", "mid_april", "e2b", "bf2a42172"),
     _rev("mid_april_31b", "mid_april", "31b", "bf2a42172"),  # also ollama 40a1317df, before the split by size
     _rev("end_april_e2b", "end_april", "e2b", "c7c2837c9"),
