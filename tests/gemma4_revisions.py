@@ -8,8 +8,8 @@ renders byte for byte what that published revision renders for the conversations
 
     @pytest.mark.parametrize("rev", REVISIONS, ids=str)
     def test_something(rev):
-        prompt = rev.tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        runtime = ChatRuntime(engine, chat_template=rev.template)
+        prompt = rev.render(messages, tools, enable_thinking=True)   # through apply_chat_template
+        runtime = ChatRuntime(engine, rev.tokenizer(), chat_template=rev.template)
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class Revision:
     def tokenizer(self) -> Any:
         """The tiny test tokenizer (bos `<bos>`) with this revision's template (one cached copy per revision)."""
         return _tokenizer(self.name)
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The prompt text, as the runtime renders it (generation prompt on unless add_generation_prompt=False)."""
+        kwargs.setdefault("add_generation_prompt", True)
+        return self.tokenizer().apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
 
 
 def _rev(name: str, release: str, size: str, commit: str) -> Revision:

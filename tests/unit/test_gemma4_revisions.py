@@ -16,7 +16,7 @@ CASES = golden_cases()
 
 
 def render(rev, case: dict) -> str:
-    return rev.tokenizer().apply_chat_template(case["messages"], tools=case["tools"], tokenize=False, **case["kwargs"])
+    return rev.render(case["messages"], case["tools"], **case["kwargs"])
 
 
 @pytest.mark.parametrize("rev", REVISIONS, ids=str)
