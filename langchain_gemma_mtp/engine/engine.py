@@ -169,7 +169,7 @@ class Engine:
             num_draft_tokens=num_draft_tokens,
             draft_hint=draft_hint,
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
-            processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, dict(logit_bias or {}), min_tokens),
+            processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, _bias_copy(logit_bias), min_tokens),
         )
         request.validate(self.target.vocab_size, self.target.max_positions)
         return request
@@ -215,6 +215,11 @@ class Engine:
     async def agenerate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """`generate` for asyncio: awaits the owner thread without blocking the event loop."""
         return await self.submit(prompt_ids, **kwargs).aresult()
+
+
+def _bias_copy(logit_bias: object) -> object:
+    """A copy of a logit_bias mapping (the request must not change under it); anything else as given, for validation to name."""
+    return dict(logit_bias) if isinstance(logit_bias, Mapping) else {} if logit_bias is None else logit_bias
 
 
 def _number(name: str, value: object) -> float:
