@@ -117,7 +117,8 @@ def test_plain_decoding_with_processors_is_transformers_own(engines, seed):
     for name, (end, kw) in settings(engines, seed).items():
         out = engines["none"].generate(prompt(seed), max_new_tokens=NEW_TOKENS, stop_token_ids=end, **kw).token_ids
         assert out == hf_greedy(engines["none"].model, prompt(seed), end, kw), name
-        assert out != plain, f"{name} should change this answer"
+        if name != "repetition-below-1":  # it encourages repeats: a repetitive answer may stay as it is
+            assert out != plain, f"{name} should change this answer"
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "mtp", "mtp-tree", "hybrid"])
