@@ -104,7 +104,7 @@ def settings(engines, seed: int) -> dict[str, tuple[list[int], dict]]:
         "repetition-below-1": ([], {"repetition_penalty": 0.6}),
         "frequency": ([], {"frequency_penalty": 1.5}),
         "presence": ([], {"presence_penalty": 2.0}),
-        "bias": ([], {"logit_bias": {top: -100, plain[3]: 3.0}}),
+        "bias": ([], {"logit_bias": {top: -100, (top + 7) % VOCAB: 3.0}}),
         "min_tokens": ([top], {"min_tokens": 6}),
         "all": ([top], {"repetition_penalty": 1.3, "frequency_penalty": 0.7, "presence_penalty": 0.4,
                         "logit_bias": {plain[1]: -5.0, 7: 2.0}, "min_tokens": 3, "min_p": 0.2}),
@@ -169,6 +169,7 @@ def test_min_p_is_transformers_min_p(sampling):
 SMALL_VOCAB = 16
 PENALTIES = {"repetition_penalty": 1.6, "frequency_penalty": 0.8, "presence_penalty": 0.5, "logit_bias": {3: 1.5, 4: -100.0}}
 SAMPLED = SamplingParams(1.0, 1.0, 0, 0.05)
+SAMPLED_DRAWS = 1200
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +210,13 @@ def test_speculative_sampling_keeps_the_processed_distribution(small_target, dra
     exact = exact_processed_marginals(model, ids, n_tokens)
     draws = [[] for _ in range(n_tokens)]
     drafted = 0
-    for seed in range(800):
+    for seed in range(SAMPLED_DRAWS):
         result = engine.generate(ids, max_new_tokens=n_tokens + 1, temperature=SAMPLED.temperature, min_p=SAMPLED.min_p,
                                  seed=seed, num_draft_tokens=3, stop_token_ids=[], **PENALTIES)
         drafted += result.stats.drafted
         for i in range(n_tokens):
             draws[i].append(result.token_ids[i])
-    assert drafted >= 800
+    assert drafted >= SAMPLED_DRAWS
     unprocessed = exact_marginals_without_processors(model, ids)
     assert not torch.allclose(exact[0], unprocessed, atol=0.05)  # the processors matter here
     for i in range(n_tokens):
