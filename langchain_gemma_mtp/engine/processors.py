@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidRequestError
+from .tree import DraftTree
 
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's range; -100 bans a token in practice (Gemma's logits are softcapped to ±30)
 PENALTY_RANGE = 2.0  # OpenAI's range of frequency and presence penalties
@@ -140,7 +141,7 @@ class RequestProcessors:
         return scores
 
 
-def row_paths(draft: Sequence[int], tree=None) -> list[list[int]]:
+def row_paths(draft: Sequence[int], tree: DraftTree | None = None) -> list[list[int]]:
     """Per verified row, the fed tokens after the pending one on its path: [] for the pending
     token's row, draft[:i] for chain row i, and chain ancestors + itself for a sibling."""
     if tree is None:
