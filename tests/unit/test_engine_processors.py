@@ -22,7 +22,7 @@ from tiny_models import VOCAB, build_assistant, build_target
 from test_engine_sampling import _chi2_ok, P_MIN
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from langchain_gemma_mtp.engine.processors import row_paths
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.tree import DraftTree
@@ -91,6 +91,7 @@ def engines(request):
         # Greedy MTP drafts become trees: three runners-up per depth verified beside the chain.
         "mtp-tree": Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0, siblings=3)),
         "hybrid": Engine(model, HybridDrafter(mtp, NgramDrafter(), min_match=1)),
+        "draft_model": Engine(model, DraftModelDrafter(TargetModel(build_target("noshare", seed=7)))),
     }
 
 
@@ -121,23 +122,31 @@ def test_plain_decoding_with_processors_is_transformers_own(engines, seed):
             assert out != plain, f"{name} should change this answer"
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "mtp", "mtp-tree", "hybrid"])
-@pytest.mark.parametrize("k", [1, 5])
-def test_speculative_greedy_with_processors_is_plain(engines, drafter, k):
+@pytest.fixture(scope="module")
+def plain_outputs(engines):
+    """Plain decoding (no drafter) of each prompt with each setting: (stop ids, kwargs, tokens, finish)."""
+    cases = {}
     for seed in (1, 2):
         for name, (end, kw) in settings(engines, seed).items():
             plain = engines["none"].generate(prompt(seed), max_new_tokens=NEW_TOKENS, stop_token_ids=end, **kw)
-            out = engines[drafter].generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=end, **kw)
-            assert out.token_ids == plain.token_ids, f"{drafter}/k={k}/{name}/prompt {seed}"
-            assert out.finish_reason == plain.finish_reason
+            cases[seed, name] = (end, kw, plain.token_ids, plain.finish_reason)
+    return cases
 
 
-def test_trees_really_verified_siblings(engines):
+@pytest.mark.parametrize("drafter", ["ngram", "mtp", "mtp-tree", "hybrid", "draft_model"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_speculative_greedy_with_processors_is_plain(engines, plain_outputs, drafter, k):
+    for (seed, name), (end, kw, tokens, finish) in plain_outputs.items():
+        out = engines[drafter].generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=end, **kw)
+        assert out.token_ids == tokens, f"{drafter}/k={k}/{name}/prompt {seed}"
+        assert out.finish_reason == finish
+
+
+def test_trees_really_verified_siblings(engines, plain_outputs):
     """The tree engine verifies siblings on these prompts (else the tree case above tests nothing)."""
     siblings = 0
-    for seed in (1, 2):
-        for end, kw in settings(engines, seed).values():
-            siblings += engines["mtp-tree"].generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=end, **kw).stats.siblings
+    for (seed, _), (end, kw, _, _) in plain_outputs.items():
+        siblings += engines["mtp-tree"].generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=end, **kw).stats.siblings
     assert siblings > 0
 
 
