@@ -71,6 +71,8 @@ _PROFILE: ModelProfile = {
     "temperature": True,
 }
 
+# Logits processors and stop ids (the engine's names), as fields and per-call options.
+_SAMPLING_FIELDS = ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "ignore_eos")
 # Options a call may pass (invoke kwargs, `.bind`, `bind_tools`, create_agent model settings).
 _CALL_OPTIONS = frozenset(
     {
@@ -88,8 +90,8 @@ _CALL_OPTIONS = frozenset(
         "num_draft_tokens",
         "model",
     }
-)
-_PER_CALL_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "draft_hint", "num_draft_tokens", "reasoning")
+) | frozenset(_SAMPLING_FIELDS)
+_PER_CALL_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "draft_hint", "num_draft_tokens", "reasoning", *_SAMPLING_FIELDS)
 
 
 class ChatGemmaMTP(BaseChatModel):
@@ -157,6 +159,16 @@ class ChatGemmaMTP(BaseChatModel):
     num_draft_tokens: int | None = Field(default=None, ge=0, le=16)
     reasoning: bool = False
     """Ask the model to think first; its thoughts come back as reasoning content."""
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    """Logits processors and stop ids, applied at every verified position so speculative output
+    stays exact (docs/engine.md, "Logits processors"); each may also be passed per call."""
     device: str | None = None
     dtype: str | None = None
     model_kwargs: dict[str, Any] | None = None

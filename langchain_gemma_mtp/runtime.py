@@ -89,6 +89,15 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     draft_hint: DraftHint = "auto"
     num_draft_tokens: int | None = None
+    # Logits processors, as the engine takes them (Engine.generate); vLLM's stop_token_ids and ignore_eos.
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -200,7 +209,14 @@ class ChatRuntime:
             seed=request.seed,
             num_draft_tokens=request.num_draft_tokens,
             draft_hint=prepared.draft_hint,
-            stop_token_ids=self.stop_token_ids,
+            # ignore_eos: only the caller's own stop ids end the answer (not the end of the turn).
+            stop_token_ids=(frozenset() if request.ignore_eos else self.stop_token_ids) | frozenset(request.stop_token_ids),
+            min_p=request.min_p,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logit_bias=request.logit_bias,
+            min_tokens=request.min_tokens,
         )
         return handle, _Decoding(self, request, prepared, handle)
 

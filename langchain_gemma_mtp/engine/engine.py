@@ -26,6 +26,7 @@ from .loading import (
 )
 from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
+from .processors import LogitsProcessing
 from .schedule import DraftScheduler
 from .target import TargetModel
 from .types import EngineCounters, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
@@ -156,6 +157,13 @@ class Engine:
         num_draft_tokens: int | None = None,
         draft_hint: str | int | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        *,
+        min_p: float = 0.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
     ) -> GenerationRequest:
         """A validated request; raises InvalidRequestError before any forward pass."""
         if isinstance(prompt_ids, torch.Tensor):
@@ -163,11 +171,12 @@ class Engine:
         request = GenerationRequest(
             prompt_ids=list(prompt_ids),
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(float(temperature), float(top_p), int(top_k) if top_k is not None else 0),
+            sampling=SamplingParams(float(temperature), float(top_p), int(top_k) if top_k is not None else 0, _number("min_p", min_p)),
             seed=seed,
             num_draft_tokens=num_draft_tokens,
             draft_hint=draft_hint,
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
+            processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, _bias_copy(logit_bias), min_tokens),
         )
         request.validate(self.target.vocab_size, self.target.max_positions)
         return request
@@ -200,12 +209,31 @@ class Engine:
         num_draft_tokens=None (fixed draft length for this call), draft_hint=None ("code",
         "prose", "tool_call", "long_form", "auto" or an int), stop_token_ids=None (default: the
         checkpoint's eos ids).
+
+        Keyword-only processors, applied to the target's logits at every verified position so
+        the output stays that of plain decoding with them (engine/processors.py): min_p=0.0
+        (sampling only), frequency_penalty=0.0 and presence_penalty=0.0 (OpenAI, over generated
+        tokens, in [-2, 2]), repetition_penalty=1.0 (HF/vLLM, over prompt and output, > 0),
+        logit_bias=None ({token id: bias in [-100, 100]}), min_tokens=0 (stop tokens are banned
+        until this many tokens were generated).
         """
         return self.submit(prompt_ids, **kwargs).result()
 
     async def agenerate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """`generate` for asyncio: awaits the owner thread without blocking the event loop."""
         return await self.submit(prompt_ids, **kwargs).aresult()
+
+
+def _bias_copy(logit_bias: object) -> object:
+    """A copy of a logit_bias mapping (the request must not change under it); anything else as given, for validation to name."""
+    return dict(logit_bias) if isinstance(logit_bias, Mapping) else {} if logit_bias is None else logit_bias
+
+
+def _number(name: str, value: object) -> float:
+    """`value` as a float, or InvalidRequestError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}.")
+    return float(value)
 
 
 __all__ = ["Engine"]
