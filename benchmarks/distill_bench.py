@@ -1,7 +1,7 @@
 """The distilled MTP drafter on the embedded Gemma 3 270M: acceptance, drafter step cost and speedup per kind and k.
 
 For each workload kind, draft length k, early-stop threshold (`MTPDrafter.stop_below`), siblings
-per depth (`MTPDrafter.siblings`: greedy draft trees) and centroid clusters scored per draft step,
+per depth (`MTPDrafter.siblings_per_depth`: greedy draft trees) and centroid clusters scored per draft step,
 in one run against plain decoding (drafter "none"): mean accepted length (tokens per target
 forward), per-position acceptance, tokens/s and the speedup over plain decoding (from the fastest
 runs, and paired round by round), and whether the output equals plain greedy (fp32: must; bf16:
@@ -151,7 +151,7 @@ def main() -> None:
         calls = [lambda ids=ids: run(plain, ids, args.max_new, None)]
         for k, stop, sib, least, top in settings:
             def call(k=k, stop=stop, sib=sib, least=least, top=top, ids=ids):
-                mtp.drafter.stop_below, mtp.drafter.siblings, mtp.drafter.sibling_min_chance = stop, sib, least
+                mtp.drafter.stop_below, mtp.drafter.siblings_per_depth, mtp.drafter.sibling_min_chance = stop, sib, least
                 if embedder is not None:
                     embedder.centroid_intermediate_top_k = top
                 return run(mtp, ids, args.max_new, k)

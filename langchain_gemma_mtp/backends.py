@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
 from .runtime import ChatRequest, ChatRuntime
 
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
@@ -104,14 +105,9 @@ def engine_key(
     model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
     mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
 ) -> EngineKey:
-    from .engine.drafters.mtp import (  # keys are made only to load in-process
-        DEFAULT_SIBLINGS,
-        DEFAULT_STOP_BELOW,
-    )
-
     # A default spelled out is the default: one engine, not two copies of the model.
-    stop_below = None if mtp_stop_below == DEFAULT_STOP_BELOW else mtp_stop_below
-    siblings = None if mtp_siblings == DEFAULT_SIBLINGS else mtp_siblings
+    stop_below = None if mtp_stop_below == DEFAULT_MTP_STOP_BELOW else mtp_stop_below
+    siblings = None if mtp_siblings == DEFAULT_MTP_SIBLINGS else mtp_siblings
     return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings)
 
 

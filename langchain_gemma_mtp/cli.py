@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .engine.drafters import DRAFTER_NAMES
+from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW, DRAFTER_NAMES, MTP_DRAFTERS
 from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
@@ -25,13 +25,13 @@ DTYPE_HELP = (
 
 STOP_HELP = (
     "MTP drafting stops a draft once the product of the drafter's own probabilities falls below this "
-    "(default 0.3; 0: always draft the full length; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_STOP_BELOW}; 0: always draft the full length; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
 SIBLINGS_HELP = (
     "greedy requests verify up to this many runners-up per MTP draft position beside the draft, as a tree "
-    "(default 3; 0: the draft alone; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_SIBLINGS}; 0: the draft alone; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace):
 
     model = args.model or str(embedded_model_dir())
     assistant = args.assistant
-    if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
+    if assistant is None and args.model is None and args.drafter in MTP_DRAFTERS:
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
     return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
                                   mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)

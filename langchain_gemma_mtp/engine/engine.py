@@ -9,11 +9,16 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedModel
 
+from ..draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    MTP_DRAFTERS,
+    check_drafter_name,
+    mtp_settings,
+)
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
-from .drafters.mtp import DEFAULT_SIBLINGS, DEFAULT_STOP_BELOW, mtp_settings
 from .loading import (
-    check_drafter_name,
     find_assistant,
     is_assistant_checkpoint,
     load_causal_lm,
@@ -78,9 +83,9 @@ class Engine:
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
         n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
-        below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
+        below this (`MTPDrafter`; None: DEFAULT_MTP_STOP_BELOW, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
-        as a tree (None: DEFAULT_SIBLINGS, 0: the chain alone).
+        as a tree (None: DEFAULT_MTP_SIBLINGS, 0: the chain alone).
         """
         check_drafter_name(drafter)
         given = mtp_settings(mtp_stop_below, mtp_siblings)
@@ -88,7 +93,7 @@ class Engine:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if drafter in ("auto", "mtp", "hybrid") and assistant is None:
+        if (drafter == "auto" or drafter in MTP_DRAFTERS) and assistant is None:
             assistant = find_assistant(model)
             if assistant is None and drafter != "auto":
                 raise InvalidRequestError(
@@ -100,7 +105,7 @@ class Engine:
                 drafter = "ngram"
             else:
                 drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
-        if given and drafter not in ("mtp", "hybrid"):
+        if given and drafter not in MTP_DRAFTERS:
             names = " and ".join(given)
             raise InvalidRequestError(
                 f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
@@ -109,11 +114,11 @@ class Engine:
         target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
         target = TargetModel(target_model)
         chosen: Drafter
-        if drafter in ("mtp", "hybrid"):
+        if drafter in MTP_DRAFTERS:
             helper, _ = load_causal_lm(assistant, dev, dt)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_STOP_BELOW),
-                                given.get("mtp_siblings", DEFAULT_SIBLINGS))
+            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW),
+                                given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS))
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
@@ -137,6 +142,11 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The target's context length in tokens (prompt plus new tokens), if its config says."""
+        return self.target.max_positions
 
     def make_request(
         self,
@@ -162,7 +172,7 @@ class Engine:
             draft_hint=draft_hint,
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
         )
-        request.validate(self.target.vocab_size, self.target.max_positions)
+        request.validate(self.target.vocab_size, self.max_positions)
         return request
 
     def submit(self, prompt_ids: Iterable[int], **kwargs) -> RequestHandle:

@@ -425,7 +425,7 @@ def test_serve_mtp_stop_below_sets_the_served_drafter_and_refuses_bad_values(pat
     assert load_runtime(path, mtp_stop_below=0.0).engine.drafter.mtp.stop_below == 0.0  # auto: hybrid
     with pytest.raises(SystemExit, match=r"gemma-mtp serve: stop_below must be a number in \[0, 1\)"):
         cli.main(["serve", "--model", path, "--mtp-stop-below", "1.5"])
-    assert load_runtime(path, mtp_siblings=1).engine.drafter.mtp.siblings == 1
+    assert load_runtime(path, mtp_siblings=1).engine.drafter.mtp.siblings_per_depth == 1
     with pytest.raises(SystemExit, match=r"gemma-mtp serve: siblings must be an int in \[0, 8\]"):
         cli.main(["serve", "--model", path, "--mtp-siblings", "9"])
 

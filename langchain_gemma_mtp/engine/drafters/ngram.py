@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..types import MAX_DRAFT_TOKENS
+from ...draft_settings import MAX_DRAFT_TOKENS
 from .base import DecodeState, StatelessDrafter
 
 MAX_MATCH = 16  # how far back a match is compared when choosing between occurrences
