@@ -24,7 +24,7 @@ DRAFTER_NAMES: tuple[str, ...] = get_args(DrafterName)
 MTP_DRAFTERS: tuple[str, ...] = ("mtp", "hybrid")
 """The drafters that draft with an MTP assistant, the only ones the `mtp_*` settings apply to."""
 
-# Chosen on the distilled 270M drafter (docs/benchmarks.md, docs/research-notes.md).
+# Chosen on the distilled 270M drafter (docs/research-notes.md: "Stopping drafts early", "Draft trees").
 DEFAULT_MTP_STOP_BELOW = 0.3
 """An MTP draft stops once the product of the drafter's own probabilities falls below this."""
 DEFAULT_MTP_SIBLINGS = 3

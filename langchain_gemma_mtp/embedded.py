@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 #: A name users can pass as ``model=`` to mean the embedded Gemma 3 270M.
 EMBEDDED_MODEL_ID = "gemma-3-270m (embedded)"
 
-#: The MTP drafter distilled for the embedded model with `gemma-mtp distill` (docs/benchmarks.md has
+#: The MTP drafter distilled for the embedded model with `gemma-mtp distill` (docs/research-notes.md has
 #: the run). It stores no vocabulary-sized matrix: it drafts through the model's own LM head.
 EMBEDDED_ASSISTANT_DIR = pathlib.Path(__file__).parent / "data" / "gemma-3-270m-assistant"
 
