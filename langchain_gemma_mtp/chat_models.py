@@ -81,7 +81,7 @@ class ChatGemmaMTP(BaseChatModel):
     (`gemma-mtp serve`, vLLM): `model` is then the served model name, and the same calls, hints,
     tools and metadata work over HTTP.
 
-    Draft hints: `draft_hint` ("auto", "code", "prose", "tool_call", "long_form" or an int 0..MAX_DRAFT_TOKENS)
+    Draft hints: `draft_hint` ("auto", a kind of `draft_settings.HINT_KINDS`, or an int 0..MAX_DRAFT_TOKENS)
     and `num_draft_tokens` set the draft length per call; see `langchain_gemma_mtp.hints` for how
     each maps to a length. A call takes them from its kwargs (invoke, `.bind`, `bind_tools`,
     create_agent model settings), else from `configurable["draft_hint"]` of its RunnableConfig,

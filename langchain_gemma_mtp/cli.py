@@ -8,7 +8,14 @@ import os
 import sys
 import time
 
-from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW, DRAFTER_NAMES, MTP_DRAFTERS
+from .draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    DRAFT_HINT_NAMES,
+    DRAFTER_NAMES,
+    MAX_DRAFT_TOKENS,
+    MTP_DRAFTERS,
+)
 from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
     d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
                    help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)")
-    d.add_argument("--draft-hint", default="auto", help="auto, code, prose, tool_call, long_form or an int")
+    d.add_argument("--draft-hint", default="auto", help=f"{', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)
