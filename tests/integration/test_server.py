@@ -167,8 +167,10 @@ def test_stop_strings_and_the_draft_hint_extension(client) -> None:
     assert len(stats["per_position_acceptance"]) == 2  # never more than 2 drafts a step
 
 
-def test_models_health_and_metrics(client, server) -> None:
-    assert [m.id for m in client.models.list()] == [NAME]
+def test_models_health_and_metrics(client, server, runtime) -> None:
+    assert [(m.id, m.model_extra["max_model_len"]) for m in client.models.list()] == [
+        (NAME, runtime.engine.model.config.max_position_embeddings)
+    ]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     before = metric(server, "gemma_mtp:spec_decode_num_draft_tokens_total")
     finished = metric(server, "gemma_mtp:request_success_total", '{finished_reason="stop"}')
