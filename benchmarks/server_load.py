@@ -9,7 +9,7 @@ of wall time, requests per second) and first-chunk latency percentiles (request 
 chunk with output), and writes them as JSON.
 
     python -m benchmarks.server_load --clients 32 --out benchmarks/results/server-load-tiny.json
-    python -m benchmarks.server_load --clients 2 --max-tokens 8     # smoke run
+    python -m benchmarks.server_load --clients 2     # smoke run
     python -m benchmarks.server_load --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
 """
 
