@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InvalidRequestError, MissingDependencyError
+from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
 from .runtime import ChatRequest, ChatRuntime
 
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
@@ -179,14 +180,10 @@ def engine_key(
 ) -> EngineKey:
     require_local_packages()
     from .engine.cache import DEFAULT_PREFIX_CACHE_MB
-    from .engine.drafters.mtp import (  # keys are made only to load in-process
-        DEFAULT_SIBLINGS,
-        DEFAULT_STOP_BELOW,
-    )
 
     # A default spelled out is the default: one engine, not two copies of the model.
-    stop_below = None if mtp_stop_below == DEFAULT_STOP_BELOW else mtp_stop_below
-    siblings = None if mtp_siblings == DEFAULT_SIBLINGS else mtp_siblings
+    stop_below = None if mtp_stop_below == DEFAULT_MTP_STOP_BELOW else mtp_stop_below
+    siblings = None if mtp_siblings == DEFAULT_MTP_SIBLINGS else mtp_siblings
     cache_mb = None if prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB else prefix_cache_mb
     return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings,
             check_load_options(load_options), cache_mb)

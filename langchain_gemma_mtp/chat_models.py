@@ -37,6 +37,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
 from .backends import Backend, check_load_options, context_length, in_process_backend, require_local_packages
 from .http_backend import HTTPBackend
 from .errors import InvalidRequestError
+from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings
 from .hints import DraftHint, check_draft_hint
 from .messages import convert_tools, from_langchain, normalize_tool_choice
 from .runtime import ChatRequest
@@ -111,7 +112,7 @@ class ChatGemmaMTP(BaseChatModel):
     (`gemma-mtp serve`, vLLM): `model` is then the served model name, and the same calls, hints,
     tools and metadata work over HTTP.
 
-    Draft hints: `draft_hint` ("auto", "code", "prose", "tool_call", "long_form" or an int 0..16)
+    Draft hints: `draft_hint` ("auto", a kind of `draft_settings.HINT_KINDS`, or an int 0..MAX_DRAFT_TOKENS)
     and `num_draft_tokens` set the draft length per call; see `langchain_gemma_mtp.hints` for how
     each maps to a length. A call takes them from its kwargs (invoke, `.bind`, `bind_tools`,
     create_agent model settings), else from `configurable["draft_hint"]` of its RunnableConfig,
@@ -143,7 +144,7 @@ class ChatGemmaMTP(BaseChatModel):
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
     """Hub id or local directory of the target model."""
-    drafter: Literal["auto", "mtp", "hybrid", "draft_model", "ngram", "none"] = "auto"
+    drafter: DrafterName = "auto"
     """"auto": hybrid (long n-gram matches copied, the model's MTP assistant otherwise) when an
     assistant (X-assistant) exists, a draft model when `assistant_model` is an ordinary causal LM,
     else n-gram drafting."""
@@ -156,7 +157,7 @@ class ChatGemmaMTP(BaseChatModel):
     stop: list[str] | None = None
     seed: int | None = None
     draft_hint: DraftHint = "auto"
-    num_draft_tokens: int | None = Field(default=None, ge=0, le=16)
+    num_draft_tokens: int | None = Field(default=None, ge=0, le=MAX_DRAFT_TOKENS)
     reasoning: bool = False
     """Ask the model to think first; its thoughts come back as reasoning content."""
     min_p: float = 0.0
@@ -177,11 +178,11 @@ class ChatGemmaMTP(BaseChatModel):
     $HF_TOKEN), `attn_implementation` ("eager", "sdpa", ...), `trust_remote_code`."""
     mtp_stop_below: float | None = None
     """In-process MTP drafting stops a draft once the product of the drafter's own probabilities
-    falls below this (None: the engine's default, 0.3; 0: always draft the full length). Lower it
+    falls below this (None: the engine's default, DEFAULT_MTP_STOP_BELOW; 0: always draft the full length). Lower it
     where verifying wide drafts is cheap (GPUs); a server sets its own (`--mtp-stop-below`)."""
     mtp_siblings: int | None = None
     """In-process MTP drafting: runners-up per draft position that greedy calls verify beside the
-    draft, as a tree (None: the engine's default, 3; 0: the draft alone). Raise it where verifying
+    draft, as a tree (None: the engine's default, DEFAULT_MTP_SIBLINGS; 0: the draft alone). Raise it where verifying
     wide drafts is cheap (GPUs); a server sets its own (`--mtp-siblings`)."""
     streaming: bool = False
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
@@ -240,11 +241,8 @@ class ChatGemmaMTP(BaseChatModel):
                 raise ValueError(
                     f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} when this class loads the model itself: a server sets its own "
                     "(gemma-mtp serve --mtp-stop-below/--mtp-siblings), a ready engine= its drafter's "
-                    "(MTPDrafter(stop_below=..., siblings=...))."
+                    "(MTPDrafter(stop_below=..., siblings_per_depth=...))."
                 )
-            # Imported here: torch loads only for in-process use.
-            from .engine.drafters.mtp import mtp_settings
-
             mtp_settings(self.mtp_stop_below, self.mtp_siblings)
         return self
 

@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .drafter_names import DRAFTER_NAMES  # torch-free: --help must not load torch
+from .draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    DRAFT_HINT_NAMES,
+    DRAFTER_NAMES,
+    MAX_DRAFT_TOKENS,
+    MTP_DRAFTERS,
+)
 from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
@@ -28,13 +35,13 @@ DTYPE_HELP = (
 
 STOP_HELP = (
     "MTP drafting stops a draft once the product of the drafter's own probabilities falls below this "
-    "(default 0.3; 0: always draft the full length; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_STOP_BELOW}; 0: always draft the full length; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
 SIBLINGS_HELP = (
     "greedy requests verify up to this many runners-up per MTP draft position beside the draft, as a tree "
-    "(default 3; 0: the draft alone; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_SIBLINGS}; 0: the draft alone; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
@@ -44,7 +51,7 @@ def _load(args: argparse.Namespace):
 
     model = args.model or str(embedded_model_dir())
     assistant = args.assistant
-    if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
+    if assistant is None and args.model is None and args.drafter in MTP_DRAFTERS:
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
     return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
                                   mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
@@ -225,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
     d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
                    help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)")
-    d.add_argument("--draft-hint", default="auto", help="auto, code, prose, tool_call, long_form or an int")
+    d.add_argument("--draft-hint", default="auto", help=f"{', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
     d.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: a short code-editing request)")
     d.add_argument("--max-tokens", type=int, default=96, help="tokens to generate with each decoding")
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)

@@ -10,11 +10,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    MTP_DRAFTERS,
+    check_drafter_name,
+    mtp_settings,
+)
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
-from .drafters.mtp import DEFAULT_SIBLINGS, DEFAULT_STOP_BELOW, mtp_settings
 from .loading import (
-    check_drafter_name,
     find_assistant,
     is_assistant_checkpoint,
     load_causal_lm,
@@ -81,9 +86,9 @@ class Engine:
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
         n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
-        below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
+        below this (`MTPDrafter`; None: DEFAULT_MTP_STOP_BELOW, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
-        as a tree (None: DEFAULT_SIBLINGS, 0: the chain alone).
+        as a tree (None: DEFAULT_MTP_SIBLINGS, 0: the chain alone).
         load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
         `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
@@ -96,7 +101,7 @@ class Engine:
         options = dict(load_options or {})
         helper_options = {k: v for k, v in options.items() if k != "revision"}
         token = options.get("token")
-        if drafter in ("auto", "mtp", "hybrid") and assistant is None:
+        if (drafter == "auto" or drafter in MTP_DRAFTERS) and assistant is None:
             assistant = find_assistant(model, token)
             if assistant is None and drafter != "auto":
                 raise InvalidRequestError(
@@ -108,7 +113,7 @@ class Engine:
                 drafter = "ngram"
             else:
                 drafter = "hybrid" if is_assistant_checkpoint(assistant, token) else "draft_model"
-        if given and drafter not in ("mtp", "hybrid"):
+        if given and drafter not in MTP_DRAFTERS:
             names = " and ".join(given)
             raise InvalidRequestError(
                 f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
@@ -117,11 +122,11 @@ class Engine:
         target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file, options)
         target = TargetModel(target_model)
         chosen: Drafter
-        if drafter in ("mtp", "hybrid"):
+        if drafter in MTP_DRAFTERS:
             helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_STOP_BELOW),
-                                given.get("mtp_siblings", DEFAULT_SIBLINGS))
+            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW),
+                                given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS))
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
@@ -145,6 +150,11 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The target's context length in tokens (prompt plus new tokens), if its config says."""
+        return self.target.max_positions
 
     def make_request(
         self,
@@ -178,7 +188,7 @@ class Engine:
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
             processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, _bias_copy(logit_bias), min_tokens),
         )
-        request.validate(self.target.vocab_size, self.target.max_positions)
+        request.validate(self.target.vocab_size, self.max_positions)
         return request
 
     def submit(self, prompt_ids: Iterable[int], **kwargs) -> RequestHandle:

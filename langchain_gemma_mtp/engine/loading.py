@@ -14,7 +14,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
-from .drafters import DRAFTER_NAMES
 from .target import KV_LAYERS_KEY, TargetModel, kv_layer_problems, text_config_of
 
 log = logging.getLogger(__name__)
@@ -250,11 +249,6 @@ def validate_draft_model(target: TargetModel, draft: TargetModel) -> None:
             f"draft model vocab size {draft.vocab_size} != target's {target.vocab_size}: a draft model must share "
             "the target's tokenizer. Use a smaller model of the same family, or drafter='ngram'."
         )
-
-
-def check_drafter_name(drafter: str) -> None:
-    if drafter not in DRAFTER_NAMES:
-        raise InvalidRequestError(f"unknown drafter {drafter!r}: use one of {DRAFTER_NAMES}.")
 
 
 def stop_ids_of(model: PreTrainedModel) -> frozenset[int]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..draft_settings import check_draft_hint, check_num_draft_tokens
 from ..errors import InvalidRequestError
 from .processors import LogitsProcessing
-
-DRAFT_HINTS = ("auto", "code", "prose", "tool_call", "long_form")
-MAX_DRAFT_TOKENS = 16
 
 
 @dataclass
@@ -69,16 +67,9 @@ class GenerationRequest:
             raise InvalidRequestError(f"stop_token_ids holds id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: use this model's token ids.")
         self.processing.validate(vocab_size, self.max_new_tokens)
         if self.num_draft_tokens is not None:
-            n = self.num_draft_tokens
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_DRAFT_TOKENS:
-                raise InvalidRequestError(
-                    f"num_draft_tokens must be an int in [0, {MAX_DRAFT_TOKENS}], got {n!r}."
-                )
-        hint = self.draft_hint
-        if hint is not None and not isinstance(hint, int) and hint not in DRAFT_HINTS:
-            raise InvalidRequestError(f"unknown draft_hint {hint!r}: use one of {DRAFT_HINTS} or an int.")
-        if isinstance(hint, int) and (isinstance(hint, bool) or not 0 <= hint <= MAX_DRAFT_TOKENS):
-            raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint!r}.")
+            check_num_draft_tokens(self.num_draft_tokens)
+        if self.draft_hint is not None:
+            check_draft_hint(self.draft_hint)
 
 
 @dataclass

@@ -188,7 +188,7 @@ class ChatServer:
             "object": "model",
             "created": self.created,
             "owned_by": "gemma-mtp",
-            "max_model_len": self.runtime.engine.target.max_positions,
+            "max_model_len": self.runtime.engine.max_positions,
         }
         return JSONResponse({"object": "list", "data": [card]})
 

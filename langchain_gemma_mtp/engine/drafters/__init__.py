@@ -5,10 +5,8 @@ from .draft_model import DraftModelDrafter
 from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
 from .ngram import Match, NgramDrafter, SuffixIndex, lookup_continuation
-from ...drafter_names import DRAFTER_NAMES
 
 __all__ = [
-    "DRAFTER_NAMES",
     "DecodeState",
     "DraftModelDrafter",
     "Drafter",
