@@ -11,6 +11,7 @@ exact). Dict keys are not marked by transformers; keys that carry a control toke
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,12 +31,10 @@ class PromptEncoder:
         # transformers sanitizes: it refuses keys and decides where a continuation may join).
         self.markers = frozenset(t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip())
         self._added_ids = frozenset(tokenizer.added_tokens_decoder)
+        self._markers_re = re.compile("|".join(map(re.escape, sorted(self.markers, key=len, reverse=True))) or "(?!)")
 
-    def encode(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool, continuation: str = ""
-    ) -> list[int]:
-        """Prompt ids for `messages` with the generation prompt, then `continuation` (text we write
-        for the model, e.g. a forced tool-call opening, whose markers are real control tokens)."""
+    def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> list[int]:
+        """Prompt ids for `messages` with the generation prompt."""
         _check_keys(messages, "messages", self.markers)
         _check_keys(tools or [], "tools", self.markers)
         try:
@@ -55,10 +54,35 @@ class PromptEncoder:
             raise InvalidRequestError(
                 f"cannot encode this conversation safely with the tokenizer of {self.model_name}: {exc}"
             ) from exc
-        ids = list(ids)
-        return self._append(ids, continuation) if continuation else ids
+        return list(ids)
 
-    def _append(self, ids: list[int], continuation: str) -> list[int]:
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text to ids as message text is encoded: marker strings in it stay text; with
+        `add_special_tokens`, inside the tokens the tokenizer puts around a text (its BOS).
+
+        Marks them as transformers' sanitizing does, rather than switching the shared tokenizer's
+        `split_special_tokens` flag, which other threads' encodes would race with.
+        """
+        # Here, not at import: a client-only install (no transformers) imports the runtime too.
+        from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
+
+        ids = encode_marked_chat(self.tokenizer, mark_control_tokens(text, self._markers_re))
+        if not add_special_tokens:
+            return ids
+        # The tokenizer's frame, read off a probe text: what it adds before and after.
+        probe = self.tokenizer.encode("a", add_special_tokens=False)
+        framed = self.tokenizer.encode("a", add_special_tokens=True)
+        start = next(i for i in range(len(framed)) if framed[i : i + len(probe)] == probe)
+        return framed[:start] + ids + framed[start + len(probe) :]
+
+    def text_after(self, ids: list[int], marker: str) -> str:
+        """The prompt's text from the last `marker` control token on ("" when it has none). Only
+        the template writes control tokens, so message text cannot move where this starts."""
+        marker_id = self.tokenizer.convert_tokens_to_ids(marker)
+        start = max((i for i, t in enumerate(ids) if t == marker_id), default=None)
+        return "" if start is None else self.tokenizer.decode(ids[start:])
+
+    def append(self, ids: list[int], continuation: str) -> list[int]:
         """`ids` + `continuation`, encoded as if the template had written it.
 
         The text after the prompt's last control token (e.g. `model\\n`) is template text:

@@ -9,6 +9,7 @@ import torch
 
 from .cache import PrefixCache
 from .drafters import NO_DRAFT, Draft, Drafter, DraftRequest, DraftStep
+from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
 from .target import TargetModel
 from .tree import DraftTree
@@ -53,8 +54,15 @@ def speculative_decode(
     cache = target.new_cache(layers, reused)
     stats.cached_tokens = reused
 
+    # Penalties, bias and min_tokens, when the request sets any: each verified row gets its own history.
+    processors = None
+    if request.processing.active:
+        processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
     fwd = target.forward(prompt[reused:], cache, prefill=True)
-    first = int(choose_token(target.logits(fwd.hidden[-1]), sampling, generator)[0])
+    logits = target.logits(fwd.hidden[-1])
+    if processors is not None:
+        logits = processors.apply(logits[None], prompt, [[]])[0]
+    first = int(choose_token(logits, sampling, generator)[0])
     stats.target_forwards += 1
     if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
         prefix_cache.insert(TARGET, prompt, cache)
@@ -77,7 +85,10 @@ def speculative_decode(
             draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
             tree = _tree(draft, request, target)
             fwd = target.forward(tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree=tree)
-            verdict = judge(target.logits(fwd.hidden), draft.tokens, draft.probs, tree, sampling, generator)
+            logits = target.logits(fwd.hidden)
+            if processors is not None:
+                logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
+            verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
 

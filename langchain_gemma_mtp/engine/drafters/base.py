@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ...draft_settings import MAX_DRAFT_TOKENS
 from ..cache import PrefixCache
 from ..target import KV
 from ..types import SamplingParams

@@ -12,7 +12,7 @@ import collections
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..types import MAX_DRAFT_TOKENS
+from ...draft_settings import MAX_DRAFT_TOKENS
 from .base import Draft, DraftRequest, DraftStep
 
 MAX_MATCH = 16  # how far back a match is compared when choosing between occurrences
@@ -150,7 +150,7 @@ class NgramSession:
         Only index matches grow: an earlier output that matches this long tends to repeat whole
         (an agent's call skeletons, re-quoted results), while a long match inside the prompt is
         often a text being edited, where long drafts were measured to cost more than they saved
-        (copy_edit, fp32: x1.46 with growth vs x1.81 without on the workloads).
+        (the copy_edit workloads).
         """
         limit = min(MAX_DRAFT_TOKENS, step.limit)
         best = lookup_continuation(step.tokens, min(step.k, limit), self.drafter.min_ngram)
