@@ -116,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     try:
         runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
-                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
+                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings, kv_cache_mb=args.kv_cache_mb)
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -124,6 +124,8 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("GEMMA_MTP_API_KEY") or None,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
     )
     print(f"serving {name!r} ({runtime.engine.drafter.name} drafter) on http://{args.host}:{args.port}/v1", flush=True)
     run_server(runtime, settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -226,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
+    s.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once (default 16)")
+    s.add_argument("--max-queued", type=int, default=64, help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
+    s.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="KV cache that running requests may hold together; a request that could never fit is a 400, "
+                        "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     _distill_parser(sub)
     args = parser.parse_args(argv)
