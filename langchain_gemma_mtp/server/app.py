@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -125,6 +125,9 @@ class ChatServer:
             self._authorize(request)
             body = await self._body(request)
             await self.admission.enter()
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            self.metrics.cancelled.inc()
+            return Response(status_code=499)
         except Exception as exc:
             return self.error(exc)
         try:

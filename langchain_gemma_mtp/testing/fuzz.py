@@ -67,9 +67,9 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
             for _ in range(rng.randint(0, 4))}
 
 
-def good_body(model: str, rng: random.Random) -> dict[str, Any]:
+def good_body(model: str, rng: random.Random, max_tokens: int = 16) -> dict[str, Any]:
     """A request every server of this model should answer, with some of the optional fields set."""
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": rng.randint(1, 8)}
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": rng.randint(1, max_tokens)}
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
     optional = {
@@ -122,17 +122,17 @@ def _nested(depth: int, rng: random.Random) -> str:
     return '{"a":' * depth + "1" + "}" * depth
 
 
-def _mutations(model: str) -> list[tuple[str, Any]]:
-    """(kind, build(rng) -> body bytes, headers, method, path, read)."""
+def _mutations(model: str, max_tokens: int) -> list[tuple[str, Any]]:
+    """(kind, build(rng) -> body bytes): the ways a body goes wrong."""
 
     def wrong_type(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         path = rng.choice(list(_paths(body)))
         _replace(body, path, random_value(rng))
         return json.dumps(body).encode()
 
     def missing_key(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         path = rng.choice(list(_paths(body)))
         parent = body
         for key in path[:-1]:
@@ -141,7 +141,7 @@ def _mutations(model: str) -> list[tuple[str, Any]]:
         return json.dumps(body).encode()
 
     def extra_key(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         containers = [p for p in _paths(body) if isinstance(_get(body, p), dict)] or [()]
         target = _get(body, rng.choice(containers))
         target[rng.choice(["role", "content", "type", "function", "arguments", "name", "zzz"])] = random_value(rng)
@@ -151,12 +151,12 @@ def _mutations(model: str) -> list[tuple[str, Any]]:
         return json.dumps(random_value(rng)).encode()
 
     def random_messages(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         body["messages"] = [random_value(rng) for _ in range(rng.randint(1, 4))]
         return json.dumps(body).encode()
 
     def random_tools(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         body["tools"] = rng.choice([random_value(rng), [random_value(rng)], [{"type": "function", "function": random_value(rng)}]])
         body["tool_choice"] = rng.choice([None, "required", "auto", random_value(rng)])
         return json.dumps(body).encode()
@@ -165,37 +165,37 @@ def _mutations(model: str) -> list[tuple[str, Any]]:
         return _nested(rng.choice([100, 1000, 20_000, 100_000]), rng).encode()
 
     def deep_field(rng):
-        body = json.dumps(good_body(model, rng))
+        body = json.dumps(good_body(model, rng, max_tokens))
         key = rng.choice(["messages", "tools", "tool_choice", "response_format", "chat_template_kwargs", "stop"])
         nested = _nested(rng.choice([50, 500, 5000, 50_000]), rng)
         return (body[:-1] + f', "{key}": {nested}}}').encode()
 
     def deep_content(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         body["messages"] = [{"role": "user", "content": json.loads(_nested(rng.choice([30, 200, 900]), rng))}]
         return json.dumps(body).encode()
 
     def huge_string(rng):
-        body = good_body(model, rng)
+        body = good_body(model, rng, max_tokens)
         path = rng.choice(list(_paths(body)))
         _replace(body, path, rng.choice("ab <|\u00e9\U0001f600") * rng.choice([10_000, 100_000, 400_000]))
         return json.dumps(body).encode()
 
     def bad_utf8(rng):
-        raw = json.dumps(good_body(model, rng)).encode()
+        raw = json.dumps(good_body(model, rng, max_tokens)).encode()
         at = rng.randrange(len(raw))
         return raw[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80", b"\xf4\x90\x80\x80"]) + raw[at:]
 
     def surrogate(rng):
-        body = json.dumps(good_body(model, rng))
+        body = json.dumps(good_body(model, rng, max_tokens))
         return body.replace('"Hello"', rng.choice(['"\\ud800"', '"a\\udfffb"', '"\\ud83d"'])).encode()
 
     def nan(rng):
-        body = json.dumps(good_body(model, rng))
+        body = json.dumps(good_body(model, rng, max_tokens))
         return body.replace('"max_tokens": ', f'"max_tokens": {rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])}, "x": ').encode()
 
     def truncated(rng):
-        raw = json.dumps(good_body(model, rng)).encode()
+        raw = json.dumps(good_body(model, rng, max_tokens)).encode()
         return raw[: rng.randrange(len(raw))]
 
     def random_bytes(rng):
@@ -225,10 +225,10 @@ def _headers(rng: random.Random) -> dict[str, str]:
     return dict(rng.choice(choices))
 
 
-def fuzz_cases(seed: int, model: str) -> Iterator[FuzzCase]:
-    """An endless, reproducible stream of fuzz cases."""
+def fuzz_cases(seed: int, model: str, max_tokens: int = 16) -> Iterator[FuzzCase]:
+    """An endless, reproducible stream of fuzz cases; good requests ask for at most `max_tokens`."""
     rng = random.Random(seed)
-    mutations = _mutations(model)
+    mutations = _mutations(model, max_tokens)
     while True:
         roll = rng.random()
         if roll < 0.06:
@@ -237,8 +237,8 @@ def fuzz_cases(seed: int, model: str) -> Iterator[FuzzCase]:
             yield FuzzCase("method_path", b"", method=method, path=path, headers=_headers(rng))
             continue
         if roll < 0.2:  # a good streamed request whose client misbehaves
-            body = good_body(model, rng)
-            body.update(stream=True, max_tokens=rng.randint(8, 64))
+            body = good_body(model, rng, max_tokens)
+            body.update(stream=True, max_tokens=rng.randint(1, max_tokens))
             read = rng.choice(READS[1:])
             yield FuzzCase(f"client_{read}", json.dumps(body).encode(), headers={"content-type": "application/json"}, read=read)
             continue
