@@ -156,6 +156,28 @@ def _type_index(text: str) -> tuple[str, int]:
     return layer_type.strip(), int(index)
 
 
+def _at_least(minimum: int):
+    """An argparse type: an int >= minimum."""
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int >= {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _positive_mb(text: str) -> float:
+    """An argparse type: a size in MB > 0, checked before a model loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB > 0")
+    return value
+
+
 def _distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train a Gemma 4 MTP assistant (drafter) for a target, offline")
     p.add_argument("--target", required=True, help="target model dir or hub id ('embedded': the demo's Gemma 3 270M)")
@@ -228,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
-    s.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once (default 16)")
-    s.add_argument("--max-queued", type=int, default=64, help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
-    s.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+    s.add_argument("--max-concurrent", type=_at_least(1), default=16, help="requests generating at once (default 16)")
+    s.add_argument("--max-queued", type=_at_least(0), default=64,
+                   help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
+    s.add_argument("--kv-cache-mb", type=_positive_mb, default=None, metavar="MB",
                    help="KV cache that running requests may hold together; a request that could never fit is a 400, "
                         "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")

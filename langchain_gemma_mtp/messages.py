@@ -100,6 +100,8 @@ def content_text(content: Any, where: str) -> str:
             texts.append(part)
             continue
         kind = part.get("type") if isinstance(part, Mapping) else None
+        if not isinstance(kind, str):  # a list or object here is not a part type (nor hashable)
+            kind = repr(kind)[:100]
         if kind in ("text", "input_text", "output_text", "text-plain"):
             texts.append(str(part.get("text", "")))
         elif kind in _DROPPED_PARTS:

@@ -266,8 +266,8 @@ class EngineWorker:
                     with self._lock:
                         self._active.append(job)
 
-
     def _end(self, job: _Job, last: object = _END) -> None:
+        job.bursts.close()  # runs the request's cleanup (its prefix-cache entry) outside the lock
         with self._lock:  # the budget it gives back is read by _admit under the lock
             job.end(last)
 
