@@ -223,7 +223,7 @@ class EngineWorker:
             elif job.budget is None or job.budget.take(job.kv_bytes):
                 job.holds = job.budget is not None
                 self._active.append(self._waiting.popleft())
-            elif not self._active:  # nothing runs that could make room: the budget shrank under it
+            elif not job.budget.held:  # nothing runs that could make room: the budget shrank under it
                 need, limit = job.kv_bytes / 2**20, job.budget.limit_bytes / 2**20
                 self._waiting.popleft().end(KVCacheLimitError(
                     f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."))
@@ -264,6 +264,7 @@ class EngineWorker:
                     self._end(job)
                 else:
                     with self._lock:
+                        self._admit()  # requests that arrived during this step are stepped before this one again
                         self._active.append(job)
 
     def _end(self, job: _Job, last: object = _END) -> None:
