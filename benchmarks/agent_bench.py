@@ -1,37 +1,34 @@
 """Agent-shaped speed on the real Gemma 3 270M: warm vs cold prefix on a multi-turn trace, and four
 concurrent streams, beside transformers `generate` in the same run.
 
-1. Agent trace: turn 1 and turn 2 of shared/bench's agent workload, with a system prompt that
+1. Agent trace: turn 1 and turn 2 of the workloads' agent trace (benchmarks/workloads.jsonl), with a system prompt that
    carries reference notes and tool declarations (1,000+ tokens, as real agent prompts do).
    Time to first token of turn 2: cold (fresh engine state), warm (after turn 1 ran, so the
    shared prefix is in the prefix cache), and HF generate (which recomputes everything).
 2. Four concurrent streams (one prompt per kind) on one engine: aggregate tokens/s and the
    worst first-chunk latency, against the same four run one after another (ours and HF).
 
-    python benchmarks/agent_bench.py --dtype bfloat16 --out benchmarks/results/agent-270m-bf16.json
+    python -m benchmarks.agent_bench --dtype bfloat16 --out benchmarks/results/agent-270m-bf16.json
+    python -m benchmarks.agent_bench --dtype float32 --out benchmarks/results/agent-270m-fp32.json
+    python -m benchmarks.agent_bench --repeats 1 --max-new 2     # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
+from langchain_gemma_mtp.embedded import embedded_model_dir
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
+from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime
 
+from .common import parser, set_threads, workloads, write_results
 
-from langchain_gemma_mtp.embedded import embedded_model_dir  # noqa: E402
-from langchain_gemma_mtp.engine import Engine, on_short_lived_thread  # noqa: E402
-from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime  # noqa: E402
-
-WORKLOADS = {w["id"]: w for w in map(json.loads, (HERE / "workloads.jsonl").read_text().splitlines()) if w}
+WORKLOADS = {w["id"]: w for w in workloads()}
 CONCURRENT = ("code-fib", "prose-email", "rag-quote", "tool-weather")
 
 
@@ -128,16 +125,14 @@ def hf_streams(model, prompts: list[list[int]], max_new: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--drafter", default="ngram")
     ap.add_argument("--assistant", default=None)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=48)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     engine = Engine.from_pretrained(embedded_model_dir(), drafter=args.drafter, assistant=args.assistant, dtype=args.dtype)
     runtime = ChatRuntime(engine)
     first_token_secs(engine, prompt_ids(runtime, [{"role": "user", "content": "Hi"}]), 4)  # warm-up
@@ -159,9 +154,7 @@ def main() -> None:
     for name, r in streams.items():
         print(f"| {name} | {r['tok_s']:.1f} | {r['worst_first'] * 1000:.0f} ms | "
               + ", ".join(f"{f * 1000:.0f}" for f in r["first"]) + " ms |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, trace=trace, streams=streams), indent=1))
+    write_results(args.out, args, trace=trace, streams=streams)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The distilled MTP drafter on the embedded Gemma 3 270M: acceptance, drafter step cost and speedup per kind and k.
 
 For each workload kind, draft length k, early-stop threshold (`MTPDrafter.stop_below`), siblings
-per depth (`MTPDrafter.siblings`: greedy draft trees) and centroid clusters scored per draft step,
+per depth (`MTPDrafter.siblings_per_depth`: greedy draft trees) and centroid clusters scored per draft step,
 in one run against plain decoding (drafter "none"): mean accepted length (tokens per target
 forward), per-position acceptance, tokens/s and the speedup over plain decoding (from the fastest
 runs, and paired round by round), and whether the output equals plain greedy (fp32: must; bf16:
@@ -9,30 +9,21 @@ agreement only). The drafter's own step cost is measured once per dtype as the t
 step over the time of one single-token target forward (decode at a prompt-length context).
 None of the workload prompts is in the drafter's training prompts (checked).
 
-    python benchmarks/distill_bench.py --dtype bfloat16 --out benchmarks/results/distill-270m-bf16.json
-    python benchmarks/distill_bench.py --dtype float32 --out benchmarks/results/distill-270m-fp32.json
-    python benchmarks/distill_bench.py --dtype bfloat16 -k 4 6 8 --stop-below 0 0.2 0.3 --out ...
-    python benchmarks/distill_bench.py --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 0 1 2 3 --out ...
-    python benchmarks/distill_bench.py --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 3 --centroid-top-k 32 4 --out ...
-    python benchmarks/distill_bench.py --limit 2 -k 1 4         # smoke run
+    python -m benchmarks.distill_bench --dtype bfloat16 --out benchmarks/results/distill-270m-bf16.json
+    python -m benchmarks.distill_bench --dtype float32 --out benchmarks/results/distill-270m-fp32.json
+    python -m benchmarks.distill_bench --dtype bfloat16 -k 4 6 8 --stop-below 0 0.2 0.3 --out ...
+    python -m benchmarks.distill_bench --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 0 1 2 3 --out ...
+    python -m benchmarks.distill_bench --dtype bfloat16 -k 4 --stop-below 0.3 --siblings 3 --centroid-top-k 32 4 --out ...
+    python -m benchmarks.distill_bench --limit 2 -k 1 4         # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-
-from engine_bench import median_seconds, plain_turns
 
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
@@ -40,24 +31,7 @@ from langchain_gemma_mtp.engine.drafters import NoDrafter
 from langchain_gemma_mtp.engine.drafters.base import DecodeState
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 
-TRAINING_PROMPTS = sorted((HERE / "distill").glob("prompts-270m*.jsonl"))
-
-
-def workload_prompts(tokenizer, kinds: set[str] | None) -> list[tuple[str, str, list[int]]]:
-    trained = {json.loads(line)["prompt"] for path in TRAINING_PROMPTS for line in path.read_text().splitlines() if line.strip()}
-    out = []
-    for line in (HERE / "workloads.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        w = json.loads(line)
-        if kinds and w["kind"] not in kinds:
-            continue
-        texts = {m.get("content") for m in w["messages"]}
-        assert not texts & trained, f"{w['id']} is in the drafter's training prompts"
-        turns = plain_turns(w["messages"], w.get("tools"))
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
-        out.append((w["id"], w["kind"], list(ids)))
-    return out
+from .common import median_seconds, parser, set_threads, timed_rounds, workload_prompts, write_results
 
 
 @torch.inference_mode()
@@ -87,18 +61,6 @@ def run(engine: Engine, ids: list[int], max_new: int, k: int | None):
     return result, time.perf_counter() - start
 
 
-def timed_rounds(calls: list, rounds: int) -> list[tuple]:
-    """(result, seconds of every round) of each call, run in `rounds` interleaved rounds: a slow spell
-    of the machine then hits every setting alike, the fastest of a call's runs is the least
-    disturbed, and calls of one round, made moments apart, can be paired."""
-    timed = [(None, [])] * len(calls)
-    for _ in range(rounds):
-        for i, call in enumerate(calls):
-            result, secs = call()
-            timed[i] = (result, timed[i][1] + [secs])
-    return timed
-
-
 def paired_speedup(rows: list[dict]) -> float:
     """Speedup over plain decoding of these rows together, round by round (each setting's run against
     the plain run of the same round, moments before it), median over the rounds: the machine's slow
@@ -110,7 +72,7 @@ def paired_speedup(rows: list[dict]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--assistant", default=str(EMBEDDED_ASSISTANT_DIR))
     ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4, 6])
@@ -124,12 +86,10 @@ def main() -> None:
                     help="centroid clusters the drafter scores per step, tried at every setting (0: the drafter's own)")
     ap.add_argument("--kinds", nargs="*", help="only these workload kinds (default: all)")
     ap.add_argument("--max-new", type=int, default=96)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="run every setting this many times, interleaved, and keep the fastest")
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     mtp = Engine.from_pretrained(embedded_model_dir(), drafter="mtp", assistant=args.assistant, dtype=args.dtype)
     plain = Engine(mtp.model, NoDrafter(), mtp.tokenizer)
     prompts = workload_prompts(mtp.tokenizer, set(args.kinds) if args.kinds else None)
@@ -151,7 +111,7 @@ def main() -> None:
         calls = [lambda ids=ids: run(plain, ids, args.max_new, None)]
         for k, stop, sib, least, top in settings:
             def call(k=k, stop=stop, sib=sib, least=least, top=top, ids=ids):
-                mtp.drafter.stop_below, mtp.drafter.siblings, mtp.drafter.sibling_min_chance = stop, sib, least
+                mtp.drafter.stop_below, mtp.drafter.siblings_per_depth, mtp.drafter.sibling_min_chance = stop, sib, least
                 if embedder is not None:
                     embedder.centroid_intermediate_top_k = top
                 return run(mtp, ids, args.max_new, k)
@@ -175,9 +135,7 @@ def main() -> None:
     print(f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
           f"decode forward ({costs['target_forward_s'] * 1e3:.1f} ms)\n")
     print(summary_table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, step_costs=costs, rows=rows), indent=1))
+    write_results(args.out, args, step_costs=costs, rows=rows)
 
 
 def summary_table(rows: list[dict]) -> str:

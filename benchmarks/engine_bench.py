@@ -7,48 +7,29 @@ Pairs, each at the same draft length k:
 Every row reports tokens/s, the ratio to HF greedy, acceptance, target forwards, and whether the
 output equals HF greedy's (fp32: must; bf16: agreement only).
 
-    python benchmarks/engine_bench.py --model embedded --dtype bfloat16 --mtp
-    python benchmarks/engine_bench.py --model embedded --dtype float32
-    python benchmarks/engine_bench.py --model tiny
-    python benchmarks/plot_results.py benchmarks/results/engine-270m-*.json --out docs/img/engine-270m.png
+    python -m benchmarks.engine_bench --model embedded --dtype bfloat16 --mtp --max-new 48 --repeats 3 --out benchmarks/results/engine-270m-bf16.json
+    python -m benchmarks.engine_bench --model embedded --dtype float32 --max-new 48 --out benchmarks/results/engine-270m-fp32.json
+    python -m benchmarks.engine_bench --model tiny --out benchmarks/results/engine-tiny-fp32.json
+    python -m benchmarks.engine_bench --model tiny --max-new 8 --limit 1     # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
+from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from langchain_gemma_mtp.engine.target import TargetModel
 
-from langchain_gemma_mtp.engine import Engine, on_short_lived_thread  # noqa: E402
-from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter  # noqa: E402
-from langchain_gemma_mtp.engine.target import TargetModel  # noqa: E402
+from .common import parser, set_threads, timed, workload_prompts, write_results
 
 
 def count_forwards(model):
     calls = [0]
     model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     return calls
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
-    fn()
-    return statistics.median(timed(fn)[1] for _ in range(repeats))
 
 
 def hf_run(model, ids, max_new, calls, **kw):
@@ -103,26 +84,6 @@ def bench_prompt(model, engines, assistant, ids, kind, max_new, k, calls, repeat
     return rows
 
 
-def plain_turns(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """Workload messages as alternating user/assistant text turns for a template without tool roles
-    (the base Gemma 3 GGUF): tool calls and results become text, tool declarations join the system text."""
-    turns = []
-    for m in messages:
-        role = {"tool": "user", "system": "user"}.get(m["role"], m["role"])
-        text = m.get("content") or ""
-        if m.get("tool_calls"):
-            text += "".join(json.dumps(c["function"]) for c in m["tool_calls"])
-        if m["role"] == "tool":
-            text = f"Tool result: {text}"
-        if m["role"] == "system" and tools:
-            text += "\nTools: " + json.dumps([t["function"] for t in tools])
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + text
-        else:
-            turns.append({"role": role, "content": text})
-    return turns
-
-
 def embedded_setup(dtype, with_drafter: bool):
     """The embedded Gemma 3 270M, with the drafter distilled for it when asked."""
     from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
@@ -131,15 +92,7 @@ def embedded_setup(dtype, with_drafter: bool):
         base = Engine.from_pretrained(embedded_model_dir(), drafter="mtp", assistant=EMBEDDED_ASSISTANT_DIR, dtype=dtype)
     else:
         base = Engine.from_pretrained(embedded_model_dir(), drafter="none", dtype=dtype)
-    tok = base.tokenizer
-    workloads = [json.loads(line) for line in (HERE / "workloads.jsonl").read_text().splitlines() if line.strip()]
-    prompts = []
-    for w in workloads:
-        if "messages" not in w:
-            continue
-        turns = plain_turns(w["messages"], w.get("tools"))
-        ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
-        prompts.append((w["id"], w.get("kind", "?"), list(ids)))
+    prompts = workload_prompts(base.tokenizer)
     assistant = base.drafter.assistant if with_drafter else None
     return base.model, assistant, prompts, "Gemma 3 270M (embedded)"
 
@@ -147,7 +100,7 @@ def embedded_setup(dtype, with_drafter: bool):
 def tiny_setup(dtype):
     """A tiny random Gemma 4 target and an assistant distilled on its own greedy text for a few seconds."""
     from langchain_gemma_mtp.distill import distill_assistant
-    from tiny_models import VOCAB, build_assistant, build_target
+    from tests.tiny_models import VOCAB, build_assistant, build_target
 
     target = build_target("shared_ple", seed=0).to(dtype)
     assistant = build_assistant(target, ordered=True, seed=1)
@@ -161,18 +114,16 @@ def tiny_setup(dtype):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--model", default="tiny", choices=["tiny", "embedded"])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
-    ap.add_argument("--out", type=Path, help="write rows as JSON here")
     ap.add_argument("--mtp", action="store_true", help="embedded: add the distilled drafter (mtp and hybrid rows)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, assistant, prompts, title = on_short_lived_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
     if args.limit:
@@ -198,9 +149,7 @@ def main() -> None:
                                    for m, r in rows.items()), flush=True)
     print(f"\n## {title}, {args.dtype}, {args.threads} threads, {args.max_new} new tokens, k={args.k}\n")
     print(summary_table(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(title=title, args={k: str(v) for k, v in vars(args).items()}, rows=results), indent=1))
+    write_results(args.out, args, title=title, rows=results)
 
 
 def summary_table(results: list[dict]) -> str:

@@ -4,37 +4,29 @@ and the greedy choice over its logits: `argmax` vs our `engine.verify.greedy_ids
 A 262,144 x 640 head (Gemma 3 270M's shape; random weights, the time does not depend on them).
 Rows 1 is a decode step, 2-17 a verification of 1-16 draft tokens.
 
-    python benchmarks/head_bench.py --out benchmarks/results/head-cpu.json
+    python -m benchmarks.head_bench --out benchmarks/results/head-cpu.json
+    python -m benchmarks.head_bench --vocab 4096 --rows 1 5 --repeats 2     # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
+from langchain_gemma_mtp.engine.head import project
+from langchain_gemma_mtp.engine.verify import greedy_ids
 
-from engine_bench import median_seconds  # noqa: E402
-
-from langchain_gemma_mtp.engine.head import project  # noqa: E402
-from langchain_gemma_mtp.engine.verify import greedy_ids  # noqa: E402
+from .common import median_seconds, parser, set_threads, write_results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--vocab", type=int, default=262144)
     ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 5, 9, 17])
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rows = []
     print("| dtype | rows | linear ms | project ms | speedup | argmax ms | greedy_ids ms |\n|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
@@ -49,8 +41,7 @@ def main() -> None:
             greedy = median_seconds(lambda: greedy_ids(logits), args.repeats)
             rows.append(dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours, argmax_s=arg, greedy_ids_s=greedy))
             print(f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} | {arg * 1e3:.2f} | {greedy * 1e3:.2f} |", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows), indent=1) + "\n")
+    write_results(args.out, args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,28 +13,22 @@ engine's idle owner thread was such a thread. In one run, interleaved rounds (th
   (with the shared, idle-ending owner thread this should equal `alone`);
 - `micro`: one 640x640 bf16 matmul on one row, alone and beside the parked thread.
 
-    python benchmarks/owner_thread_bench.py --out benchmarks/results/owner-thread-270m-bf16.json
+    python -m benchmarks.owner_thread_bench --out benchmarks/results/owner-thread-270m-bf16.json
+    python -m benchmarks.owner_thread_bench --max-new 4 --repeats 1     # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-
-from distill_bench import timed_rounds, workload_prompts
 
 from langchain_gemma_mtp.embedded import embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NoDrafter
+
+from .common import parser, set_threads, timed_rounds, workload_prompts, write_results
 
 
 class ParkedThread:
@@ -71,14 +65,12 @@ def micro_seconds() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     first = Engine.from_pretrained(embedded_model_dir(), drafter="none", dtype=args.dtype)
     second = Engine(first.model, NoDrafter(), first.tokenizer)
     ids = workload_prompts(first.tokenizer, {"code"})[0][2]
@@ -113,9 +105,7 @@ def main() -> None:
         unit = "us/op" if name.startswith("micro") else "ms/token"
         scale = 1e6 if name.startswith("micro") else 1e3
         print(f"| {name} | {row['seconds'] * scale:.1f} {unit} | x{row['vs_alone']:.2f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
+    write_results(args.out, args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Bar chart of tokens/s by workload kind and method from engine_bench.py result files (matplotlib).
 
-    python benchmarks/plot_results.py benchmarks/results/engine-270m-fp32.json \
-        benchmarks/results/engine-270m-bf16.json --out docs/img/engine-270m.png
+    python -m benchmarks.plot_results benchmarks/results/engine-270m-bf16.json \
+        benchmarks/results/engine-270m-fp32.json --out docs/img/engine-270m.png
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def per_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -7,30 +7,25 @@ from --workers threads. It fails (exit 1) on any 5xx, any answer slower than --t
 unhealthy server after the run, or a good request that no longer gets its memorized answer. It
 talks to loopback servers only. The suite runs a short version (tests/integration/test_server_fuzz.py).
 
-    python benchmarks/server_fuzz.py --count 5000 --seconds 600 --workers 4 --out benchmarks/results/server-fuzz-tiny.json
-    python benchmarks/server_fuzz.py --base-url http://127.0.0.1:8000 --model NAME   # a server already running here
+    python -m benchmarks.server_fuzz --count 5000 --seconds 600 --workers 4 --out benchmarks/results/server-fuzz-tiny.json
+    python -m benchmarks.server_fuzz --base-url http://127.0.0.1:8000 --model NAME   # a server already running here
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
-import json
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
+from langchain_gemma_mtp.testing.fuzz import FuzzOutcome, failures, fuzz_cases, send
 
-from langchain_gemma_mtp.testing.fuzz import FuzzOutcome, failures, fuzz_cases, send  # noqa: E402
+from .common import REPO, parser, write_results
 
 HELLO_ANSWER = "Hello! How can I help you today?"  # the fixture's memorized answer to "Hello"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -74,33 +69,31 @@ def after_checks(url: str, model: str, timeout: float, expected: str | None) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=2000, help="most cases to send")
-    parser.add_argument("--seconds", type=float, default=300, help="most seconds to send for")
-    parser.add_argument("--workers", type=int, default=4, help="threads sending at once")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=60, help="seconds an answer may take before it counts as a hang")
-    parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens of the good requests among the cases")
-    parser.add_argument("--base-url", help="a server already running on loopback (default: serve the tiny fixture here)")
-    parser.add_argument("--model", help="the served model name (with --base-url)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--count", type=int, default=2000, help="most cases to send")
+    ap.add_argument("--seconds", type=float, default=300, help="most seconds to send for")
+    ap.add_argument("--workers", type=int, default=4, help="threads sending at once")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=60, help="seconds an answer may take before it counts as a hang")
+    ap.add_argument("--max-tokens", type=int, default=8, help="max_tokens of the good requests among the cases")
+    ap.add_argument("--base-url", help="a server already running on loopback (default: serve the tiny fixture here)")
+    ap.add_argument("--model", help="the served model name (with --base-url)")
+    args = ap.parse_args()
 
     started = time.perf_counter()
     if args.base_url:
         if urlsplit(args.base_url).hostname not in LOOPBACK or not args.model:
-            parser.error("--base-url must be a loopback URL (http://127.0.0.1:PORT) and needs --model")
+            ap.error("--base-url must be a loopback URL (http://127.0.0.1:PORT) and needs --model")
         url = args.base_url.removesuffix("/").removesuffix("/v1")
         outcomes = fuzz(url, args.model, args.count, args.seconds, args.workers, args.seed, args.timeout, args.max_tokens)
         problems = failures(outcomes) + after_checks(url, args.model, args.timeout, None)
     else:
-        from chat_fixtures import chat_checkpoint
-
         from langchain_gemma_mtp.server import serve_in_subprocess
+        from tests.chat_fixtures import chat_checkpoint
 
         model = str(chat_checkpoint())
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(args.threads)}
+        # The child serves this checkout's package, whatever is installed.
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
         serve_args = ["--model", model, "--log-level", "critical", "--max-tokens-limit", "64",
                       "--max-concurrent", "2", "--max-queued", "2", "--max-body-bytes", "1000000"]
         with serve_in_subprocess(serve_args, env=env) as server:
@@ -117,11 +110,8 @@ def main() -> int:
     for problem in problems:
         print("PROBLEM:", problem)
     print("OK" if not problems else f"{len(problems)} problems")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"cases": len(outcomes), "wall_s": round(wall, 2), "slowest_s": round(slowest, 3), "statuses": statuses,
-                  "kinds": kinds, "problems": problems, "seed": args.seed, "workers": args.workers}
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, args, cases=len(outcomes), wall_s=round(wall, 2), slowest_s=round(slowest, 3),
+                  statuses=dict(statuses), kinds=dict(kinds), problems=problems)
     return 1 if problems else 0
 
 

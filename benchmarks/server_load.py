@@ -8,25 +8,22 @@ answer, not just a closed stream. It reports aggregate throughput (completion to
 of wall time, requests per second) and first-chunk latency percentiles (request sent -> first
 chunk with output), and writes them as JSON.
 
-    python benchmarks/server_load.py --clients 32 --out benchmarks/results/server-load-tiny.json
-    python benchmarks/server_load.py --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
+    python -m benchmarks.server_load --clients 32 --out benchmarks/results/server-load-tiny.json
+    python -m benchmarks.server_load --clients 2     # smoke run
+    python -m benchmarks.server_load --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
+from .common import REPO, parser, write_results
 
 # Memorized questions of the fixture with answers of different lengths; clients take them in turn.
 QUESTIONS = (
@@ -41,12 +38,12 @@ QUESTIONS = (
 
 def served_fixture(threads: int):
     """The memorizing fixture served by `gemma-mtp serve` in a child process."""
-    from chat_fixtures import chat_checkpoint
-
     from langchain_gemma_mtp.server import serve_in_subprocess
+    from tests.chat_fixtures import chat_checkpoint
 
     model = str(chat_checkpoint())
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(threads)}
+    # The child serves this checkout's package, whatever is installed.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     return model, serve_in_subprocess(["--model", model, "--log-level", "warning"], env=env)
 
 
@@ -107,7 +104,7 @@ def expected_answers() -> dict[str, str] | None:
     """The fixture's memorized answers, to check every client got the right one."""
     from langchain_core.messages import HumanMessage
 
-    from chat_fixtures import transcripts
+    from tests.chat_fixtures import transcripts
 
     answers = {}
     for t in transcripts():
@@ -119,19 +116,18 @@ def expected_answers() -> dict[str, str] | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
-    parser.add_argument("--model", help="the served model name (with --base-url)")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args()
+    ap = parser(__doc__, threads=False)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
+    ap.add_argument("--model", help="the served model name (with --base-url)")
+    ap.add_argument("--api-key", default=None, help="the server's API key (never written to the results)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
+    args = ap.parse_args()
 
     if args.base_url:
         if not args.model:
-            parser.error("--base-url needs --model")
+            ap.error("--base-url needs --model")
         results, wall = asyncio.run(run(args.base_url, args.model, args.clients, args.max_tokens, args.api_key))
         expected = None
     else:
@@ -166,9 +162,7 @@ def main() -> int:
     )
     for bad in errors + wrong:
         print("  problem:", {k: bad.get(k) for k in ("question", "error", "answer")})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "args": {k: str(v) for k, v in vars(args).items()}, "requests": results}, indent=1))
+    write_results(args.out, args, summary=summary, requests=results)
     ok = not errors and not wrong and not unfinished
     return 0 if ok else 1
 

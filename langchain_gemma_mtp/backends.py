@@ -1,7 +1,8 @@
 """Where ChatGemmaMTP's requests run: InProcessBackend (an Engine in this process) and the engine registry.
 
 A backend takes a `ChatRequest` and returns OpenAI-style deltas (`stream`, `astream`) or a whole
-message (`complete`, `acomplete`), so the chat model does not care whether the model runs here or
+message (`complete`, `acomplete`), and counts tokens the way the model will see them
+(`prompt_ids`, `text_ids`), so the chat model does not care whether the model runs here or
 behind an OpenAI-compatible server (`http_backend.HTTPBackend`).
 
 Engines are shared process-wide: every ChatGemmaMTP with the same (model, drafter, assistant,
@@ -10,17 +11,74 @@ device, dtype) uses one Engine, loaded on first use by exactly one thread.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import InvalidRequestError, MissingDependencyError
+from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
 from .runtime import ChatRequest, ChatRuntime
 
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
     from .engine import Engine
 
-EngineKey = tuple[str, str, str | None, str | None, str | None, float | None, int | None]
+EngineKey = tuple[str, str, str | None, str | None, str | None, float | None, int | None, tuple[tuple[str, Any], ...], float | None]
+
+LOCAL_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub")
+LOAD_OPTIONS = frozenset({"revision", "token", "attn_implementation", "trust_remote_code"})
+"""What `model_kwargs` may pass to `from_pretrained`: revision and token reach the hub, the rest the model."""
+
+
+def require_local_packages() -> None:
+    """Raise MissingDependencyError, naming the extra, unless this process can run a model itself.
+
+    Looks the packages up without importing them, so constructing a chat model stays cheap.
+    """
+    missing = []
+    for name in LOCAL_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingDependencyError(
+            f"running the model in this process needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'langchain-gemma-mtp[local]' (install torch first for your platform), "
+            "or pass base_url= to use a server (`gemma-mtp serve`, vLLM) instead."
+        )
+
+
+def check_load_options(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """`model_kwargs` as a sorted tuple (part of an engine key); InvalidRequestError for an unknown name."""
+    unknown = sorted(set(options or {}) - LOAD_OPTIONS)
+    if unknown:
+        raise InvalidRequestError(f"unknown model_kwargs {unknown}: use {sorted(LOAD_OPTIONS)}.")
+    return tuple(sorted((options or {}).items()))
+
+
+def context_length(model: str) -> int | None:
+    """The context window (`max_position_embeddings`) of a model dir, or of a hub id in the local
+    hub cache, read from its config.json without loading anything; None when it is not at hand."""
+    path: Path | str | None = Path(model).expanduser() / "config.json"
+    if not Path(path).is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(model, "config.json")
+        path = cached if isinstance(cached, str) else None
+    if path is None:
+        return None
+    config = json.loads(Path(path).read_text())
+    # Multimodal checkpoints (Gemma 4) keep the language model's settings under text_config.
+    value = (config.get("text_config") or config).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
 
 
 class Backend(Protocol):
@@ -33,6 +91,14 @@ class Backend(Protocol):
     def complete(self, request: ChatRequest) -> dict[str, Any]: ...
 
     async def acomplete(self, request: ChatRequest) -> dict[str, Any]: ...
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        """The token ids the model is given for this request (chat template, tools and all)."""
+        ...
+
+    def text_ids(self, text: str) -> list[int]:
+        """The token ids of plain text, as message text is tokenized."""
+        ...
 
 
 class InProcessBackend:
@@ -52,6 +118,12 @@ class InProcessBackend:
 
     async def acomplete(self, request: ChatRequest) -> dict[str, Any]:
         return await self.runtime.acomplete(request)
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        return self.runtime.prepare(request).prompt_ids
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.runtime.encode_text(text)
 
 
 class _Registry:
@@ -75,10 +147,11 @@ class _Registry:
                     return self._engines[key]
             from .engine import Engine
 
-            model, drafter, assistant, device, dtype, stop_below, siblings = key
+            model, drafter, assistant, device, dtype, stop_below, siblings, load_options, prefix_cache_mb = key
+            sized = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
             engine = Engine.from_pretrained(
                 model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below,
-                mtp_siblings=siblings,
+                mtp_siblings=siblings, load_options=dict(load_options), **sized,
             )
             with self._lock:
                 self._engines[key] = engine
@@ -103,16 +176,17 @@ REGISTRY = _Registry()
 def engine_key(
     model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
     mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
+    load_options: Mapping[str, Any] | None = None, prefix_cache_mb: float | None = None,
 ) -> EngineKey:
-    from .engine.drafters.mtp import (  # keys are made only to load in-process
-        DEFAULT_SIBLINGS,
-        DEFAULT_STOP_BELOW,
-    )
+    require_local_packages()
+    from .engine.cache import DEFAULT_PREFIX_CACHE_MB
 
     # A default spelled out is the default: one engine, not two copies of the model.
-    stop_below = None if mtp_stop_below == DEFAULT_STOP_BELOW else mtp_stop_below
-    siblings = None if mtp_siblings == DEFAULT_SIBLINGS else mtp_siblings
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings)
+    stop_below = None if mtp_stop_below == DEFAULT_MTP_STOP_BELOW else mtp_stop_below
+    siblings = None if mtp_siblings == DEFAULT_MTP_SIBLINGS else mtp_siblings
+    cache_mb = None if prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB else prefix_cache_mb
+    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings,
+            check_load_options(load_options), cache_mb)
 
 
 def in_process_backend(
@@ -124,9 +198,15 @@ def in_process_backend(
     *,
     mtp_stop_below: float | None = None,
     mtp_siblings: int | None = None,
+    load_options: Mapping[str, Any] | None = None,
+    prefix_cache_mb: float | None = None,
     engine: Engine | None = None,
 ) -> InProcessBackend:
-    """The backend for a model (loaded through the registry on first use) or for a ready engine."""
+    """The backend for a model (loaded through the registry on first use) or for a ready engine.
+
+    load_options: `model_kwargs` for `from_pretrained` (see LOAD_OPTIONS); prefix_cache_mb: memory
+    for the KV caches of recent requests (None: the engine's default)."""
     if engine is None:
-        engine = REGISTRY.engine(engine_key(model, drafter, assistant, device, dtype, mtp_stop_below, mtp_siblings))
+        key = engine_key(model, drafter, assistant, device, dtype, mtp_stop_below, mtp_siblings, load_options, prefix_cache_mb)
+        engine = REGISTRY.engine(key)
     return InProcessBackend(REGISTRY.runtime(engine, model_name=model))

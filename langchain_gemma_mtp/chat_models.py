@@ -9,6 +9,7 @@ load on first use.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
@@ -32,16 +34,46 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from .backends import Backend, in_process_backend
+from .backends import Backend, check_load_options, context_length, in_process_backend, require_local_packages
 from .http_backend import HTTPBackend
 from .errors import InvalidRequestError
+from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings
 from .hints import DraftHint, check_draft_hint
 from .messages import convert_tools, from_langchain, normalize_tool_choice
 from .runtime import ChatRequest
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
 PROVIDER = "gemma_mtp"
+BASE_URL_ENV = "GEMMA_MTP_BASE_URL"
+API_KEY_ENV = "GEMMA_MTP_API_KEY"
+PROFILE_PROBE_TIMEOUT_S = 2.0  # how long construction waits for a server's /v1/models (the profile's context size)
 
+# What every Gemma the class runs can do, for LangChain's model profile. Tool and structured-output
+# choices: `tool_choice` is enforced (the prompt ends with the opening of the call), while a
+# response_format is only opened with "{" (no grammar), so `structured_output` is False and
+# create_agent picks ToolStrategy (a forced call of the schema's tool) over ProviderStrategy.
+_PROFILE: ModelProfile = {
+    "open_weights": True,
+    "text_inputs": True,
+    "image_inputs": False,
+    "image_url_inputs": False,
+    "pdf_inputs": False,
+    "audio_inputs": False,
+    "video_inputs": False,
+    "text_outputs": True,
+    "image_outputs": False,
+    "audio_outputs": False,
+    "video_outputs": False,
+    "reasoning_output": True,
+    "tool_calling": True,
+    "tool_choice": True,
+    "tool_call_streaming": True,
+    "structured_output": False,
+    "temperature": True,
+}
+
+# Logits processors and stop ids (the engine's names), as fields and per-call options.
+_SAMPLING_FIELDS = ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "ignore_eos")
 # Options a call may pass (invoke kwargs, `.bind`, `bind_tools`, create_agent model settings).
 _CALL_OPTIONS = frozenset(
     {
@@ -59,8 +91,8 @@ _CALL_OPTIONS = frozenset(
         "num_draft_tokens",
         "model",
     }
-)
-_PER_CALL_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "draft_hint", "num_draft_tokens", "reasoning")
+) | frozenset(_SAMPLING_FIELDS)
+_PER_CALL_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "draft_hint", "num_draft_tokens", "reasoning", *_SAMPLING_FIELDS)
 
 
 class ChatGemmaMTP(BaseChatModel):
@@ -80,7 +112,7 @@ class ChatGemmaMTP(BaseChatModel):
     (`gemma-mtp serve`, vLLM): `model` is then the served model name, and the same calls, hints,
     tools and metadata work over HTTP.
 
-    Draft hints: `draft_hint` ("auto", "code", "prose", "tool_call", "long_form" or an int 0..16)
+    Draft hints: `draft_hint` ("auto", a kind of `draft_settings.HINT_KINDS`, or an int 0..MAX_DRAFT_TOKENS)
     and `num_draft_tokens` set the draft length per call; see `langchain_gemma_mtp.hints` for how
     each maps to a length. A call takes them from its kwargs (invoke, `.bind`, `bind_tools`,
     create_agent model settings), else from `configurable["draft_hint"]` of its RunnableConfig,
@@ -94,6 +126,12 @@ class ChatGemmaMTP(BaseChatModel):
     their reason, so the reasons also come on the last chunk as
     `response_metadata["invalid_tool_call_errors"]` ({call id: reason}).
 
+    Token counts (`get_num_tokens_from_messages`, `get_num_tokens`, `get_token_ids`, so
+    `trim_messages(token_counter=llm)`) use the model's own tokenizer and chat template, tools
+    included: in process through the runtime, over HTTP through the server's `/tokenize`. `profile`
+    tells LangChain the context size (`max_input_tokens`, read from the model's config.json, the
+    engine, or the server's /v1/models) and what the model can do.
+
     Each streamed chunk carries `additional_kwargs["burst_sizes"]`: the size in tokens of each
     burst verified since the previous chunk (one, or several when text was held back). Callbacks
     read it there; lists concatenate when chunks merge, so a merged stream lists every burst.
@@ -106,7 +144,7 @@ class ChatGemmaMTP(BaseChatModel):
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
     """Hub id or local directory of the target model."""
-    drafter: Literal["auto", "mtp", "hybrid", "draft_model", "ngram", "none"] = "auto"
+    drafter: DrafterName = "auto"
     """"auto": hybrid (long n-gram matches copied, the model's MTP assistant otherwise) when an
     assistant (X-assistant) exists, a draft model when `assistant_model` is an ordinary causal LM,
     else n-gram drafting."""
@@ -119,18 +157,32 @@ class ChatGemmaMTP(BaseChatModel):
     stop: list[str] | None = None
     seed: int | None = None
     draft_hint: DraftHint = "auto"
-    num_draft_tokens: int | None = Field(default=None, ge=0, le=16)
+    num_draft_tokens: int | None = Field(default=None, ge=0, le=MAX_DRAFT_TOKENS)
     reasoning: bool = False
     """Ask the model to think first; its thoughts come back as reasoning content."""
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    """Logits processors and stop ids, applied at every verified position so speculative output
+    stays exact (docs/engine.md, "Logits processors"); each may also be passed per call."""
     device: str | None = None
     dtype: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    """Passed to `from_pretrained` when this class loads the model: `revision` (a hub branch, tag or
+    commit), `token` (for gated repositories such as Gemma's; default: the `hf auth login` token or
+    $HF_TOKEN), `attn_implementation` ("eager", "sdpa", ...), `trust_remote_code`."""
     mtp_stop_below: float | None = None
     """In-process MTP drafting stops a draft once the product of the drafter's own probabilities
-    falls below this (None: the engine's default, 0.3; 0: always draft the full length). Lower it
+    falls below this (None: the engine's default, DEFAULT_MTP_STOP_BELOW; 0: always draft the full length). Lower it
     where verifying wide drafts is cheap (GPUs); a server sets its own (`--mtp-stop-below`)."""
     mtp_siblings: int | None = None
     """In-process MTP drafting: runners-up per draft position that greedy calls verify beside the
-    draft, as a tree (None: the engine's default, 3; 0: the draft alone). Raise it where verifying
+    draft, as a tree (None: the engine's default, DEFAULT_MTP_SIBLINGS; 0: the draft alone). Raise it where verifying
     wide drafts is cheap (GPUs); a server sets its own (`--mtp-siblings`)."""
     streaming: bool = False
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
@@ -138,9 +190,13 @@ class ChatGemmaMTP(BaseChatModel):
     """A ready `langchain_gemma_mtp.engine.Engine` to use instead of loading `model`."""
     base_url: str | None = None
     """An OpenAI-compatible server (e.g. "http://127.0.0.1:8000/v1") to send requests to instead
-    of running the model here."""
+    of running the model here. Default: $GEMMA_MTP_BASE_URL, unless `engine=` is given."""
     api_key: SecretStr | None = None
-    """Bearer token for `base_url`, when the server wants one."""
+    """Bearer token for `base_url`, when the server wants one. Default: $GEMMA_MTP_API_KEY."""
+    default_headers: dict[str, str] | None = None
+    """HTTP headers sent with every request to `base_url`."""
+    client_kwargs: dict[str, Any] | None = None
+    """Options of the httpx clients that talk to `base_url` (`verify`, `proxy`, `limits`, ...)."""
     timeout: float | None = 600.0
     """Seconds to wait on the server (connect, and between streamed chunks); None waits forever."""
     max_retries: int = Field(default=2, ge=0)
@@ -157,21 +213,36 @@ class ChatGemmaMTP(BaseChatModel):
             values = {**values, "model": values["engine"].name}
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _server_from_environment(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if values.get("base_url") is None and values.get("engine") is None and os.environ.get(BASE_URL_ENV):
+            values["base_url"] = os.environ[BASE_URL_ENV]
+        if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
+            values["api_key"] = os.environ[API_KEY_ENV]
+        return values
+
     @model_validator(mode="after")
     def _one_place_to_run(self) -> ChatGemmaMTP:
         if self.base_url is not None and self.engine is not None:
             raise ValueError("pass either engine= (run here) or base_url= (run on a server), not both.")
+        if self.model_kwargs:
+            if self.base_url is not None or self.engine is not None:
+                raise ValueError("model_kwargs apply when this class loads the model itself, not with base_url= or engine=.")
+            check_load_options(self.model_kwargs)
+        if self.base_url is None and self.engine is None:
+            require_local_packages()  # fail here, naming the extra, rather than on the first call
         given = [name for name in ("mtp_stop_below", "mtp_siblings") if getattr(self, name) is not None]
         if given:
             if self.base_url is not None or self.engine is not None:
                 raise ValueError(
                     f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} when this class loads the model itself: a server sets its own "
                     "(gemma-mtp serve --mtp-stop-below/--mtp-siblings), a ready engine= its drafter's "
-                    "(MTPDrafter(stop_below=..., siblings=...))."
+                    "(MTPDrafter(stop_below=..., siblings_per_depth=...))."
                 )
-            # Imported here: torch loads only for in-process use.
-            from .engine.drafters.mtp import mtp_settings
-
             mtp_settings(self.mtp_stop_below, self.mtp_siblings)
         return self
 
@@ -210,14 +281,53 @@ class ChatGemmaMTP(BaseChatModel):
 
     def _backend_for_calls(self) -> Backend:
         if self._backend is None and self.base_url is not None:
-            key = self.api_key.get_secret_value() if self.api_key else None
-            self._backend = HTTPBackend(self.base_url, self.model, key, self.timeout, self.max_retries)
+            self._backend = self._http_backend(self.timeout, self.max_retries)
         elif self._backend is None:
             self._backend = in_process_backend(
                 self.model, self.drafter, self.assistant_model, self.device, self.dtype,
-                mtp_stop_below=self.mtp_stop_below, mtp_siblings=self.mtp_siblings, engine=self.engine,
+                mtp_stop_below=self.mtp_stop_below, mtp_siblings=self.mtp_siblings, load_options=self.model_kwargs,
+                engine=self.engine,
             )
         return self._backend
+
+    def _http_backend(self, timeout: float | None, max_retries: int) -> HTTPBackend:
+        assert self.base_url is not None
+        key = self.api_key.get_secret_value() if self.api_key else None
+        return HTTPBackend(
+            self.base_url, self.model, key, timeout, max_retries, headers=self.default_headers, client_kwargs=self.client_kwargs
+        )
+
+    # -- what other LangChain parts ask of a chat model -----------------------------------------
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """What the model can do, and its context size where it can be known without loading weights:
+        a ready engine's, the config.json of a model dir or of a hub id in the local hub cache, or the
+        server's /v1/models (one quick request at construction; pass `profile=` to skip it)."""
+        profile: ModelProfile = {**_PROFILE, "name": self.model}
+        if self.engine is not None:
+            context = self.engine.target.max_positions
+        elif self.base_url is not None:
+            try:
+                context = self._http_backend(PROFILE_PROBE_TIMEOUT_S, 0).context_length()
+            except Exception:  # the server is down or is not ours: the profile goes without the size
+                context = None
+        else:
+            context = context_length(self.model)
+        if context is not None:
+            profile["max_input_tokens"] = context
+        return profile
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of plain text by the model's own tokenizer (loads the model's engine, or asks the server)."""
+        return self._backend_for_calls().text_ids(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The prompt length of a call with these messages and tools: the chat template's rendering,
+        generation prompt included, exactly what the engine is given (0 for no messages)."""
+        if not messages:
+            return 0
+        request = ChatRequest(messages=from_langchain(messages), tools=convert_tools(tools) if tools else None, reasoning=self.reasoning)
+        return len(self._backend_for_calls().prompt_ids(request))
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> ChatRequest:
         unknown = sorted(kwargs.keys() - _CALL_OPTIONS)

@@ -4,11 +4,21 @@ runs the OpenAI-compatible server; `distill` trains a drafter."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-from .engine.drafters import DRAFTER_NAMES
+from . import __version__
+from .draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    DRAFT_HINT_NAMES,
+    DRAFTER_NAMES,
+    MAX_DRAFT_TOKENS,
+    MTP_DRAFTERS,
+)
 from .errors import GemmaMTPError
 
 DEFAULT_PROMPT = (
@@ -25,13 +35,13 @@ DTYPE_HELP = (
 
 STOP_HELP = (
     "MTP drafting stops a draft once the product of the drafter's own probabilities falls below this "
-    "(default 0.3; 0: always draft the full length; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_STOP_BELOW}; 0: always draft the full length; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
 SIBLINGS_HELP = (
     "greedy requests verify up to this many runners-up per MTP draft position beside the draft, as a tree "
-    "(default 3; 0: the draft alone; only with the mtp or hybrid drafter)"
+    f"(default {DEFAULT_MTP_SIBLINGS}; 0: the draft alone; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
@@ -41,7 +51,7 @@ def _load(args: argparse.Namespace):
 
     model = args.model or str(embedded_model_dir())
     assistant = args.assistant
-    if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
+    if assistant is None and args.model is None and args.drafter in MTP_DRAFTERS:
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
     return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
                                   mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
@@ -115,8 +125,13 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"the server needs its extra ({exc.name} is missing): pip install 'langchain-gemma-mtp[server]'") from exc
     name = args.served_model_name or args.model
     try:
+        template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    except OSError as exc:
+        raise SystemExit(f"gemma-mtp serve: cannot read --chat-template {args.chat_template}: {exc.strerror}") from exc
+    try:
         runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
-                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings, kv_cache_mb=args.kv_cache_mb)
+                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings,
+                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template, kv_cache_mb=args.kv_cache_mb)
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -140,7 +155,7 @@ def distill(args: argparse.Namespace) -> int:
         from .embedded import embedded_model_dir
 
         args.target = str(embedded_model_dir())
-    given = {k: v for k, v in vars(args).items() if k != "command"}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     options = DistillOptions(**{**given, "kv_layers": dict(args.kv_layers)})  # TYPE=INDEX pairs
     result = run(options)
     print(f"saved {result.out} after {result.steps} steps: held-out mean accepted length at k={options.draft_steps} "
@@ -178,8 +193,8 @@ def _positive_mb(text: str) -> float:
     return value
 
 
-def _distill_parser(sub) -> None:
-    p = sub.add_parser("distill", help="train a Gemma 4 MTP assistant (drafter) for a target, offline")
+def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("distill", parents=[common], help="train a Gemma 4 MTP assistant (drafter) for a target, offline")
     p.add_argument("--target", required=True, help="target model dir or hub id ('embedded': the demo's Gemma 3 270M)")
     p.add_argument("--out", required=True, help="directory for the drafter (loads as assistant=DIR) and its resumable state")
     p.add_argument("--init", default=None, metavar="DIR",
@@ -206,7 +221,7 @@ def _distill_parser(sub) -> None:
                         "full_attention) read, instead of the last of that type; e.g. full_attention=5, the 270M's "
                         "copying layer (benchmarks/distill/induction_layers.py finds it). Gemma 3 targets only")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (a --resume continues up to this)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step")
     p.add_argument("--gen-batch", type=int, default=16, help="prompts the target continues at once")
@@ -217,36 +232,52 @@ def _distill_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved drafter")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-out split, initialization and sampling")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _configure_logging(level: str) -> None:
+    """Our loggers (engine loading, the server) print at `level`; other libraries stay at warning."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger(__package__ or "langchain_gemma_mtp").setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gemma-mtp` parser; building it imports nothing heavy, so --help and --version answer at once."""
     parser = argparse.ArgumentParser(prog="gemma-mtp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="log level of this package's loggers (e.g. the 'loaded ...' line) and, under serve, uvicorn's")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="stream a speculative answer beside plain decoding, offline by default")
+    d = sub.add_parser("demo", parents=[common], help="stream a speculative answer beside plain decoding, offline by default")
     d.add_argument("--model", help="hub id or local dir (default: the embedded Gemma 3 270M from the demo extra)")
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
     d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
                    help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)")
-    d.add_argument("--draft-hint", default="auto", help="auto, code, prose, tool_call, long_form or an int")
-    d.add_argument("--prompt", default=DEFAULT_PROMPT)
-    d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--draft-hint", default="auto", help=f"{', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: a short code-editing request)")
+    d.add_argument("--max-tokens", type=int, default=96, help="tokens to generate with each decoding")
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)
     d.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
     d.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
-    s = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
+    s = sub.add_parser("serve", parents=[common], help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
     s.add_argument("--model", required=True, help="hub id or local dir of the target model")
     s.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
     s.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
-    s.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES)
+    s.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
+                   help="auto: hybrid when an MTP assistant is given or found as MODEL-assistant, else n-gram")
     s.add_argument("--dtype", default=None, help=DTYPE_HELP)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
     s.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
+    s.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file to use instead of the tokenizer's own")
+    s.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the KV caches of recent prompts, reused by requests that resend them (default 1024; 0: off)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 exposes it)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
@@ -256,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--kv-cache-mb", type=_positive_mb, default=None, metavar="MB",
                    help="KV cache that running requests may hold together; a request that could never fit is a 400, "
                         "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
-    _distill_parser(sub)
-    args = parser.parse_args(argv)
+    _distill_parser(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
     if args.command == "serve":
         return serve(args)
     if args.command == "distill":

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from langchain_gemma_mtp.chat_templates import GEMMA3_CHAT_TEMPLATE
 from langchain_gemma_mtp.errors import GemmaMTPError
 
 __all__ = [
@@ -38,13 +39,13 @@ logger = logging.getLogger(__name__)
 #: A name users can pass as ``model=`` to mean the embedded Gemma 3 270M.
 EMBEDDED_MODEL_ID = "gemma-3-270m (embedded)"
 
-#: The MTP drafter distilled for the embedded model with `gemma-mtp distill` (docs/benchmarks.md has
+#: The MTP drafter distilled for the embedded model with `gemma-mtp distill` (docs/research-notes.md has
 #: the run). It stores no vocabulary-sized matrix: it drafts through the model's own LM head.
 EMBEDDED_ASSISTANT_DIR = pathlib.Path(__file__).parent / "data" / "gemma-3-270m-assistant"
 
 # Bump when the conversion's output changes (template, dtype, config edits): the version is part
 # of the cache directory's name, so an old conversion is never mistaken for the new one.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _CACHE_NAME = f"gemma-3-270m-q4_k_m-v{_FORMAT_VERSION}"
 _MARKER = "embedded-model.json"  # written last, inside the checkpoint: its presence means complete
 _INSTALL_HINT = "pip install 'langchain-gemma-mtp[demo]'"
@@ -59,52 +60,6 @@ _DEMO_MODULES = (
     "gguf",
     "tqdm",
     "accelerate",
-)
-
-# Gemma 3's official chat template (as shipped with google/gemma-3-*-it), verbatim: the system
-# message is prepended to the first user turn, "assistant" is spelled "model", and roles must
-# alternate user/model.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    '    {%- set first_user_prefix = "" -%}\n'
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    '        {%- set role = "model" -%}\n'
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    '        {{ raise_exception("Invalid content type") }}\n'
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{ '<start_of_turn>model\\n' }}\n"
-    "{%- endif -%}\n"
 )
 
 
@@ -312,7 +267,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
         end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
         if end_of_turn is None or end_of_turn == tokenizer.unk_token_id:
             raise RuntimeError("the embedded GGUF's vocabulary has no <end_of_turn> token")
-        # The GGUF is a base model without a chat template; give it Gemma 3's so chat works, and
+        # The GGUF is a base model without a chat template; give it Gemma 3's turn format so chat works, and
         # stop at either <eos> or <end_of_turn> like the official generation config. Decoding
         # stays greedy by default: samplers are the caller's choice.
         tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE

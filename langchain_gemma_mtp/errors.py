@@ -19,6 +19,10 @@ class IncompatibleDrafterError(GemmaMTPError, ValueError):
     """The drafter cannot serve this target (vocabulary, hidden size, heads or rope differ)."""
 
 
+class MissingDependencyError(GemmaMTPError, ImportError):
+    """Running the model in this process needs the `local` extra (torch, transformers), which is not installed."""
+
+
 class ModelLoadError(GemmaMTPError, RuntimeError):
     """A checkpoint was found but could not be loaded correctly."""
 

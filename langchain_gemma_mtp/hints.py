@@ -11,7 +11,7 @@ hint                    draft length
 ``"tool_call"``         adaptive, starts at 7 (call syntax and argument names repeat well)
 ``"long_form"``         adaptive, starts at 10 (long, regular prose: long drafts pay off)
 ``"auto"`` (default)    one of the four kinds above, picked from the request by `detect_kind`
-an int ``n`` (0..16)    exactly ``n`` draft tokens every step; 0 turns drafting off
+an int ``n``            exactly ``n`` draft tokens every step, 0..MAX_DRAFT_TOKENS; 0: no drafting
 ``num_draft_tokens=n``  exactly ``n`` draft tokens every step, whatever the hint says
 ======================  =====================================================================
 
@@ -37,13 +37,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from .errors import InvalidRequestError
+from .draft_settings import HintKind, check_draft_hint
 
-HintKind = Literal["code", "prose", "tool_call", "long_form"]
-DraftHint = Literal["auto", "code", "prose", "tool_call", "long_form"] | int
-
-HINT_KINDS: tuple[str, ...] = ("code", "prose", "tool_call", "long_form")
-MAX_DRAFT_TOKENS = 16
+DraftHint = Literal["auto"] | HintKind | int
 
 _FENCE = re.compile(r"```")
 # Programming languages only: JSON or YAML in a prompt is usually data, not a request for code.
@@ -65,16 +61,6 @@ _LONG_FORM = re.compile(
     re.IGNORECASE,
 )
 _FORCING_CHOICES = ("any", "required")
-
-
-def check_draft_hint(hint: Any) -> None:
-    """Raise InvalidRequestError unless `hint` is "auto", a kind, or an int in [0, 16]."""
-    if isinstance(hint, bool) or not (hint == "auto" or hint in HINT_KINDS or isinstance(hint, int)):
-        raise InvalidRequestError(
-            f"unknown draft_hint {hint!r}: use 'auto', one of {HINT_KINDS}, or an int in [0, {MAX_DRAFT_TOKENS}]."
-        )
-    if isinstance(hint, int) and not 0 <= hint <= MAX_DRAFT_TOKENS:
-        raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint}.")
 
 
 def _text(content: Any) -> str:

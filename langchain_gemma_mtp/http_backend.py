@@ -5,41 +5,65 @@ server's chunks by `wire.runtime_delta`, so ChatGemmaMTP converts both paths the
 final delta carries `finish_reason`, `usage` and `speculative` when the server sends them (a
 server without our extension sends no speculative stats). Errors come back typed
 (`errors.error_for_status`); connection failures and 408/429/5xx answers are retried
-`max_retries` times with exponential backoff, before any output is read. Closing a stream early
-closes the connection, which cancels the generation on our server.
+`max_retries` times, before any output is read, after the server's `Retry-After` when it sends one
+(else exponential backoff), plus random jitter so clients turned away together do not all come back
+together. Closing a stream early closes the connection, which cancels the generation on our server.
+
+Token counts come from the server's `POST /tokenize` (vLLM's endpoint, served at the root beside
+`/v1`), so they are the served model's own; `context_length` reads `max_model_len` of `/v1/models`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import math
+import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 
 from .errors import ServerError, error_for_status
 from .runtime import ChatRequest, Completion
-from .wire import request_body, runtime_delta, runtime_usage
+from .wire import request_body, runtime_delta, runtime_usage, tokenize_body
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is waited out this long (the next answer may say more)
+JITTER = 0.25  # each wait grows by up to this fraction, at random
 _PATH = "/chat/completions"
 
 
 class HTTPBackend:
     """Runs requests on an OpenAI-compatible server; sync and asyncio, streaming or not."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float | None = 600.0, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float | None = 600.0,
+        max_retries: int = 2,
+        *,
+        headers: Mapping[str, str] | None = None,
+        client_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """headers: sent with every request (beside the API key's Authorization); client_kwargs:
+        options of httpx.Client and httpx.AsyncClient (verify, proxy, limits, ...)."""
         self.base_url = base_url.rstrip("/")
+        # vLLM and our server answer /tokenize at the root, beside /v1.
+        self.root_url = self.base_url.removesuffix("/v1")
         self.model = model
         self.max_retries = max_retries
-        self._options: dict[str, Any] = {
-            "base_url": self.base_url,
-            "timeout": httpx.Timeout(timeout),
-            "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
-        }
+        extra = dict(client_kwargs or {})
+        sent = {**extra.pop("headers", {}), **(headers or {})}
+        if api_key:
+            sent["Authorization"] = f"Bearer {api_key}"
+        self._options: dict[str, Any] = {"timeout": httpx.Timeout(timeout), **extra, "base_url": self.base_url, "headers": sent}
         self._client = httpx.Client(**self._options)
         # An AsyncClient's connections belong to one event loop: one client per loop.
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
@@ -53,9 +77,11 @@ class HTTPBackend:
 
     # -- sending, with retries ------------------------------------------------------------------
 
-    def _send(self, body: dict[str, Any]) -> httpx.Response:
+    def _send(self, body: dict[str, Any] | None, path: str = _PATH) -> httpx.Response:
+        """POST `body` to `path` (GET without a body), retried; the response is open for streaming."""
         for attempt in range(self.max_retries + 1):
-            request = self._client.build_request("POST", _PATH, json=body)
+            request = self._client.build_request("POST" if body is not None else "GET", path, json=body)
+            response = None
             try:
                 response = self._client.send(request, stream=True)
             except httpx.TransportError as exc:
@@ -69,13 +95,14 @@ class HTTPBackend:
                         raise _error_of(response)
                     return response
                 response.close()
-            time.sleep(_backoff(attempt))
+            time.sleep(_delay(response, attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _asend(self, body: dict[str, Any]) -> httpx.Response:
         client = self._async_client()
         for attempt in range(self.max_retries + 1):
             request = client.build_request("POST", _PATH, json=body)
+            response = None
             try:
                 response = await client.send(request, stream=True)
             except httpx.TransportError as exc:
@@ -89,8 +116,15 @@ class HTTPBackend:
                         raise _error_of(response)
                     return response
                 await response.aclose()
-            await asyncio.sleep(_backoff(attempt))
+            await asyncio.sleep(_delay(response, attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _json(self, body: dict[str, Any] | None, path: str) -> dict[str, Any]:
+        response = self._send(body, path)
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
 
     # -- the Backend protocol -------------------------------------------------------------------
 
@@ -131,6 +165,19 @@ class HTTPBackend:
             return _completion(json.loads(await response.aread()))
         finally:
             await response.aclose()
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        return self._json(tokenize_body(request, self.model), f"{self.root_url}/tokenize")["tokens"]
+
+    def text_ids(self, text: str) -> list[int]:
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        return self._json(body, f"{self.root_url}/tokenize")["tokens"]
+
+    def context_length(self) -> int | None:
+        """The served model's context window (`max_model_len` of /v1/models), None when not given."""
+        cards = self._json(None, "/models").get("data") or ()
+        lengths = [card.get("max_model_len") for card in cards if card.get("id") == self.model]
+        return lengths[0] if lengths and isinstance(lengths[0], int) else None
 
 
 class _StreamReader:
@@ -209,8 +256,31 @@ def _retry(response: httpx.Response, attempt: int, max_retries: int) -> bool:
     return response.status_code in RETRY_STATUSES and attempt < max_retries
 
 
-def _backoff(attempt: int) -> float:
-    return min(0.5 * 2**attempt, 8.0)
+def _delay(response: httpx.Response | None, attempt: int) -> float:
+    """Seconds before the next attempt: the answer's Retry-After if it has one, else exponential
+    backoff; either grown by up to JITTER at random."""
+    wait = _retry_after(response) if response is not None else None
+    if wait is None:
+        wait = min(0.5 * 2**attempt, 8.0)
+    return wait * (1.0 + random.uniform(0.0, JITTER))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), at most MAX_RETRY_AFTER_S; None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when.replace(tzinfo=when.tzinfo or timezone.utc) - datetime.now(timezone.utc)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _unreachable(base_url: str, exc: Exception) -> ServerError:

@@ -4,12 +4,16 @@ Two steps, so the in-process path and the HTTP server treat a conversation the s
 
 - `from_langchain` turns LangChain messages into OpenAI chat messages faithfully: content
   strings or lists of parts, AI tool calls with their arguments as dicts, tool messages with
-  their `tool_call_id`. Reasoning blocks in AI history are dropped (Gemma 4 templates do not
-  replay thoughts); Anthropic `tool_use` blocks become tool calls when `tool_calls` lacks them.
+  their `tool_call_id`. An AI message's reasoning (LangChain `reasoning` content blocks,
+  `additional_kwargs["reasoning_content"]`, Anthropic `thinking` blocks) becomes
+  `reasoning_content`, the field Gemma 4 templates replay thoughts from; Anthropic `tool_use`
+  blocks become tool calls when `tool_calls` lacks them.
 - `normalize_messages` makes OpenAI messages ready for a chat template: content becomes text
   (an image, audio or file part raises UnsupportedContentError, the model path is text-only),
-  tool-call arguments given as JSON strings become dicts, and consecutive messages of the same
-  role merge into one (templates such as Gemma's demand alternating turns).
+  tool-call arguments given as JSON strings become dicts, an assistant message's reasoning
+  (`reasoning_content`, `reasoning`, or reasoning parts of its content) is kept as
+  `reasoning_content`, and consecutive messages of the same role merge into one (templates such
+  as Gemma's demand alternating turns).
 """
 
 from __future__ import annotations
@@ -55,7 +59,30 @@ def _ai_message(message: AIMessage) -> dict[str, Any]:
     result: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         result["tool_calls"] = calls
+    reasoning = "".join(_block_reasoning(block) for block in message.content_blocks)
+    if reasoning:
+        result["reasoning_content"] = reasoning
     return result
+
+
+def _block_reasoning(block: Mapping[str, Any]) -> str:
+    """The thought text of a LangChain standard content block ("" for other blocks)."""
+    if block.get("type") == "reasoning":
+        return block.get("reasoning") or ""
+    value = block.get("value") if block.get("type") == "non_standard" else None
+    return _part_reasoning(value) if isinstance(value, Mapping) else ""
+
+
+def _part_reasoning(part: Any) -> str:
+    """The thought text of a content part in OpenAI-style content ("" for other parts)."""
+    if not isinstance(part, Mapping):
+        return ""
+    kind = part.get("type")
+    if kind == "thinking":
+        return str(part.get("thinking") or "")
+    if kind == "reasoning":
+        return str(part.get("reasoning") or part.get("text") or "")
+    return ""
 
 
 def from_langchain(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -148,6 +175,10 @@ def _normalize_one(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidRequestError(f"message {index} has role {role!r:.100}: use system, user, assistant or tool.")
     where = f"message {index} ({role})"
     entry: dict[str, Any] = {"role": role, "content": content_text(message.get("content"), where)}
+    if role == "assistant":
+        reasoning = _reasoning(message, where)
+        if reasoning:
+            entry["reasoning_content"] = reasoning
     if role == "assistant" and message.get("tool_calls"):
         calls = message["tool_calls"]
         if not isinstance(calls, list):
@@ -163,6 +194,21 @@ def _normalize_one(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _reasoning(message: Mapping[str, Any], where: str) -> str:
+    """An assistant message's earlier thoughts: `reasoning_content` (vLLM, DeepSeek), `reasoning`,
+    or the reasoning parts of its content."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequestError(f"{where}: {key} must be a string, got {type(value).__name__}.")
+        if value:
+            return value
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(_part_reasoning(part) for part in content)
+    return ""
+
+
 def merge_consecutive(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge runs of same-role messages (tool messages stay apart: each answers one call)."""
     merged: list[dict[str, Any]] = []
@@ -172,6 +218,10 @@ def merge_consecutive(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
             merged.append(dict(message))
             continue
         previous["content"] = _MERGE_SEPARATOR.join(t for t in (previous["content"], message["content"]) if t)
+        if message.get("reasoning_content"):
+            previous["reasoning_content"] = _MERGE_SEPARATOR.join(
+                t for t in (previous.get("reasoning_content"), message["reasoning_content"]) if t
+            )
         if message.get("tool_calls"):
             previous["tool_calls"] = previous.get("tool_calls", []) + message["tool_calls"]
     return merged

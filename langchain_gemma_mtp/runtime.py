@@ -31,12 +31,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import TemplateError
-
 from .errors import ContextLengthError, InvalidRequestError
 from .formats import gemma4, json_calls
 from .formats.streaming import ParsedDelta, StreamingParser
 from .hints import DraftHint, resolve_draft_hint
+from .prompt import PromptEncoder
 from .messages import check_tool, merge_consecutive, normalize_messages, normalize_tool_choice, tool_names
 from .text_stream import IncrementalDecoder, StopMatcher
 
@@ -90,6 +89,15 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     draft_hint: DraftHint = "auto"
     num_draft_tokens: int | None = None
+    # Logits processors, as the engine takes them (Engine.generate); vLLM's stop_token_ids and ignore_eos.
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -100,7 +108,6 @@ class PreparedPrompt:
     forced: str  # output text already committed in the prompt (a forced tool call or JSON opening)
     parser: StreamingParser
     draft_hint: str | int
-    max_new_tokens: int
     stop_strings: list[str]
 
 
@@ -114,6 +121,7 @@ class ChatRuntime:
             raise InvalidRequestError(f"{engine.name} has no tokenizer: chat needs one; pass tokenizer=.")
         self.model_name = model_name or engine.name
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+        self.prompts = PromptEncoder(self.tokenizer, self.chat_template, self.model_name)
         # Gemma 4's own tool-call format when the template renders it; the JSON convention otherwise.
         self.native_tools = "<|tool_call>" in self.chat_template
         vocab = self.tokenizer.get_vocab()
@@ -123,7 +131,12 @@ class ChatRuntime:
     # -- prompt ---------------------------------------------------------------------------------
 
     def prepare(self, request: ChatRequest) -> PreparedPrompt:
-        """Render the request; raises InvalidRequestError (a ValueError) for anything malformed."""
+        """Render the request; raises InvalidRequestError (a ValueError) for anything malformed.
+
+        `prompt_ids` is what the engine is given, so its length is the token count of the request's
+        messages and tools (ChatGemmaMTP.get_num_tokens_from_messages, the server's /tokenize). Whether
+        it fits the context is checked on submission, so a prompt too long to run can still be counted.
+        """
         messages = normalize_messages(request.messages)
         tools = [check_tool(t) for t in request.tools or ()]
         choice = normalize_tool_choice(request.tool_choice, tools)
@@ -143,12 +156,18 @@ class ChatRuntime:
             messages = _with_system_note(messages, "\n\n".join(notes))
         if not self.native_tools:
             messages = merge_consecutive(json_calls.inline_tool_history(messages))
-        text = self._render(messages, offered if self.native_tools else None, request.reasoning)
-        prompt_ids = self.tokenizer.encode(text + forced, add_special_tokens=False)
+        prompt_ids = self.prompts.encode(messages, offered if self.native_tools else None, request.reasoning)
+        # Where the model starts: some templates end the prompt inside an open thought channel
+        # (July 2026, thinking on, after tool responses); a forced opening closes it first.
+        in_thought = self.native_tools and gemma4.prompt_ends_in_thought(self.prompts.text_after(prompt_ids, gemma4.TURN))
+        if self.native_tools:
+            forced = gemma4.forced_opening(forced, in_thought)
+        if forced:
+            prompt_ids = self.prompts.append(prompt_ids, forced)
         names = set(tool_names(offered))
         parser: StreamingParser
         if self.native_tools:
-            parser = gemma4.Gemma4OutputParser(names, thinking=request.reasoning)
+            parser = gemma4.Gemma4OutputParser(names, thinking=request.reasoning, in_thought=in_thought)
         else:
             parser = json_calls.JsonToolCallParser(names)
         return PreparedPrompt(
@@ -156,22 +175,8 @@ class ChatRuntime:
             forced=forced,
             parser=parser,
             draft_hint=draft_hint,
-            max_new_tokens=self._room(len(prompt_ids), request.max_tokens),
             stop_strings=[*_stop_list(request.stop), *self._internal_stops],
         )
-
-    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools or None,
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                tokenize=False,
-                enable_thinking=reasoning,
-            )
-        except TemplateError as exc:
-            raise InvalidRequestError(f"the chat template of {self.model_name} rejected the messages: {exc}") from exc
 
     def _room(self, prompt_tokens: int, max_tokens: int) -> int:
         """max_tokens, cut to the room the context leaves after the prompt."""
@@ -187,19 +192,31 @@ class ChatRuntime:
             )
         return min(max_tokens, context - prompt_tokens)
 
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text to token ids as message text is tokenized: marker strings in it stay text
+        (with `add_special_tokens`, the tokenizer's own BOS and the like around it)."""
+        return self.prompts.encode_text(text, add_special_tokens)
+
     # -- generation -----------------------------------------------------------------------------
 
     def _submit(self, request: ChatRequest, prepared: PreparedPrompt) -> tuple[RequestHandle, _Decoding]:
         handle = self.engine.submit(
             prepared.prompt_ids,
-            max_new_tokens=prepared.max_new_tokens,
+            max_new_tokens=self._room(len(prepared.prompt_ids), request.max_tokens),
             temperature=request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=request.top_k or 0,
             seed=request.seed,
             num_draft_tokens=request.num_draft_tokens,
             draft_hint=prepared.draft_hint,
-            stop_token_ids=self.stop_token_ids,
+            # ignore_eos: only the caller's own stop ids end the answer (not the end of the turn).
+            stop_token_ids=(frozenset() if request.ignore_eos else self.stop_token_ids) | frozenset(request.stop_token_ids),
+            min_p=request.min_p,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logit_bias=request.logit_bias,
+            min_tokens=request.min_tokens,
         )
         return handle, _Decoding(self, request, prepared, handle)
 
@@ -342,7 +359,6 @@ class _Decoding:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # The engine has no prefix cache yet: nothing of the prompt is read from one.
             "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens},
         }
 

@@ -7,7 +7,7 @@ The second table asks the same of queries built from the token's embedding alone
 keys unchanged): what a drafter that sees only the pending token's embedding could form without
 rebuilding the target's earlier layers.
 
-    python benchmarks/distill/induction_layers.py --model embedded
+    python -m benchmarks.distill.induction_layers --model embedded
 """
 
 from __future__ import annotations

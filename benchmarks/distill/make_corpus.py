@@ -7,13 +7,13 @@ format around both kinds. `gemma-mtp distill --data` labels every position with 
 prediction (one teacher-forced forward per window: far cheaper than generating text).
 With `--echo`, each excerpt is short and repeated six times, the request being the excerpt itself:
 text only copying predicts, as the embedded 270M's echo-and-loop replies are (the drafter's
-weakest case, docs/benchmarks.md). With `--random-words`, each record is 6-24 random words of the
+weakest case, docs/research-notes.md). With `--random-words`, each record is 6-24 random words of the
 embedded model's vocabulary written 2-4 times: nothing but copying predicts the later copies, which
 tests whether a drafter can learn to copy at all. Deterministic for a given installation and seed.
 
-    python benchmarks/distill/make_corpus.py --out /tmp/corpus-270m.jsonl --records 1500
-    python benchmarks/distill/make_corpus.py --out /tmp/echo-270m.jsonl --records 800 --echo
-    python benchmarks/distill/make_corpus.py --out /tmp/words-270m.jsonl --records 1500 --random-words --seed 5
+    python -m benchmarks.distill.make_corpus --out /tmp/corpus-270m.jsonl --records 1500
+    python -m benchmarks.distill.make_corpus --out /tmp/echo-270m.jsonl --records 800 --echo
+    python -m benchmarks.distill.make_corpus --out /tmp/words-270m.jsonl --records 1500 --random-words --seed 5
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Tasks and topics written for this file; none is a workloads.jsonl prompt (distill_bench.py checks).
 
-    python benchmarks/distill/make_prompts.py
+    python -m benchmarks.distill.make_prompts
 """
 
 from __future__ import annotations

@@ -84,8 +84,7 @@ def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetM
     Gemma 4 attention multiplies q.k by 1 (its K are normed for that); Gemma 3 trained its K for
     1/sqrt(query_pre_attn_scalar) (1/16 on the 270M). Left at 1, a drafter reading Gemma 3 K/V starts with
     attention logits an order of magnitude too sharp: the softmax saturates and its gradient
-    vanishes (measured on the 270M, same data and steps: held-out mean accepted length 2.88 with
-    this start, 2.40 without; docs/benchmarks.md).
+    vanishes (on the 270M it trained markedly slower without this start: docs/research-notes.md).
     """
     layers = target.decoder.layers
     for layer, layer_type in zip(assistant.model.layers, assistant.config.get_text_config().layer_types):

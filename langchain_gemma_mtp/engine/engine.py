@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from ..draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    MTP_DRAFTERS,
+    check_drafter_name,
+    mtp_settings,
+)
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
-from .drafters.mtp import DEFAULT_SIBLINGS, DEFAULT_STOP_BELOW, mtp_settings
 from .loading import (
-    check_drafter_name,
     find_assistant,
     is_assistant_checkpoint,
     load_causal_lm,
@@ -26,6 +32,7 @@ from .loading import (
 from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
 from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
+from .processors import LogitsProcessing
 from .schedule import DraftScheduler
 from .target import TargetModel
 from .types import EngineCounters, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
@@ -81,6 +88,7 @@ class Engine:
         kv_cache_mb: float | None = None,
         mtp_stop_below: float | None = None,
         mtp_siblings: int | None = None,
+        load_options: Mapping[str, Any] | None = None,
     ) -> Engine:
         """Load a target and pair it with a drafter.
 
@@ -91,9 +99,11 @@ class Engine:
         free after loading, less prefix_cache_mb); a request that could never fit is refused with
         KVCacheLimitError, one that does not fit now waits for running requests to finish.
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
-        below this (`MTPDrafter`; None: DEFAULT_STOP_BELOW, 0: always draft k).
+        below this (`MTPDrafter`; None: DEFAULT_MTP_STOP_BELOW, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
-        as a tree (None: DEFAULT_SIBLINGS, 0: the chain alone).
+        as a tree (None: DEFAULT_MTP_SIBLINGS, 0: the chain alone).
+        load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
+        `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
         check_drafter_name(drafter)
         given = mtp_settings(mtp_stop_below, mtp_siblings)
@@ -101,8 +111,11 @@ class Engine:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if drafter in ("auto", "mtp", "hybrid") and assistant is None:
-            assistant = find_assistant(model)
+        options = dict(load_options or {})
+        helper_options = {k: v for k, v in options.items() if k != "revision"}
+        token = options.get("token")
+        if (drafter == "auto" or drafter in MTP_DRAFTERS) and assistant is None:
+            assistant = find_assistant(model, token)
             if assistant is None and drafter != "auto":
                 raise InvalidRequestError(
                     f"drafter={drafter!r} needs an MTP assistant, and none was given or found beside {model!s} "
@@ -112,25 +125,25 @@ class Engine:
             if assistant is None:
                 drafter = "ngram"
             else:
-                drafter = "hybrid" if is_assistant_checkpoint(assistant) else "draft_model"
-        if given and drafter not in ("mtp", "hybrid"):
+                drafter = "hybrid" if is_assistant_checkpoint(assistant, token) else "draft_model"
+        if given and drafter not in MTP_DRAFTERS:
             names = " and ".join(given)
             raise InvalidRequestError(
                 f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
                 f"pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave {names} unset."
             )
-        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file)
+        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file, options)
         target = TargetModel(target_model)
         chosen: Drafter
-        if drafter in ("mtp", "hybrid"):
-            helper, _ = load_causal_lm(assistant, dev, dt)
+        if drafter in MTP_DRAFTERS:
+            helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_STOP_BELOW),
-                                given.get("mtp_siblings", DEFAULT_SIBLINGS))
+            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW),
+                                given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS))
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
-            draft_lm, _ = load_causal_lm(assistant, dev, dt)
+            draft_lm, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             draft = TargetModel(draft_lm)
             validate_draft_model(target, draft)
             chosen = DraftModelDrafter(draft)
@@ -157,6 +170,11 @@ class Engine:
     def device(self) -> torch.device:
         return self.target.device
 
+    @property
+    def max_positions(self) -> int | None:
+        """The target's context length in tokens (prompt plus new tokens), if its config says."""
+        return self.target.max_positions
+
     def make_request(
         self,
         prompt_ids: Iterable[int],
@@ -168,6 +186,13 @@ class Engine:
         num_draft_tokens: int | None = None,
         draft_hint: str | int | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        *,
+        min_p: float = 0.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
     ) -> GenerationRequest:
         """A validated request; raises InvalidRequestError before any forward pass."""
         if isinstance(prompt_ids, torch.Tensor):
@@ -175,13 +200,14 @@ class Engine:
         request = GenerationRequest(
             prompt_ids=list(prompt_ids),
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(float(temperature), float(top_p), int(top_k) if top_k is not None else 0),
+            sampling=SamplingParams(float(temperature), float(top_p), int(top_k) if top_k is not None else 0, _number("min_p", min_p)),
             seed=seed,
             num_draft_tokens=num_draft_tokens,
             draft_hint=draft_hint,
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
+            processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, _bias_copy(logit_bias), min_tokens),
         )
-        request.validate(self.target.vocab_size, self.target.max_positions)
+        request.validate(self.target.vocab_size, self.max_positions)
         return request
 
     def kv_bytes(self, request: GenerationRequest) -> int:
@@ -219,12 +245,31 @@ class Engine:
         num_draft_tokens=None (fixed draft length for this call), draft_hint=None ("code",
         "prose", "tool_call", "long_form", "auto" or an int), stop_token_ids=None (default: the
         checkpoint's eos ids).
+
+        Keyword-only processors, applied to the target's logits at every verified position so
+        the output stays that of plain decoding with them (engine/processors.py): min_p=0.0
+        (sampling only), frequency_penalty=0.0 and presence_penalty=0.0 (OpenAI, over generated
+        tokens, in [-2, 2]), repetition_penalty=1.0 (HF/vLLM, over prompt and output, > 0),
+        logit_bias=None ({token id: bias in [-100, 100]}), min_tokens=0 (stop tokens are banned
+        until this many tokens were generated).
         """
         return self.submit(prompt_ids, **kwargs).result()
 
     async def agenerate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """`generate` for asyncio: awaits the owner thread without blocking the event loop."""
         return await self.submit(prompt_ids, **kwargs).aresult()
+
+
+def _bias_copy(logit_bias: object) -> object:
+    """A copy of a logit_bias mapping (the request must not change under it); anything else as given, for validation to name."""
+    return dict(logit_bias) if isinstance(logit_bias, Mapping) else {} if logit_bias is None else logit_bias
+
+
+def _number(name: str, value: object) -> float:
+    """`value` as a float, or InvalidRequestError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}.")
+    return float(value)
 
 
 __all__ = ["Engine"]

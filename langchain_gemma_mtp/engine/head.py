@@ -1,10 +1,10 @@
 """Vocabulary projections, written for speed: the LM head over a few rows, and the centroid head's candidates.
 
-On CPU in float32, `linear(x, W)` with a 262k-row W and 1-17 rows of x takes a slow path (measured
-with torch 2.13, 2 threads: 55 ms for one row, 110-190 ms for 2-5 rows), while the same product
-written as `W @ x.T` streams W once (17-32 ms for 1-5 rows). One row is fed as two, since the
-one-row product is a matrix-vector call with no fast path. Other devices and dtypes keep `linear`
-(bfloat16 on this CPU: `linear` is as fast as any other form). benchmarks/head_bench.py measures it.
+On CPU in float32, `linear(x, W)` with a 262k-row W and the few rows of x of a decode or verify
+step takes a slow path, while the same product written as `W @ x.T` streams W once. One row is fed
+as two, since the one-row product is a matrix-vector call with no fast path. Other devices and
+dtypes keep `linear` (bfloat16 on CPU: `linear` is as fast as any other form tried).
+benchmarks/head_bench.py measures both; docs/benchmarks.md has the numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +29,6 @@ def centroid_candidates(embedder, hidden: torch.Tensor, weight: torch.Tensor) ->
     the token ids of its top clusters and their logits, both (..., top_k * V/C); other tokens are masked."""
     top = embedder.centroids(hidden).topk(embedder.centroid_intermediate_top_k).indices
     ids = embedder.token_ordering.view(embedder.num_centroids, -1)[top].flatten(-2)
-    # index_select, not weight[ids]: advanced indexing copies the 4096 rows ~8x slower on CPU.
+    # index_select, not weight[ids]: advanced indexing copies the candidate rows several times slower on CPU.
     rows = weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[-1])
     return ids, (rows @ hidden.unsqueeze(-1)).squeeze(-1)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from ..errors import IncompatibleDrafterError, InvalidRequestError, ModelLoadError, ModelNotFoundError
-from .drafters import DRAFTER_NAMES
 from .target import KV_LAYERS_KEY, TargetModel, kv_layer_problems, text_config_of
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return resolved
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """A local directory for a path or a hub id (from the local hub cache first, then the hub).
 
-    Fails fast with ModelNotFoundError when offline or unreachable, naming how to pass a local dir.
+    revision and token reach the hub (a local directory has neither). Fails fast with
+    ModelNotFoundError when offline or unreachable, naming how to pass a local dir, and for a gated
+    or unknown repository how to log in.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -74,37 +76,52 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if path.exists() or str(name_or_path).startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{name_or_path!s} is not a model directory: pass a folder holding config.json.")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     repo = str(name_or_path)
+    hub = {"revision": revision, "token": token}
     try:
-        return Path(snapshot_download(repo, local_files_only=True))
+        return Path(snapshot_download(repo, local_files_only=True, **hub))
     except Exception:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     why = "HF_HUB_OFFLINE is set" if offline else None
+    login = ""
     if not offline:
         try:
-            return Path(snapshot_download(repo))
+            return Path(snapshot_download(repo, **hub))
         except Exception as exc:  # network refused, repo gated or missing: all end the same way
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if isinstance(exc, RepositoryNotFoundError):  # GatedRepoError is one too
+                login = (
+                    f" Gemma repositories are gated: accept the license at https://huggingface.co/{repo}, then log in "
+                    "(`hf auth login`) or set HF_TOKEN (or pass model_kwargs={'token': ...}); check the id's spelling."
+                )
     raise ModelNotFoundError(
-        f"model {repo!r} is not in the local hub cache and could not be downloaded ({why}). "
+        f"model {repo!r} is not in the local hub cache and could not be downloaded ({why}).{login} "
         "Download it where the hub is reachable (`huggingface-cli download " + repo + " --local-dir DIR`) "
         "and pass model=DIR, a local directory."
     )
 
 
 def load_causal_lm(
-    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None
+    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, object | None]:
-    """Load a causal LM (and its tokenizer when it has one) and check every weight was found."""
-    path = resolve_checkpoint(name_or_path)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    """Load a causal LM (and its tokenizer when it has one) and check every weight was found.
+
+    options: `revision` and `token` for the hub, `trust_remote_code` for config, model and tokenizer,
+    `attn_implementation` for the model (ChatGemmaMTP's model_kwargs)."""
+    options = dict(options or {})
+    path = resolve_checkpoint(name_or_path, revision=options.pop("revision", None), token=options.pop("token", None))
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if "trust_remote_code" in options:
+        kwargs["trust_remote_code"] = options.pop("trust_remote_code")
     try:
         shared = SHARED_HEAD_KEYS if getattr(AutoConfig.from_pretrained(path, **kwargs), SHARED_HEAD_FLAG, False) else ()
         # A head shared with the target is absent on purpose: keep transformers from reporting it.
         with _quiet_transformers(bool(shared)):
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **options)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load {path}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k and k not in shared]
@@ -133,12 +150,12 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def is_assistant_checkpoint(name_or_path: str | os.PathLike) -> bool:
-    config = AutoConfig.from_pretrained(resolve_checkpoint(name_or_path))
+def is_assistant_checkpoint(name_or_path: str | os.PathLike, token: str | bool | None = None) -> bool:
+    config = AutoConfig.from_pretrained(resolve_checkpoint(name_or_path, token=token))
     return config.model_type in ASSISTANT_MODEL_TYPES
 
 
-def find_assistant(model: str | os.PathLike) -> str | None:
+def find_assistant(model: str | os.PathLike, token: str | bool | None = None) -> str | None:
     """The MTP assistant that pairs with `model`: `X-assistant` beside a local dir or on the hub."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -148,7 +165,7 @@ def find_assistant(model: str | os.PathLike) -> str | None:
         return None
     repo = f"{model}-assistant"
     try:
-        resolve_checkpoint(repo)
+        resolve_checkpoint(repo, token=token)
     except ModelNotFoundError:
         return None
     return repo
@@ -232,11 +249,6 @@ def validate_draft_model(target: TargetModel, draft: TargetModel) -> None:
             f"draft model vocab size {draft.vocab_size} != target's {target.vocab_size}: a draft model must share "
             "the target's tokenizer. Use a smaller model of the same family, or drafter='ngram'."
         )
-
-
-def check_drafter_name(drafter: str) -> None:
-    if drafter not in DRAFTER_NAMES:
-        raise InvalidRequestError(f"unknown drafter {drafter!r}: use one of {DRAFTER_NAMES}.")
 
 
 def stop_ids_of(model: PreTrainedModel) -> frozenset[int]:

@@ -9,6 +9,7 @@ import torch
 
 from .cache import PrefixCache
 from .drafters import DecodeState, Drafter
+from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
 from .target import TargetModel
 from .tree import DraftTree
@@ -46,8 +47,15 @@ def speculative_decode(
     cache = target.new_cache(layers, reused)
     stats.cached_tokens = reused
 
+    # Penalties, bias and min_tokens, when the request sets any: each verified row gets its own history.
+    processors = None
+    if request.processing.active:
+        processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
     fwd = target.forward(prompt[reused:], cache, prefill=True)
-    first = int(choose_token(target.logits(fwd.hidden[-1]), sampling, generator)[0])
+    logits = target.logits(fwd.hidden[-1])
+    if processors is not None:
+        logits = processors.apply(logits[None], prompt, [[]])[0]
+    first = int(choose_token(logits, sampling, generator)[0])
     stats.target_forwards += 1
     if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
         prefix_cache.insert(TARGET, prompt, cache)
@@ -77,6 +85,8 @@ def speculative_decode(
             tree = DraftTree(draft, state.siblings) if any(state.siblings) and sampling.greedy and target.verifies_trees else None
             fwd = target.forward(tree.tokens(state.tokens[-1]) if tree else [state.tokens[-1]] + draft, cache, tree=tree)
             logits = target.logits(fwd.hidden)
+            if processors is not None:
+                logits = processors.apply(logits, state.tokens, row_paths(draft, tree))
             if sampling.greedy:  # `sibling`: the slot of an accepted sibling, if any
                 accepted, nxt, sibling = verify_greedy(logits, draft, tree)
             else:

@@ -1,7 +1,7 @@
 """Draft-length policies: a fixed length per call, or per-hint adaptive lengths learned from acceptance.
 
 The adaptive policy models each draft token as accepted with probability alpha (given the ones
-before it were) and picks the k in [1, 16] that maximises expected tokens per unit of cost,
+before it were) and picks the k in [1, MAX_DRAFT_TOKENS] that maximises expected tokens per unit of cost,
     E[tokens | k] / cost(k) = ((1 - alpha**(k+1)) / (1 - alpha)) / (1 + c * k),
 where c is the cost of one draft token relative to one target forward (drafter step plus the extra
 verification width). Each hint kind keeps its own alpha, so a code node and a prose node tune
@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from .types import MAX_DRAFT_TOKENS, GenerationRequest
+from ..draft_settings import MAX_DRAFT_TOKENS
+from .types import GenerationRequest
 
-# Prior per-token acceptance per hint kind. With c = 0.1 (the MTP drafter) these give the default
-# lengths code 4, prose 6, tool_call 7, long_form 10, auto 5; see docs/draft-hints.md.
+# Prior per-token acceptance per hint kind; the lengths they start at for the MTP drafter are the
+# table in hints.py's docstring (tested against best_draft_length).
 HINT_PRIOR_ALPHA = {"code": 0.7, "prose": 0.8, "tool_call": 0.85, "long_form": 0.9, "auto": 0.75}
 PRIOR_WEIGHT = 8.0  # the prior counts as this many observed draft tokens
 DECAY = 0.97  # per verification step: recent steps matter more than old ones

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..draft_settings import check_draft_hint, check_num_draft_tokens
 from ..errors import InvalidRequestError
+from .processors import LogitsProcessing
 
-DRAFT_HINTS = ("auto", "code", "prose", "tool_call", "long_form")
-MAX_DRAFT_TOKENS = 16
 # Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): logits divided by a smaller one
 # overflow float32, and the distribution is a point mass on the argmax well before.
 GREEDY_BELOW = 1e-5
@@ -21,6 +21,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +39,7 @@ class GenerationRequest:
     num_draft_tokens: int | None = None
     draft_hint: str | int | None = None
     stop_token_ids: frozenset[int] = frozenset()
+    processing: LogitsProcessing = field(default_factory=LogitsProcessing)
 
     def validate(self, vocab_size: int, max_positions: int | None) -> None:
         """Raise InvalidRequestError naming the problem and the fix."""
@@ -65,17 +67,16 @@ class GenerationRequest:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}.")
         if not isinstance(s.top_k, int) or s.top_k < 0:
             raise InvalidRequestError(f"top_k must be an int >= 0 (0 disables it), got {s.top_k!r}.")
+        if not 0.0 <= s.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1] (0 disables it), got {s.min_p}.")
+        bad = [t for t in self.stop_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids holds id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: use this model's token ids.")
+        self.processing.validate(vocab_size, self.max_new_tokens)
         if self.num_draft_tokens is not None:
-            n = self.num_draft_tokens
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_DRAFT_TOKENS:
-                raise InvalidRequestError(
-                    f"num_draft_tokens must be an int in [0, {MAX_DRAFT_TOKENS}], got {n!r}."
-                )
-        hint = self.draft_hint
-        if hint is not None and not isinstance(hint, int) and hint not in DRAFT_HINTS:
-            raise InvalidRequestError(f"unknown draft_hint {hint!r}: use one of {DRAFT_HINTS} or an int.")
-        if isinstance(hint, int) and (isinstance(hint, bool) or not 0 <= hint <= MAX_DRAFT_TOKENS):
-            raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint!r}.")
+            check_num_draft_tokens(self.num_draft_tokens)
+        if self.draft_hint is not None:
+            check_draft_hint(self.draft_hint)
 
 
 @dataclass

@@ -159,8 +159,7 @@ class EngineWorker:
     moving. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
-    (measured on 2 cores beside one other team: 1.74x per small op, 1.17-1.22x per decode token of
-    the 270M; docs/benchmarks.md, "Owner thread"). So engines share their device's thread, and it
+    (benchmarks/owner_thread_bench.py measures it; docs/research-notes.md, "Owner thread"). So engines share their device's thread, and it
     ends when its queue empties.
     """
 

@@ -89,20 +89,23 @@ def new_call_id() -> str:
 class StreamingParser:
     """Feed decoded text piece by piece; get content, reasoning and tool calls back as deltas.
 
-    Text outside regions is content. A marker split across feeds is held back until it is
-    complete (or shown not to be a marker), so no marker text ever leaks into content or
-    reasoning, whatever the split. Subclasses declare `regions` and implement the hooks.
+    Text outside regions is content, less any `drops` marker (a control token that means
+    nothing there, such as a stray close marker). A marker split across feeds is held back
+    until it is complete (or shown not to be a marker), so no marker text ever leaks into
+    content or reasoning, whatever the split. Subclasses declare `regions` and `drops` and
+    implement the hooks.
     """
 
     regions: tuple[Region, ...] = ()
+    drops: tuple[str, ...] = ()
 
     def __init__(self, tool_names: set[str] | None = None) -> None:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
         self._buf = ""  # text not yet handed on
         self._region: Region | None = None
-        self._scanned = 0  # chars of _buf already searched for a whole-region end
+        self._body: list[str] = []  # a whole region's text read so far, less _buf
         self._next_index = 0
-        self._opens = tuple(r.open for r in self.regions)
+        self._opens = tuple(r.open for r in self.regions) + self.drops
 
     def feed(self, text: str) -> ParsedDelta:
         """Parse the next piece of model output."""
@@ -116,8 +119,8 @@ class StreamingParser:
         delta = ParsedDelta()
         self._drain(delta, final=True)
         if self._region is not None:
-            region, body = self._region, self._buf
-            self._buf, self._region = "", None
+            region, body = self._region, "".join(self._body) + self._buf
+            self._buf, self._body, self._region = "", [], None
             if region.streams:
                 self.region_text(region, body, delta)
                 body = ""
@@ -136,14 +139,21 @@ class StreamingParser:
                 delta.content += self._buf[: len(self._buf) - keep]
                 self._buf = self._buf[len(self._buf) - keep :]
                 return
-            start, region = found
+            start, marker = found
             delta.content += self._buf[:start]
-            self._buf = self._buf[start + len(region.open) :]
-            self._region, self._scanned = region, 0
-            self.region_start(region)
+            self._buf = self._buf[start + len(marker) :]
+            region = next((r for r in self.regions if r.open == marker), None)
+            if region is not None:
+                self.enter(region)
 
-    def _first_open(self) -> tuple[int, Region] | None:
-        hits = [(i, r) for r in self.regions if (i := self._buf.find(r.open)) >= 0]
+    def enter(self, region: Region) -> None:
+        """Continue inside `region`, as if its open marker had just been read."""
+        self._region, self._body = region, []
+        self.region_start(region)
+
+    def _first_open(self) -> tuple[int, str] | None:
+        """The first region open or dropped marker in the buffer, with its position."""
+        hits = [(i, m) for m in self._opens if (i := self._buf.find(m)) >= 0]
         return min(hits, key=lambda hit: hit[0]) if hits else None
 
     def _drain_region(self, region: Region, delta: ParsedDelta, final: bool) -> bool:
@@ -160,22 +170,24 @@ class StreamingParser:
             self._region = None
             self.region_end(region, "", True, delta)
             return True
-        # Search only the new text (plus a marker's length of overlap) so long bodies stay linear.
-        start = max(0, self._scanned - len(region.close) - len(region.open))
-        end = self._buf.find(region.close, start)
+        end = self._buf.find(region.close)
         # The same region opening again before this one closed means the model started over:
         # end this one there as unclosed and parse the next on its own.
-        restart = self._buf.find(region.open, start)
+        restart = self._buf.find(region.open)
         if restart >= 0 and (end < 0 or restart < end):
-            body, self._buf = self._buf[:restart], self._buf[restart:]
-            self._region = None
+            body, self._buf = "".join(self._body) + self._buf[:restart], self._buf[restart:]
+            self._body, self._region = [], None
             self.region_end(region, body, False, delta)
             return True
         if end < 0:
-            self._scanned = len(self._buf)
+            # Bank all but what could start a marker, so a long body is copied once, not per feed.
+            keep = max(len(region.close), len(region.open)) - 1
+            if len(self._buf) > keep:
+                self._body.append(self._buf[:-keep])
+                self._buf = self._buf[-keep:]
             return False
-        body, self._buf = self._buf[:end], self._buf[end + len(region.close) :]
-        self._region = None
+        body, self._buf = "".join(self._body) + self._buf[:end], self._buf[end + len(region.close) :]
+        self._body, self._region = [], None
         self.region_end(region, body, True, delta)
         return True
 

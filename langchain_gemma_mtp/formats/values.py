@@ -13,23 +13,30 @@ GEMMA_QUOTE = '<|"|>'
 _WS = re.compile(r"\s*")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _WORD = re.compile(r"[A-Za-z_]\w*")
-# A bare key runs up to the colon; structural characters and quotes cannot be part of one.
-_BARE_KEY = re.compile(r"[^\s:,{}\[\]\"']+")
+# A bare key runs up to the colon (`k-1`, `a b`, as vLLM and llama.cpp read Gemma 4 keys); it
+# starts and ends with a visible character, and structure, quotes and newlines cannot be in one.
+_BARE_KEY = re.compile(r"[^\s:,{}\[\]\"'](?:[^:,{}\[\]\"'\n]*[^\s:,{}\[\]\"'])?")
+# An unquoted value runs up to the next comma, closer, newline or quote token.
+_BARE_RUN = re.compile(r'(?:(?!<\|"\|>)[^,}\]\n{\[])*')
 _WORDS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 # Far deeper than any real tool argument, and well inside Python's recursion limit.
 _MAX_DEPTH = 200
 
 
-def read_value(text: str, *, close_unterminated: bool = False) -> Any:
+def read_value(text: str, *, close_unterminated: bool = False, bare_strings: bool = False) -> Any:
     """Read one value that fills `text` (surrounding whitespace allowed).
 
     Accepts JSON plus: strings quoted with Gemma 4's `<|"|>` token (raw, no escapes) or with
-    single quotes; bare object keys; Python's True/False/None; trailing commas. With
-    `close_unterminated`, strings, objects and lists left open at the end of the text are
-    closed (a truncated call keeps everything it wrote; nothing is dropped).
+    single quotes; bare object keys (`city`, `k-1`, `a b`); Python's True/False/None; trailing
+    commas. With `close_unterminated`, strings, objects and lists left open at the end of the
+    text are closed (a truncated call keeps everything it wrote; nothing is dropped). With
+    `bare_strings` (Gemma 4 arguments), single-quoted strings are raw like `<|"|>` ones, and
+    an unquoted value that is not a number or a literal is a string (`unit:celsius`,
+    `expr:432+1`, as vLLM reads them); one holding a colon or a double quote, or a space inside
+    a list, is refused: it more likely hides a missing comma or quote than means itself.
     Raises ValueError, naming the position, when the text is not such a value.
     """
-    reader = _Reader(text, close_unterminated)
+    reader = _Reader(text, close_unterminated, bare_strings)
     value = reader.value(0)
     reader.skip_ws()
     if reader.pos < len(text):
@@ -40,10 +47,11 @@ def read_value(text: str, *, close_unterminated: bool = False) -> Any:
 class _Reader:
     """Recursive-descent reader over one string; `pos` is the next unread character."""
 
-    def __init__(self, text: str, close_unterminated: bool) -> None:
+    def __init__(self, text: str, close_unterminated: bool, bare_strings: bool) -> None:
         self.text = text
         self.pos = 0
         self.close_unterminated = close_unterminated
+        self.bare_strings = bare_strings
 
     def fail(self, reason: str) -> NoReturn:
         snippet = self.text[self.pos : self.pos + 30]
@@ -56,7 +64,7 @@ class _Reader:
     def at_end(self) -> bool:
         return self.pos >= len(self.text)
 
-    def value(self, depth: int) -> Any:
+    def value(self, depth: int, in_list: bool = False) -> Any:
         if depth > _MAX_DEPTH:
             self.fail(f"values nested more than {_MAX_DEPTH} deep")
         self.skip_ws()
@@ -69,6 +77,8 @@ class _Reader:
             return self.array(depth)
         if self.at_string():
             return self.string()
+        if self.bare_strings:
+            return self.bare_value(in_list)
         number = _NUMBER.match(self.text, self.pos)
         if number:
             return self.number(number)
@@ -79,6 +89,23 @@ class _Reader:
         if word:
             self.fail(f"unquoted word {word.group()!r} is not a value (strings must be quoted)")
         self.fail("expected a value")
+
+    def bare_value(self, in_list: bool) -> Any:
+        """An unquoted value, read whole: a literal, a number, or else a string."""
+        start = self.pos
+        token = self.text[start : _BARE_RUN.match(self.text, start).end()].rstrip()
+        if not token:
+            self.fail("expected a value")
+        if token in _WORDS:
+            self.pos = start + len(token)
+            return _WORDS[token]
+        if _NUMBER.fullmatch(token):
+            return self.number(_NUMBER.match(self.text, start))
+        # In a list, spaces could be a missing comma (`[1 2]`); in an object, that shows as a colon.
+        if ":" in token or '"' in token or (in_list and any(c.isspace() for c in token)):
+            self.fail(f"unquoted value {token!r} is ambiguous (quote it with {GEMMA_QUOTE})")
+        self.pos = start + len(token)
+        return token
 
     def at_string(self) -> bool:
         return self.text.startswith(GEMMA_QUOTE, self.pos) or self.text[self.pos] in "\"'"
@@ -97,6 +124,8 @@ class _Reader:
             return text[body_start:end]
         if text[start] == '"':
             return self.json_string()
+        if self.bare_strings:
+            return self.raw_single_quoted_string()
         return self.single_quoted_string()
 
     def json_string(self) -> str:
@@ -137,6 +166,17 @@ class _Reader:
             self.fail("unterminated string (no closing ')")
         self.pos = len(text)
         return self.decode_respelled(out, len(text))
+
+    def raw_single_quoted_string(self) -> str:
+        # Gemma 4 strings are raw, so a single-quoted one is too (`':\s*\w+'`, as ollama reads it):
+        # a backslash only keeps the quote after it from ending the string, and stays in the text.
+        text, i = self.text, self.pos + 1
+        while i < len(text) and text[i] != "'":
+            i += 2 if text[i] == "\\" else 1
+        if i >= len(text):
+            self.fail("unterminated string (no closing ')")
+        body, self.pos = text[self.pos + 1 : i], i + 1
+        return body
 
     def decode_respelled(self, body: list[str], end: int) -> str:
         try:
@@ -196,7 +236,7 @@ class _Reader:
             if self.text[self.pos] == "]":
                 self.pos += 1
                 return result
-            result.append(self.value(depth + 1))
+            result.append(self.value(depth + 1, in_list=True))
             self.after_item("]")
 
     def after_item(self, closer: str) -> None:

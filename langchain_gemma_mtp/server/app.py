@@ -1,13 +1,14 @@
 """The OpenAI-compatible Starlette app: a thin HTTP layer over one ChatRuntime.
 
 Routes: `POST /v1/chat/completions` (stream and non-stream), `GET /v1/models`, `GET /health`,
-`GET /metrics`. Every request is checked (API key, body size, JSON depth and text, schema,
-model name, max_tokens cap, then the runtime's own checks while it renders the prompt, the
-engine's KV-cache budget last) before any model work; a failed check is an OpenAI-style error
-body `{"error": {"message", "type", "param", "code"}}` with the status of `errors.HTTP_ERRORS`,
-and the server goes on serving. At most `max_concurrent` requests run and `max_queued` wait
-for a slot; one more is answered 429 with `Retry-After` at once. A client that goes away cancels
-its generation at the engine's next verification step.
+`GET /metrics`, and as in vLLM `POST /tokenize` (a chat's prompt as the model sees it, or plain
+text), `POST /detokenize` and `GET /version`. Every request is checked (API key, body size, JSON
+depth and text, schema, model name, max_tokens cap, then the runtime's own checks while it
+renders the prompt, the engine's KV-cache budget last) before any model work; a failed check is
+an OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` with the status of
+`errors.HTTP_ERRORS`, and the server goes on serving. At most `max_concurrent` requests run and
+`max_queued` wait for a slot; one more is answered 429 with `Retry-After` at once. A client that
+goes away cancels its generation at the engine's next verification step.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -30,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import __version__
 from ..errors import (
     AuthenticationError,
     GemmaMTPError,
@@ -40,11 +42,12 @@ from ..errors import (
     http_error,
 )
 from ..runtime import ChatRuntime, Completion
-from ..wire import ChatCompletionBody, wire_delta
+from ..wire import ChatCompletionBody, DetokenizeBody, TokenizeBody, wire_delta
 from .limits import RETRY_AFTER_S, Admission, read_json_object
 from .metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 @dataclass
@@ -88,7 +91,8 @@ class ChatServer:
         if not hmac.compare_digest(token.encode(), key.encode()):
             raise AuthenticationError("missing or wrong API key: send the header `Authorization: Bearer <key>`.")
 
-    async def _body(self, request: Request) -> ChatCompletionBody:
+    async def _json(self, request: Request) -> dict[str, Any]:
+        """The request body as a JSON object, read up to the size limit."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
         too_large = RequestTooLargeError(f"the request body is over this server's limit of {limit} bytes: send less (or raise --max-body-bytes).")
@@ -99,16 +103,16 @@ class ChatServer:
             raw += piece
             if len(raw) > limit:
                 raise too_large
-        data = read_json_object(bytes(raw))
-        try:
-            body = ChatCompletionBody.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(part) for part in first["loc"])
-            raise _at(InvalidRequestError(f"invalid request field {param!r}: {first['msg']}."), param) from exc
-        if body.model != self.settings.served_model_name:
+        return read_json_object(bytes(raw))
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.served_model_name:
             served = self.settings.served_model_name
-            raise _at(ModelNotFoundError(f"the model {body.model!r} does not exist here: this server serves {served!r}."), "model")
+            raise _at(ModelNotFoundError(f"the model {model!r} does not exist here: this server serves {served!r}."), "model")
+
+    async def _body(self, request: Request) -> ChatCompletionBody:
+        body = _validated(ChatCompletionBody, await self._json(request))
+        self._check_model(body.model)
         asked = body.requested_max_tokens
         if asked is not None and asked > self.settings.max_tokens_limit:
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -210,12 +214,46 @@ class ChatServer:
             "object": "model",
             "created": self.created,
             "owned_by": "gemma-mtp",
-            "max_model_len": self.runtime.engine.target.max_positions,
+            "max_model_len": self.runtime.engine.max_positions,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.settings.served_model_name})
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: the token ids of a chat's prompt (the chat request's own rendering) or of text."""
+        try:
+            self._authorize(request)
+            body = _validated(TokenizeBody, await self._json(request))
+            self._check_model(body.model)
+            if body.prompt is not None:
+                ids = self.runtime.encode_text(body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                ids = self.runtime.prepare(body.to_request()).prompt_ids
+        except Exception as exc:
+            return self.error(exc)
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.target.max_positions, "tokens": ids}
+        if body.return_token_strs:
+            answer["token_strs"] = self.runtime.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: the text of token ids."""
+        try:
+            self._authorize(request)
+            body = _validated(DetokenizeBody, await self._json(request))
+            self._check_model(body.model)
+            vocab = len(self.runtime.tokenizer)
+            bad = [t for t in body.tokens if not 0 <= t < vocab]
+            if bad:
+                raise _at(InvalidRequestError(f"token ids {bad[:5]} are outside this model's vocabulary of {vocab}."), "tokens")
+        except Exception as exc:
+            return self.error(exc)
+        return JSONResponse({"prompt": self.runtime.tokenizer.decode(body.tokens)})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -249,6 +287,17 @@ def _at(error: GemmaMTPError, param: str) -> GemmaMTPError:
     """The error, naming the request field at fault (OpenAI's `param`)."""
     error.param = param  # type: ignore[attr-defined]
     return error
+
+
+def _validated(model: type[_Body], data: dict[str, Any]) -> _Body:
+    """`data` read as `model`; the first problem is an InvalidRequestError naming its field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        where = f"field {param!r}" if param else "body"
+        raise _at(InvalidRequestError(f"invalid request {where}: {first['msg']}."), param or None) from exc
 
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
@@ -342,7 +391,7 @@ def create_app(runtime: ChatRuntime, settings: ServerSettings) -> Starlette:
     async def http_error_body(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {exc.detail}. This server has POST /v1/chat/completions, GET /v1/models, /health and /metrics (a base_url ends in /v1)."
+        message = f"{request.method} {request.url.path}: {exc.detail}. This server has POST /v1/chat/completions, GET /v1/models, /health, /metrics, /version, POST /tokenize and /detokenize (a base_url ends in /v1)."
         body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code)
 
@@ -355,6 +404,9 @@ def create_app(runtime: ChatRuntime, settings: ServerSettings) -> Starlette:
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_page, methods=["GET"]),
+            Route("/tokenize", server.tokenize, methods=["POST"]),
+            Route("/detokenize", server.detokenize, methods=["POST"]),
+            Route("/version", server.version, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error_body, Exception: unexpected},
     )

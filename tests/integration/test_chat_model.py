@@ -87,10 +87,10 @@ def test_mtp_stop_below_loads_its_own_engine(path) -> None:
 def test_mtp_siblings_load_their_own_engine(path) -> None:
     llm = ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=0)
     engine = llm._backend_for_calls().runtime.engine
-    assert engine.drafter.siblings == 0
+    assert engine.drafter.siblings_per_depth == 0
     assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, None, 0))
     default = ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine
-    assert default.drafter.siblings == 3 and default is not engine
+    assert default.drafter.siblings_per_depth == 3 and default is not engine
     assert ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=3)._backend_for_calls().runtime.engine is default
     assert llm._identifying_params["mtp_siblings"] == 0
     assert llm.invoke("Hello").content == HELLO_ANSWER

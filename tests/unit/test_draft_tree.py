@@ -8,7 +8,8 @@ from tiny_models import VOCAB, WINDOW, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import StatelessDrafter
-from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter, check_siblings
+from langchain_gemma_mtp.draft_settings import check_mtp_siblings
+from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.tree import DraftTree
 from langchain_gemma_mtp.errors import InvalidRequestError
@@ -146,7 +147,7 @@ class ChainOf(StatelessDrafter):
 def test_mtp_drafter_offers_siblings_only_when_greedy(checkpoints):
     engine = Engine.from_pretrained(checkpoints["noshare"], drafter="mtp")
     drafter: MTPDrafter = engine.drafter
-    drafter.stop_below, drafter.siblings, drafter.sibling_min_chance = 0.0, 3, 0.0
+    drafter.stop_below, drafter.siblings_per_depth, drafter.sibling_min_chance = 0.0, 3, 0.0
     ids = prompt(13)
     with torch.no_grad():
         greedy = engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
@@ -161,4 +162,4 @@ def test_mtp_drafter_offers_siblings_only_when_greedy(checkpoints):
 @pytest.mark.parametrize("value", [-1, 9, 1.5, True, "2"])
 def test_bad_sibling_counts_name_the_range(value):
     with pytest.raises(InvalidRequestError, match=r"siblings must be an int in \[0, 8\]"):
-        check_siblings(value)
+        check_mtp_siblings(value)

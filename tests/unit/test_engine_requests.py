@@ -18,6 +18,11 @@ def counted(checkpoints):
     return engine, calls
 
 
+def test_max_positions_is_the_targets_context(counted):
+    engine, _ = counted
+    assert engine.max_positions == engine.model.config.max_position_embeddings == MAX_POS
+
+
 @pytest.mark.parametrize(
     "prompt,kwargs,message",
     [

@@ -15,9 +15,11 @@ from langchain_gemma_mtp.formats import (
     ParsedDelta,
     ToolCallDelta,
     parse_gemma4_value,
+    prompt_ends_in_thought,
     to_gemma4_value,
 )
-from parser_helpers import drain
+from langchain_gemma_mtp.formats.gemma4 import forced_call_prefix, forced_opening
+from parser_helpers import drain, split_at
 
 QUOTE = '<|"|>'
 # Single special tokens in real output, so a model cannot write them inside a string.
@@ -86,10 +88,15 @@ def test_parse_gemma4_value_keeps_string_bodies_raw() -> None:
     ("text", "reason"),
     [
         ('{city:<|"|>Paris}', "unterminated string"),
-        ("{unit:celsius}", "unquoted word 'celsius'"),
+        ("{unit:celsius deg:2}", "unquoted value 'celsius deg:2' is ambiguous"),
+        ('{say:hi "there"}', "is ambiguous"),
+        ("{a:}", "expected a value"),
         ("{a:1", "unterminated object"),
         ("{a 1}", "expected ':'"),
-        ("{a:1 b:2}", "expected ',' or '}'"),
+        ("{a:1 b:2}", "is ambiguous"),
+        ("{a:[1 2]}", "unquoted value '1 2' is ambiguous"),
+        ("{a:[x,y z]}", "'y z' is ambiguous"),
+        ("{a:x{}}", "expected ',' or '}'"),
         ("{a:1}x", "unexpected text after the value"),
         ("{a:1e999}", "out of range"),
         ("[" * 300 + "]" * 300, "nested more than"),
@@ -227,6 +234,36 @@ def test_thought_streams_as_reasoning_and_an_empty_channel_yields_nothing() -> N
     assert parse(["<|channel>thought\n<channel|>Hi"]) == ParsedDelta(content="Hi")
 
 
+def test_a_thought_keeps_back_its_last_newline_until_it_knows_whether_the_channel_closes() -> None:
+    parser = Gemma4OutputParser(thinking=True)
+    assert parser.feed("<|channel>thought\nstep one\n").reasoning == "step one"
+    assert parser.feed("\n").reasoning == "\n"  # of two newlines only the last can be framing
+    assert parser.feed("step two\n").reasoning == "\nstep two"
+    delta = parser.feed("<channel|>Answer.")
+    assert (delta.reasoning, delta.content) == ("", "Answer.")
+
+
+# Text a model may write inside a thought: anything but the markers that end or restart it.
+thought_text = (
+    st.lists(st.characters() | st.sampled_from(["\n", "<", "|>", "<|", "thought", "<channel|"]), max_size=20)
+    .map("".join)
+    .filter(lambda s: "<channel|>" not in s and "<|channel>" not in s)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(thought_text, st.booleans(), st.lists(st.integers(min_value=0), max_size=6))
+def test_replaying_the_reasoning_as_the_templates_do_gives_back_what_the_model_wrote(
+    thought: str, in_thought: bool, cuts: list[int]
+) -> None:
+    # The official templates replay an earlier thought as '<|channel>thought\n' + reasoning + '\n<channel|>'.
+    written = "<|channel>thought\n" + thought + "\n<channel|>"
+    output = (written[len("<|channel>thought\n") :] if in_thought else written) + "Answer."
+    result = drain(Gemma4OutputParser(in_thought=in_thought), split_at(output, cuts))
+    assert "<|channel>thought\n" + result.reasoning + "\n<channel|>" == written
+    assert result.content == "Answer."
+
+
 def test_a_channel_without_a_name_line_keeps_all_its_text() -> None:
     assert parse(["<|channel>no header here<channel|>x"]).reasoning == "no header here"
 
@@ -240,7 +277,7 @@ def test_an_unclosed_thought_is_still_reasoning() -> None:
     ("body", "name", "reason"),
     [
         ('call:get_weather{city:<|"|>Paris}', "get_weather", "unterminated string"),
-        ("call:get_weather{city:Paris}", "get_weather", "unquoted word 'Paris'"),
+        ("call:get_weather{city:Paris days:3}", "get_weather", "'Paris days:3' is ambiguous"),
         ("call:get_weather", None, "expected call:NAME{...}"),
         ('get_weather{city:<|"|>Paris<|"|>}', None, "expected call:NAME{...}"),
         ("call:get_weather{} trailing", "get_weather", "unexpected text after the value"),
@@ -290,3 +327,77 @@ def test_a_call_restarted_before_closing_is_invalid_and_the_next_one_parses() ->
 def test_text_inside_a_thought_is_not_parsed_as_a_call() -> None:
     result = parse(["<|channel>thought\nmaybe <|tool_call>call:x{}<tool_call|>?<channel|>no"])
     assert result == ParsedDelta(content="no", reasoning="maybe <|tool_call>call:x{}<tool_call|>?")
+
+
+# -- start state and forced openings ----------------------------------------------------------
+
+# Rendered by the July 2026 revision of the 31B template (ollama's copy,
+# model/renderers/testdata/gemma4_31b_chat_template.jinja2 at 8a0016f82): one get_weather tool,
+# "Weather in Paris?", and for the tool loop an assistant call (with its reasoning) and its result.
+_SYSTEM = (
+    "<|tool>declaration:get_weather{description:<|\"|>Weather<|\"|>,parameters:{properties:{city:{type:<|\"|>STRING<|\"|>}},"
+    "required:[<|\"|>city<|\"|>],type:<|\"|>OBJECT<|\"|>}}<tool|><turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+)
+_LOOP = (
+    "<|channel>thought\nI should call the tool.\n<channel|><|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>"
+    "<|tool_response>response:get_weather{value:<|\"|>sunny<|\"|>}<tool_response|>"
+)
+JULY_PROMPTS = {
+    "user, thinking on": ("<bos><|turn>system\n<|think|>\n" + _SYSTEM, False),
+    "user, thinking off": ("<bos><|turn>system\n" + _SYSTEM + "<|channel>thought\n<channel|>", False),
+    "tool loop, thinking on": ("<bos><|turn>system\n<|think|>\n" + _SYSTEM + _LOOP + "<|channel>thought\n", True),
+    "tool loop, thinking off": ("<bos><|turn>system\n" + _SYSTEM + _LOOP, False),
+}
+
+
+@pytest.mark.parametrize("name", JULY_PROMPTS)
+def test_prompt_ends_in_thought_reads_the_rendered_prompt(name: str) -> None:
+    prompt, in_thought = JULY_PROMPTS[name]
+    assert prompt_ends_in_thought(prompt) is in_thought
+
+
+@pytest.mark.parametrize(
+    ("prompt", "in_thought"),
+    [
+        ("<|turn>model\n<|channel>thought\nI'm", True),  # llama.cpp's continuation of a prefilled thought
+        ("<|turn>model\n<|channel>", True),
+        ("no turns at all <|channel>thought\n", False),
+        ("<|turn>user\n<|channel>thought\n<turn|>\n<|turn>model\n", False),  # a channel in an earlier turn
+        # Text inside a tool result that spells a channel opening is not the template's: the
+        # template's own marker after it shows the prompt is not inside a channel.
+        ("<|turn>model\n<|tool_response>response:f{value:<|\"|>x<|channel>thought\n<|\"|>}<tool_response|>", False),
+    ],
+)
+def test_prompt_ends_in_thought_only_inside_an_open_channel_of_the_last_model_turn(prompt: str, in_thought: bool) -> None:
+    assert prompt_ends_in_thought(prompt) is in_thought
+
+
+def test_a_parser_started_in_thought_reads_thought_until_the_channel_closes() -> None:
+    prompt, _ = JULY_PROMPTS["tool loop, thinking on"]
+    parser = Gemma4OutputParser({"get_weather"}, thinking=True, in_thought=prompt_ends_in_thought(prompt))
+    first = parser.feed("It is sunny.\n<chan")
+    assert (first.reasoning, first.content) == ("It is sunny.", "")
+    rest = parser.feed("nel|>Sunny in Paris.")
+    assert (rest.reasoning, rest.content) == ("", "Sunny in Paris.")
+
+
+@pytest.mark.parametrize(
+    ("forced", "model_writes"),
+    [
+        (forced_call_prefix("get_weather"), 'city:<|"|>Paris<|"|>}<tool_call|>'),
+        (forced_call_prefix(None), 'get_weather{city:<|"|>Paris<|"|>}<tool_call|>'),
+        ("{", '"city": "Paris"}'),
+    ],
+)
+def test_a_forced_opening_after_an_open_thought_closes_it_first(forced: str, model_writes: str) -> None:
+    assert forced_opening(forced, in_thought=False) == forced
+    assert forced_opening("", in_thought=True) == ""
+    opening = forced_opening(forced, in_thought=True)
+    assert opening == "<channel|>" + forced
+    result = drain(Gemma4OutputParser({"get_weather"}, in_thought=True), [opening, model_writes])
+    assert result.reasoning == "" and result.invalid_tool_calls == []
+    if forced == "{":
+        assert json.loads(result.content) == {"city": "Paris"}
+    else:
+        [parsed] = result.tool_calls
+        assert (parsed.name, json.loads(parsed.arguments)) == ("get_weather", {"city": "Paris"})

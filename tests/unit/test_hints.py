@@ -7,6 +7,7 @@ import re
 import pytest
 
 from langchain_gemma_mtp import hints
+from langchain_gemma_mtp.draft_settings import HINT_KINDS
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.schedule import HINT_PRIOR_ALPHA, best_draft_length
 from langchain_gemma_mtp.errors import InvalidRequestError
@@ -71,6 +72,6 @@ def test_bad_hints_raise(hint) -> None:
 def test_documented_lengths_match_the_engine_priors_for_mtp() -> None:
     """The module docstring's table says where each kind starts; the engine's schedule decides it."""
     table = dict(re.findall(r'``"(\w+)"``\s+adaptive, starts at (\d+)', hints.__doc__))
-    assert set(table) == set(hints.HINT_KINDS)
+    assert set(table) == set(HINT_KINDS)
     for kind, length in table.items():
         assert best_draft_length(HINT_PRIOR_ALPHA[kind], MTPDrafter.cost_per_draft_token) == int(length), kind

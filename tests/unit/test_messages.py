@@ -83,10 +83,46 @@ def test_anthropic_style_list_content() -> None:
     ]
     user, ai, result = convert(messages)
     assert user == {"role": "user", "content": "what's your color"}
-    # Thoughts of earlier turns are not replayed; tool_use blocks become tool calls with dict arguments.
+    # Thoughts go to reasoning_content (the templates decide what to replay); tool_use blocks
+    # become tool calls with dict arguments.
     assert ai["content"] == "Hmm let me think about that"
+    assert ai["reasoning_content"] == "Let me think."
     assert ai["tool_calls"] == [{"id": "foo", "type": "function", "function": {"name": "color_picker", "arguments": {"fav_color": "purple"}}}]
     assert result["content"] == "That's a great pick!"
+
+
+@pytest.mark.parametrize(
+    "ai",
+    [
+        AIMessage("", additional_kwargs={"reasoning_content": "Weather first."}, tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
+        AIMessage([{"type": "reasoning", "reasoning": "Weather first."}], tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
+        AIMessage([{"type": "reasoning", "reasoning": "Weather "}, {"type": "reasoning", "reasoning": "first."}],
+                  tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
+    ],
+    ids=["additional_kwargs", "content_block", "two_blocks"],
+)
+def test_ai_reasoning_is_carried_to_reasoning_content(ai) -> None:
+    [converted] = convert([ai])
+    assert converted["reasoning_content"] == "Weather first."
+    assert converted["content"] == ""
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_wire_assistant_reasoning_is_kept_under_reasoning_content(key) -> None:
+    [converted] = normalize_messages([{"role": "assistant", "content": "Hi", key: "Greet."}])
+    assert converted == {"role": "assistant", "content": "Hi", "reasoning_content": "Greet."}
+    [from_parts] = normalize_messages([{"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet."}, {"type": "text", "text": "Hi"}]}])
+    assert from_parts == converted
+
+
+def test_reasoning_of_merged_assistant_messages_is_joined_and_bad_types_refused() -> None:
+    merged = normalize_messages([
+        {"role": "assistant", "content": "a", "reasoning_content": "one"},
+        {"role": "assistant", "content": "b", "reasoning_content": "two"},
+    ])
+    assert merged == [{"role": "assistant", "content": "a\n\nb", "reasoning_content": "one\n\ntwo"}]
+    with pytest.raises(InvalidRequestError, match="reasoning_content must be a string"):
+        normalize_messages([{"role": "assistant", "content": "a", "reasoning_content": ["x"]}])
 
 
 def test_tool_use_blocks_already_in_tool_calls_are_not_doubled() -> None:

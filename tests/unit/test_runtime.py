@@ -118,7 +118,7 @@ def test_prompt_is_the_chat_template_render_with_tools_and_tool_history(blank) -
 def test_forced_tool_choice_ends_the_prompt_with_the_call_opening(blank, choice, opening) -> None:
     prepared = blank.prepare(request("Hello", **tool_options([get_weather, add], choice)))
     assert prepared.forced == opening
-    assert TOKENIZER.decode(prepared.prompt_ids).endswith("<|channel>thought\n<channel|>" + opening)
+    assert TOKENIZER.decode(prepared.prompt_ids).endswith("<|turn>model\n" + opening)
     assert prepared.draft_hint == "tool_call"
 
 
@@ -156,7 +156,7 @@ def test_runtime_rejects_a_tool_choice_naming_an_unknown_tool(blank) -> None:
 def test_json_modes_open_the_answer_with_a_brace(blank) -> None:
     prepared = blank.prepare(request("Joke?", response_format={"type": "json_object"}))
     text = TOKENIZER.decode(prepared.prompt_ids)
-    assert prepared.forced == "{" and text.endswith("<channel|>{")
+    assert prepared.forced == "{" and text.endswith("<|turn>model\n{")
     assert text.startswith("<bos><|turn>system\nAnswer with a single JSON object and nothing else.<turn|>")
     schema = {"type": "object", "properties": {"setup": {"type": "string"}}}
     text = text_of(blank, request("Joke?", response_format={"type": "json_schema", "json_schema": {"name": "J", "schema": schema}}))
@@ -172,15 +172,16 @@ def test_reasoning_switches_thinking_on(blank) -> None:
 
 def test_prompt_longer_than_the_context_names_both_numbers(blank) -> None:
     long = "The quick brown fox jumps over the lazy dog. " * 150
-    tokens = len(blank.tokenizer.encode(blank._render(normalize_messages([{"role": "user", "content": long}]), None, False)))
+    tokens = len(blank.prompts.encode(normalize_messages([{"role": "user", "content": long}]), None, False))
     assert tokens > 1024
+    assert len(blank.prepare(request(long)).prompt_ids) == tokens  # counted (trim_messages), not run
     with pytest.raises(ContextLengthError, match=f"the prompt is {tokens} tokens but blank has a context of 1024 tokens"):
-        blank.prepare(request(long))
+        next(blank.stream(request(long)))
 
 
 def test_max_tokens_is_cut_to_the_room_left_in_the_context(blank) -> None:
     prepared = blank.prepare(request("The quick brown fox jumps over the lazy dog. " * 100, max_tokens=512))
-    assert prepared.max_new_tokens == 1024 - len(prepared.prompt_ids) < 512
+    assert blank._room(len(prepared.prompt_ids), 512) == 1024 - len(prepared.prompt_ids) < 512
 
 
 def test_fallback_template_and_json_tool_convention(blank) -> None:

@@ -6,10 +6,7 @@ from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
 from .ngram import Match, NgramDrafter, SuffixIndex, lookup_continuation
 
-DRAFTER_NAMES = ("auto", "mtp", "hybrid", "draft_model", "ngram", "none")
-
 __all__ = [
-    "DRAFTER_NAMES",
     "DecodeState",
     "DraftModelDrafter",
     "Drafter",

@@ -7,9 +7,10 @@ from typing import Any, Protocol
 
 import torch
 
+from ...draft_settings import MAX_DRAFT_TOKENS
 from ..cache import PrefixCache
 from ..target import KV
-from ..types import MAX_DRAFT_TOKENS, SamplingParams
+from ..types import SamplingParams
 from ..verify import choose_token
 
 

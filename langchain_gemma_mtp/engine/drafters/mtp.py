@@ -5,48 +5,16 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from ...errors import InvalidRequestError
+from ...draft_settings import (
+    DEFAULT_MTP_SIBLINGS,
+    DEFAULT_MTP_STOP_BELOW,
+    MTP_SIBLING_MIN_CHANCE,
+    check_mtp_siblings,
+    check_mtp_stop_below,
+)
 from ..head import centroid_candidates, project
 from ..target import KV_LAYERS_KEY, TargetModel
 from .base import DecodeState, StatelessDrafter, draft_token, finish_draft
-
-# Measured on the distilled 270M drafter (docs/benchmarks.md, "Stopping drafts early").
-DEFAULT_STOP_BELOW = 0.3
-# Greedy drafts also offer the next-best tokens at each depth, verified in the same forward as a
-# tree (engine/tree.py); a sibling is verified only if the drafter's own chance that it is accepted
-# (the chain before it accepted, times its probability) is at least SIBLING_MIN_CHANCE, since each
-# is a row of the verify forward. Measured on the 270M (docs/benchmarks.md, "Draft trees").
-DEFAULT_SIBLINGS = 3
-MAX_SIBLINGS = 8
-SIBLING_MIN_CHANCE = 0.03
-
-
-def check_siblings(value: int) -> int:
-    """`value` if it is a valid count of siblings per draft depth, else a typed error naming the fix."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIBLINGS:
-        raise InvalidRequestError(
-            f"siblings must be an int in [0, {MAX_SIBLINGS}] (0: verify the chain alone; default {DEFAULT_SIBLINGS}), got {value!r}."
-        )
-    return value
-
-
-def check_stop_below(value: float) -> float:
-    """`value` if it is a valid early-stop threshold, else a typed error naming the fix."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise InvalidRequestError(
-            f"stop_below must be a number in [0, 1) (0: always draft k; default {DEFAULT_STOP_BELOW}), got {value!r}."
-        )
-    return float(value)
-
-
-def mtp_settings(stop_below: float | None, siblings: int | None) -> dict[str, float | int]:
-    """The MTP settings a caller gave (None: the default), checked, by their `mtp_` names."""
-    given = {}
-    if stop_below is not None:
-        given["mtp_stop_below"] = check_stop_below(stop_below)
-    if siblings is not None:
-        given["mtp_siblings"] = check_siblings(siblings)
-    return given
 
 
 class MTPDrafter(StatelessDrafter):
@@ -61,19 +29,20 @@ class MTPDrafter(StatelessDrafter):
     to pay for its step and its verification. The stop depends only on the drafts already made,
     so greedy output and the sampled distribution are unchanged; 0 always drafts k.
 
-    Greedy requests also get up to `siblings` runners-up at each depth (`state.siblings`), which
+    Greedy requests also get up to `siblings_per_depth` runners-up ("siblings") at each depth
+    (`state.siblings`), each at least MTP_SIBLING_MIN_CHANCE likely to be accepted, which
     the loop verifies beside the chain as a tree: where the target rejects a draft token but chose
     a sibling, that step keeps one more token. Sampled requests verify the chain alone.
     """
 
     name = "mtp"
     cost_per_draft_token = 0.1
-    sibling_min_chance = SIBLING_MIN_CHANCE
+    sibling_min_chance = MTP_SIBLING_MIN_CHANCE
 
-    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_STOP_BELOW,
-                 siblings: int = DEFAULT_SIBLINGS):
-        self.stop_below = check_stop_below(stop_below)
-        self.siblings = check_siblings(siblings)
+    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_MTP_STOP_BELOW,
+                 siblings_per_depth: int = DEFAULT_MTP_SIBLINGS):
+        self.stop_below = check_mtp_stop_below(stop_below)
+        self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
         self.assistant = assistant
         self.target = target
         target.read_kv_from(dict(getattr(assistant.config, KV_LAYERS_KEY, None) or {}))
@@ -91,11 +60,11 @@ class MTPDrafter(StatelessDrafter):
             token, q, scores, ids = self._choose(last[0, -1], state)
             drafts.append(token)
             probs.append(q)
-            if not (self.stop_below or (q is None and self.siblings)):
+            if not (self.stop_below or (q is None and self.siblings_per_depth)):
                 continue
             # One host sync per draft step: the drafter's own probabilities of its best tokens.
             if q is None:
-                top = torch.softmax(scores.float(), -1).topk(min(self.siblings + 1, scores.shape[-1]))
+                top = torch.softmax(scores.float(), -1).topk(min(self.siblings_per_depth + 1, scores.shape[-1]))
                 best = top.values.tolist()
                 offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
                 chance *= best[0]
@@ -104,9 +73,9 @@ class MTPDrafter(StatelessDrafter):
             if chance < self.stop_below:
                 break
         tokens, stacked = finish_draft(drafts, probs)
-        if offered and self.siblings:  # the candidates' ids in one more sync; a tie may put the chosen one anywhere
+        if offered and self.siblings_per_depth:  # the candidates' ids in one more sync; a tie may put the chosen one anywhere
             state.siblings = [
-                [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings]
+                [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings_per_depth]
                 for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
             ]
         return tokens, stacked

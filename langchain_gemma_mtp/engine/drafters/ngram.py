@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..types import MAX_DRAFT_TOKENS
+from ...draft_settings import MAX_DRAFT_TOKENS
 from .base import DecodeState, StatelessDrafter
 
 MAX_MATCH = 16  # how far back a match is compared when choosing between occurrences
@@ -135,7 +135,7 @@ class NgramDrafter(StatelessDrafter):
         Only index matches grow: an earlier output that matches this long tends to repeat whole
         (an agent's call skeletons, re-quoted results), while a long match inside the prompt is
         often a text being edited, where long drafts were measured to cost more than they saved
-        (copy_edit, fp32: x1.46 with growth vs x1.81 without on the workloads).
+        (the copy_edit workloads).
         """
         limit = min(MAX_DRAFT_TOKENS, state.draft_limit)
         best = lookup_continuation(state.tokens, min(k, limit), self.min_ngram)
