@@ -18,15 +18,14 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..draft_settings import MAX_DRAFT_TOKENS, MAX_MTP_SIBLINGS
 from ..errors import KVCacheLimitError
-from .drafters.mtp import MAX_SIBLINGS
 from .target import TargetModel
-from .types import MAX_DRAFT_TOKENS
 
 MB = 2**20
 # Positions a verification forward appends before rollback: the pending token and the largest
-# draft tree (a chain of MAX_DRAFT_TOKENS with MAX_SIBLINGS runners-up at every depth).
-VERIFY_BLOCK = 1 + MAX_DRAFT_TOKENS * (1 + MAX_SIBLINGS)
+# draft tree (a chain of MAX_DRAFT_TOKENS with MAX_MTP_SIBLINGS runners-up at every depth).
+VERIFY_BLOCK = 1 + MAX_DRAFT_TOKENS * (1 + MAX_MTP_SIBLINGS)
 # Share of the memory free at load time that live KV caches may take by default: the rest is
 # left for activations, the prefix cache and whatever else the process holds.
 DEFAULT_SHARE = 0.5
