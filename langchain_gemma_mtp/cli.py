@@ -131,7 +131,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
                                mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings,
-                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template)
+                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template, kv_cache_mb=args.kv_cache_mb)
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -139,6 +139,8 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("GEMMA_MTP_API_KEY") or None,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
     )
     print(f"serving {name!r} ({runtime.engine.drafter.name} drafter) on http://{args.host}:{args.port}/v1", flush=True)
     run_server(runtime, settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -167,6 +169,28 @@ def _type_index(text: str) -> tuple[str, int]:
     if not index.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=INDEX (e.g. full_attention=5)")
     return layer_type.strip(), int(index)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an int >= minimum."""
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int >= {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _positive_mb(text: str) -> float:
+    """An argparse type: a size in MB > 0, checked before a model loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB > 0")
+    return value
 
 
 def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -257,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
+    s.add_argument("--max-concurrent", type=_at_least(1), default=16, help="requests generating at once (default 16)")
+    s.add_argument("--max-queued", type=_at_least(0), default=64,
+                   help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
+    s.add_argument("--kv-cache-mb", type=_positive_mb, default=None, metavar="MB",
+                   help="KV cache that running requests may hold together; a request that could never fit is a 400, "
+                        "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
     _distill_parser(sub, common)
     return parser
 
