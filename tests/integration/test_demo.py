@@ -111,3 +111,12 @@ def test_the_single_prompt_view_streams_beside_plain_decoding(team_model, capsys
     out = capsys.readouterr().out
     assert "--- plain decoding (same model, same loop, no drafter) ---" in out
     assert re.search(r"speedup: [\d.]+x   outputs identical: True", out)
+
+
+def test_agreement_names_each_node_that_differs_and_where() -> None:
+    """What the bfloat16 run reports: nodes answered alike, and the first differing character of the others."""
+    same = {node.name: ANSWERS[node.name] for node in demo.NODES}
+    ours = demo.GraphRun(same, {}, 1.0)
+    plain = demo.GraphRun({**same, "coder": ANSWERS["coder"][:20] + "X", "writer": ANSWERS["writer"][:9]}, {}, 2.0)
+    assert demo.agreement(ours, ours) == (4, [])
+    assert demo.agreement(ours, plain) == (2, ["coder differs from character 20 on", "writer differs from character 9 on"])
