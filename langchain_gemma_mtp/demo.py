@@ -25,6 +25,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable
 from langgraph.graph import END, START, StateGraph
+from transformers.generation.streamers import BaseStreamer
 from typing_extensions import TypedDict
 
 from .chat_models import ChatGemmaMTP
@@ -182,6 +183,8 @@ class PlainGenerate(BaseChatModel):
 
     runtime: Any
     max_tokens: int = 512
+    on_tokens: Callable[[int], None] | None = None
+    """Told how many new tokens each forward produced (a progress bar)."""
 
     @property
     def _llm_type(self) -> str:
@@ -201,7 +204,8 @@ class PlainGenerate(BaseChatModel):
         def generate() -> list[int]:
             ids = torch.tensor([prompt], device=runtime.engine.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=request.max_tokens,
-                                 eos_token_id=stops, pad_token_id=stops[0])
+                                 eos_token_id=stops, pad_token_id=stops[0],
+                                 streamer=None if self.on_tokens is None else _NewTokens(self.on_tokens))
             return out[0, len(prompt):].tolist()
 
         # A thread that ends with the call keeps no OpenMP team beside the engine's owner thread.
@@ -210,6 +214,22 @@ class PlainGenerate(BaseChatModel):
                                         skip_special_tokens=False, clean_up_tokenization_spaces=False)
         usage = {"input_tokens": len(prompt), "output_tokens": len(new), "total_tokens": len(prompt) + len(new)}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(text, usage_metadata=usage))])
+
+
+class _NewTokens(BaseStreamer):
+    """A `generate` streamer that reports how many new tokens each step made (the prompt comes first)."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self.report = report
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:
+            self.report(value.numel())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -315,9 +335,9 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     plain = None
     if args.compare:
-        bar = tqdm(total=len(NODES), desc="same graph on plain transformers generate", unit="node", file=sys.stderr)
-        baseline = PlainGenerate(runtime=runtime)
-        handler = BurstPrinter(on_end=lambda call: bar.update())
+        bar = tqdm(desc="the same graph on plain transformers generate", unit=" tokens", file=sys.stderr)
+        baseline = PlainGenerate(runtime=runtime, on_tokens=bar.update)
+        handler = BurstPrinter(on_end=lambda call: bar.set_postfix_str(f"{call.node} done"))
         plain = run_graph({n.name: baseline.bind(max_tokens=limit or n.max_tokens) for n in NODES}, handler)
         bar.close()
 
