@@ -93,7 +93,7 @@ def test_the_team_graph_streams_every_burst_and_the_table_adds_up(team_model, ca
     assert ours == sum(int(row[1]) for row in rows.values())
     # The baseline ran the same graph on plain generate, to the same tokens (float32, greedy).
     assert int(re.search(r"graph on plain generate: +(\d+) tokens in [\d.]+s", out)[1]) == ours
-    assert re.search(r"speedup: [\d.]+x   answers identical to plain greedy: 4 of 4 nodes$", out, re.MULTILINE)
+    assert re.search(r"speedup: [\d.]+x   answers identical to plain greedy: all 4 nodes$", out, re.MULTILINE)
     assert "small *base* model" not in out  # that note is about the embedded model only
 
 
@@ -113,10 +113,12 @@ def test_the_single_prompt_view_streams_beside_plain_decoding(team_model, capsys
     assert re.search(r"speedup: [\d.]+x   outputs identical: True", out)
 
 
-def test_agreement_names_each_node_that_differs_and_where() -> None:
-    """What the bfloat16 run reports: nodes answered alike, and the first differing character of the others."""
+def test_agreement_names_the_first_node_that_differs_and_where() -> None:
+    """What a bfloat16 run reports: the nodes that answered alike up to the first that did not."""
     same = {node.name: ANSWERS[node.name] for node in demo.NODES}
     ours = demo.GraphRun(same, {}, 1.0)
-    plain = demo.GraphRun({**same, "coder": ANSWERS["coder"][:20] + "X", "writer": ANSWERS["writer"][:9]}, {}, 2.0)
-    assert demo.agreement(ours, ours) == (4, [])
-    assert demo.agreement(ours, plain) == (2, ["coder differs from character 20 on", "writer differs from character 9 on"])
+    assert demo.agreement(ours, ours) == "all 4 nodes"
+    coder = demo.GraphRun({**same, "coder": ANSWERS["coder"][:20] + "X", "writer": "?"}, {}, 2.0)
+    assert demo.agreement(ours, coder) == "planner (coder differs from character 20 on; the nodes after it read different work)"
+    writer = demo.GraphRun({**same, "writer": ANSWERS["writer"][:9]}, {}, 2.0)
+    assert demo.agreement(ours, writer) == "planner, coder, reviewer (writer differs from character 9 on)"
