@@ -375,6 +375,7 @@ class _Decoding:
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
             "per_position_acceptance": stats.per_position_acceptance,
+            "draft_lengths": list(stats.draft_lengths),
             "target_forwards": stats.target_forwards,
             "tokens_per_second": len(self.handle.token_ids) / elapsed if elapsed > 0 else 0.0,
         }
