@@ -305,7 +305,7 @@ class ChatGemmaMTP(BaseChatModel):
         server's /v1/models (one quick request at construction; pass `profile=` to skip it)."""
         profile: ModelProfile = {**_PROFILE, "name": self.model}
         if self.engine is not None:
-            context = self.engine.target.max_positions
+            context = self.engine.max_positions
         elif self.base_url is not None:
             try:
                 context = self._http_backend(PROFILE_PROBE_TIMEOUT_S, 0).context_length()

@@ -233,7 +233,7 @@ class ChatServer:
                 ids = self.runtime.prepare(body.to_request()).prompt_ids
         except Exception as exc:
             return self.error(exc)
-        answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.target.max_positions, "tokens": ids}
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.max_positions, "tokens": ids}
         if body.return_token_strs:
             answer["token_strs"] = self.runtime.tokenizer.convert_ids_to_tokens(ids)
         return JSONResponse(answer)
