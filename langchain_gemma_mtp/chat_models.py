@@ -138,8 +138,8 @@ class ChatGemmaMTP(BaseChatModel):
 
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
-    drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, target_forwards,
-    tokens_per_second).
+    drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, draft_lengths,
+    target_forwards, tokens_per_second).
     """
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
@@ -305,7 +305,7 @@ class ChatGemmaMTP(BaseChatModel):
         server's /v1/models (one quick request at construction; pass `profile=` to skip it)."""
         profile: ModelProfile = {**_PROFILE, "name": self.model}
         if self.engine is not None:
-            context = self.engine.target.max_positions
+            context = self.engine.max_positions
         elif self.base_url is not None:
             try:
                 context = self._http_backend(PROFILE_PROBE_TIMEOUT_S, 0).context_length()

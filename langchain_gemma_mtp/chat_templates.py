@@ -1,4 +1,4 @@
-"""Chat templates this package writes for checkpoints that ship none: Gemma 3's turn format.
+"""Chat templates this package writes: Gemma 3's turn format, strict and lenient.
 
 Gemma 3's turn format, as its instruction-tuned checkpoints are prompted:
 
@@ -51,3 +51,24 @@ GEMMA3_CHAT_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}
 """
 """Gemma 3's turn format (module docstring) as a Jinja chat template for `apply_chat_template`."""
+
+# The lenient variant, for checkpoints that ship no template (a base model converted from GGUF):
+# system text joins the next user turn, and no order of turns is refused.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}"
+    "{%- set ns.system = ns.system + (m.content | trim) + '\\n\\n' -%}"
+    "{%- else -%}"
+    "{{ '<start_of_turn>' + ('model' if m.role == 'assistant' else 'user') + '\\n' }}"
+    "{%- if m.role == 'user' -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ (m.content | trim) + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.system -%}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+"""Lenient Gemma 3 turns for checkpoints that ship no template; tools use the JSON tool-call
+convention (`formats/json_calls.py`), and `<end_of_turn>` ends generation even where it is not a
+single token."""

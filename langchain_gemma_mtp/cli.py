@@ -1,4 +1,4 @@
-"""The `gemma-mtp` command line: `demo` streams speculative and plain decoding side by side; `serve`
+"""The `gemma-mtp` command line: `demo` runs a small agent team streamed beside plain decoding; `serve`
 runs the OpenAI-compatible server; `distill` trains a drafter."""
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ from .draft_settings import (
 )
 from .errors import GemmaMTPError
 
-DEFAULT_PROMPT = (
-    "Here is a function:\n\n```python\ndef area(width, height):\n    return width * height\n```\n\n"
-    "Repeat the function exactly, then add a docstring to it."
-)
-
 
 DTYPE_HELP = (
     "float32 (exact: speculative greedy equals plain greedy) or bfloat16; default $GEMMA_MTP_DTYPE, "
@@ -45,76 +40,10 @@ SIBLINGS_HELP = (
 )
 
 
-def _load(args: argparse.Namespace):
-    from .embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
-    from .engine import Engine
-
-    model = args.model or str(embedded_model_dir())
-    assistant = args.assistant
-    if assistant is None and args.model is None and args.drafter in MTP_DRAFTERS:
-        assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
-    return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
-                                  mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
-
-
-def _prompt_ids(engine, prompt: str) -> list[int]:
-    tok = engine.tokenizer
-    if tok is None:
-        raise SystemExit("this checkpoint has no tokenizer; the demo needs one to turn --prompt into ids")
-    if tok.chat_template:
-        return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tok(prompt)["input_ids"]
-
-
-def _run(engine, ids: list[int], args: argparse.Namespace, show: bool):
-    """Stream one decoding, printing text as bursts are verified; return (tokens, seconds, stats)."""
-    tok = engine.tokenizer
-    start = time.perf_counter()
-    handle = engine.submit(ids, max_new_tokens=args.max_tokens, draft_hint=args.draft_hint)
-    printed = ""
-    for _ in handle:
-        if show:
-            text = tok.decode(handle.token_ids, skip_special_tokens=True)
-            # Print only what is new; a trailing partial UTF-8 character waits for the next burst.
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-    seconds = time.perf_counter() - start
-    if show:
-        print()
-    return handle.token_ids, seconds, handle.stats
-
-
 def demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo import demo as run
 
-    from .engine import Engine
-    from .engine.drafters import NoDrafter
-
-    engine = _load(args)
-    plain = Engine(engine.model, NoDrafter(), engine.tokenizer, name=engine.name)
-    ids = _prompt_ids(engine, args.prompt)
-    print(f"model: {engine.name}  drafter: {engine.drafter.name}  dtype: {engine.target.dtype}  prompt: {len(ids)} tokens\n")
-    plain.generate(ids[:8], max_new_tokens=2)  # warm up kernels once, outside the timings
-    print(f"--- speculative ({engine.drafter.name}) ---")
-    spec_ids, spec_s, stats = _run(engine, ids, args, show=True)
-    print("--- plain decoding (same model, same loop, no drafter) ---")
-    plain_ids, plain_s, _ = _run(plain, ids, args, show=True)
-    spec_tps, plain_tps = len(spec_ids) / spec_s, len(plain_ids) / plain_s
-    print(
-        f"\nspeculative: {len(spec_ids)} tokens in {spec_s:.2f}s = {spec_tps:.1f} tok/s, "
-        f"{stats.target_forwards} target forwards, acceptance {stats.acceptance_rate:.0%}, "
-        f"mean accepted length {stats.mean_accepted_length:.2f}"
-    )
-    print(f"draft lengths: {stats.draft_lengths}")
-    print(f"plain:       {len(plain_ids)} tokens in {plain_s:.2f}s = {plain_tps:.1f} tok/s")
-    same = spec_ids == plain_ids
-    print(f"speedup: {spec_tps / plain_tps:.2f}x   outputs identical: {same}")
-    exact = engine.target.dtype == torch.float32
-    if not same and not exact:
-        print("(reduced precision: multi-token verification can flip near-ties; use --dtype float32 for identity)")
-    return 0 if same or not exact else 1
+    return run(args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -131,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
                                mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings,
-                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template)
+                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template, kv_cache_mb=args.kv_cache_mb)
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -139,6 +68,8 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("GEMMA_MTP_API_KEY") or None,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
     )
     print(f"serving {name!r} ({runtime.engine.drafter.name} drafter) on http://{args.host}:{args.port}/v1", flush=True)
     run_server(runtime, settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -167,6 +98,28 @@ def _type_index(text: str) -> tuple[str, int]:
     if not index.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=INDEX (e.g. full_attention=5)")
     return layer_type.strip(), int(index)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an int >= minimum."""
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int >= {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _positive_mb(text: str) -> float:
+    """An argparse type: a size in MB > 0, checked before a model loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB > 0")
+    return value
 
 
 def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -227,15 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="log level of this package's loggers (e.g. the 'loaded ...' line) and, under serve, uvicorn's")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", parents=[common], help="stream a speculative answer beside plain decoding, offline by default")
+    d = sub.add_parser("demo", parents=[common], help="a small agent team (LangGraph) streamed burst by burst, beside plain transformers generate; offline by default")
     d.add_argument("--model", help="hub id or local dir (default: the embedded Gemma 3 270M from the demo extra)")
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
     d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
                    help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)")
-    d.add_argument("--draft-hint", default="auto", help=f"{', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
-    d.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: a short code-editing request)")
-    d.add_argument("--max-tokens", type=int, default=96, help="tokens to generate with each decoding")
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    d.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip the same graph on plain transformers generate (the baseline of the speedup)")
+    d.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per model call (default: each node its own, 48-112; --prompt: 96)")
+    d.add_argument("--prompt", default=None,
+                   help="instead of the team, stream one answer to this prompt beside plain decoding in the same loop")
+    d.add_argument("--draft-hint", default="auto", help=f"--prompt only: {', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
     d.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
     d.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
     s = sub.add_parser("serve", parents=[common], help="serve one model over an OpenAI-compatible HTTP API (needs the server extra)")
@@ -257,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
+    s.add_argument("--max-concurrent", type=_at_least(1), default=16, help="requests generating at once (default 16)")
+    s.add_argument("--max-queued", type=_at_least(0), default=64,
+                   help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
+    s.add_argument("--kv-cache-mb", type=_positive_mb, default=None, metavar="MB",
+                   help="KV cache that running requests may hold together; a request that could never fit is a 400, "
+                        "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
     _distill_parser(sub, common)
     return parser
 

@@ -51,8 +51,16 @@ class RequestTooLargeError(InvalidRequestError):
     """A request body is larger than the server accepts."""
 
 
+class KVCacheLimitError(InvalidRequestError):
+    """A request's KV cache (prompt + max_tokens) could never fit in the engine's KV-cache budget."""
+
+
 class ServerError(GemmaMTPError, RuntimeError):
     """A server failed a request on its side (5xx), or broke the protocol."""
+
+
+class ServerBusyError(ServerError):
+    """The server already runs and queues as many requests as it takes: retry after `Retry-After` seconds."""
 
 
 # HTTP status, OpenAI error type and code of each error, most specific class first: the server
@@ -62,6 +70,8 @@ HTTP_ERRORS: tuple[tuple[type[GemmaMTPError], int, str, str | None], ...] = (
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (KVCacheLimitError, 400, "invalid_request_error", "kv_cache_limit_exceeded"),
+    (ServerBusyError, 429, "rate_limit_error", "server_busy"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ServerError, 500, "server_error", None),
 )

@@ -127,6 +127,8 @@ def content_text(content: Any, where: str) -> str:
             texts.append(part)
             continue
         kind = part.get("type") if isinstance(part, Mapping) else None
+        if not isinstance(kind, str):  # a list or object here is not a part type (nor hashable)
+            kind = repr(kind)[:100]
         if kind in ("text", "input_text", "output_text", "text-plain"):
             texts.append(str(part.get("text", "")))
         elif kind in _DROPPED_PARTS:
@@ -157,21 +159,34 @@ def _arguments(call: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(args)
 
 
+def _call_name(call: Any, where: str) -> str:
+    """A tool call's function name; InvalidRequestError for a call of the wrong shape."""
+    function = call.get("function", call) if isinstance(call, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"{where}: each tool call must be an object {{\"id\", \"type\": \"function\", "
+                                  f"\"function\": {{\"name\", \"arguments\"}}}}, got {call!r:.200}.")
+    return name
+
+
 def _normalize_one(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
     role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise InvalidRequestError(f"message {index} has role {role!r:.100}: use system, user, assistant or tool.")
     where = f"message {index} ({role})"
-    if role not in _ROLES:
-        raise InvalidRequestError(f"message {index} has role {role!r}: use system, user, assistant or tool.")
     entry: dict[str, Any] = {"role": role, "content": content_text(message.get("content"), where)}
     if role == "assistant":
         reasoning = _reasoning(message, where)
         if reasoning:
             entry["reasoning_content"] = reasoning
     if role == "assistant" and message.get("tool_calls"):
-        entry["tool_calls"] = [
-            _openai_tool_call(call.get("id"), call.get("function", call)["name"], _arguments(call, where))
-            for call in message["tool_calls"]
-        ]
+        calls = message["tool_calls"]
+        if not isinstance(calls, list):
+            raise InvalidRequestError(f"{where}: tool_calls must be a list of tool calls, got {type(calls).__name__}.")
+        entry["tool_calls"] = []
+        for call in calls:
+            name = _call_name(call, where)
+            entry["tool_calls"].append(_openai_tool_call(call.get("id"), name, _arguments(call, where)))
     if role == "tool":
         for key in ("tool_call_id", "name"):
             if message.get(key):

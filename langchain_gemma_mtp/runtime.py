@@ -31,39 +31,18 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .chat_templates import FALLBACK_CHAT_TEMPLATE
 from .errors import ContextLengthError, InvalidRequestError
 from .formats import gemma4, json_calls
 from .formats.streaming import ParsedDelta, StreamingParser
 from .hints import DraftHint, resolve_draft_hint
-from .prompt import PromptEncoder
 from .messages import check_tool, merge_consecutive, normalize_messages, normalize_tool_choice, tool_names
+from .prompt import PromptEncoder
 from .text_stream import IncrementalDecoder, StopMatcher
 
 if TYPE_CHECKING:  # the engine imports torch; the runtime itself does not need it
     from .engine import Engine, RequestHandle
 
-FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- set ns = namespace(system='') -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'system' -%}"
-    "{%- set ns.system = ns.system + (m.content | trim) + '\\n\\n' -%}"
-    "{%- else -%}"
-    "{{ '<start_of_turn>' + ('model' if m.role == 'assistant' else 'user') + '\\n' }}"
-    "{%- if m.role == 'user' -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
-    "{{ (m.content | trim) + '<end_of_turn>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if ns.system -%}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{%- endif -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
-)
-"""Chat template for checkpoints that ship none (e.g. a base model converted from GGUF).
-
-Gemma 3 style: `<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`. System
-text has no turn of its own: it opens the next user turn, followed by a blank line. Tools use the
-JSON tool-call convention (`formats/json_calls.py`), taught in the system text, and `<end_of_turn>`
-ends generation even where it is not a single token.
-"""
 
 # Markers that end a model turn, where the tokenizer has them as single tokens. `<|tool_response>`
 # hands control to the tool runner in Gemma 4's format.
@@ -182,7 +161,7 @@ class ChatRuntime:
         """max_tokens, cut to the room the context leaves after the prompt."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be a positive int, got {max_tokens!r}.")
-        context = self.engine.target.max_positions
+        context = self.engine.max_positions
         if context is None:
             return max_tokens
         if prompt_tokens >= context:
@@ -375,6 +354,7 @@ class _Decoding:
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
             "per_position_acceptance": stats.per_position_acceptance,
+            "draft_lengths": list(stats.draft_lengths),
             "target_forwards": stats.target_forwards,
             "tokens_per_second": len(self.handle.token_ids) / elapsed if elapsed > 0 else 0.0,
         }
@@ -425,6 +405,8 @@ def _json_instruction(response_format: Mapping[str, Any]) -> str:
     if response_format.get("type") != "json_schema":
         return _JSON_ONLY
     spec = response_format.get("json_schema") or {}
+    if not isinstance(spec, Mapping):
+        raise InvalidRequestError(f"response_format.json_schema must be an object {{\"name\", \"schema\"}}, got {type(spec).__name__}.")
     schema = spec.get("schema", spec)
     return f"{_JSON_ONLY} It must match this JSON schema:\n{json.dumps(schema, ensure_ascii=False)}"
 

@@ -36,7 +36,7 @@ from langchain_tests.integration_tests.chat_models import (
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-from langchain_gemma_mtp.runtime import FALLBACK_CHAT_TEMPLATE
+from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.testing import (  # noqa: F401 (TOKENIZER_DIR and build_chat_target are re-exported for the tests)
     TOKENIZER_DIR,
     Transcript,

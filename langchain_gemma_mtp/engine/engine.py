@@ -31,6 +31,7 @@ from .loading import (
 )
 from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
+from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
 from .processors import LogitsProcessing
 from .schedule import DraftScheduler
 from .target import TargetModel
@@ -52,6 +53,7 @@ class Engine:
         stop_token_ids: Iterable[int] | None = None,
         name: str | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        kv_cache_mb: float | None = None,
     ):
         self.target = target if isinstance(target, TargetModel) else TargetModel(target)
         self.model = self.target.model.eval()
@@ -62,6 +64,13 @@ class Engine:
         self.scheduler = DraftScheduler(self.drafter.cost_per_draft_token)
         # KV of recent requests, so agent steps that resend the same history prefill only what is new.
         self.prefix_cache = PrefixCache(prefix_cache_mb)
+        # KV of running requests: each reserves what it can grow to before its first forward.
+        self.kv_budget = KVBudget(0)
+        self.limit_kv_cache(default_kv_cache_mb(self.device, prefix_cache_mb) if kv_cache_mb is None else kv_cache_mb)
+        self.kv_bytes_per_position = kv_bytes_per_position(self.target)
+        draft_model = getattr(self.drafter, "model", None)  # a separate draft model keeps a cache of its own
+        if isinstance(draft_model, TargetModel):
+            self.kv_bytes_per_position += kv_bytes_per_position(draft_model)
         self.worker = EngineWorker.for_device(self.device)
         self.counters = EngineCounters()  # totals for metrics, written by the owner thread only
 
@@ -76,6 +85,7 @@ class Engine:
         *,
         gguf_file: str | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        kv_cache_mb: float | None = None,
         mtp_stop_below: float | None = None,
         mtp_siblings: int | None = None,
         load_options: Mapping[str, Any] | None = None,
@@ -85,6 +95,9 @@ class Engine:
         drafter: "auto" (hybrid when an MTP assistant is given or found as `X-assistant`, a draft
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
         n-gram matches copied, short ones while they beat MTP, MTP otherwise), "draft_model", "ngram" or "none". prefix_cache_mb: memory for the KV caches of recent requests (0 disables).
+        kv_cache_mb: memory for the KV caches of running requests together (None: half the memory
+        free after loading, less prefix_cache_mb); a request that could never fit is refused with
+        KVCacheLimitError, one that does not fit now waits for running requests to finish.
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
         below this (`MTPDrafter`; None: DEFAULT_MTP_STOP_BELOW, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
@@ -139,7 +152,13 @@ class Engine:
         else:
             chosen = NoDrafter()
         log.info("loaded %s with drafter %s (%s, %s)", model, chosen.name, dev, dt)
-        return cls(target, chosen, tokenizer, name=str(model), prefix_cache_mb=prefix_cache_mb)
+        return cls(target, chosen, tokenizer, name=str(model), prefix_cache_mb=prefix_cache_mb, kv_cache_mb=kv_cache_mb)
+
+    def limit_kv_cache(self, mb: float) -> None:
+        """Let running requests hold at most `mb` MB of KV cache together, from their next admission on."""
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+            raise InvalidRequestError(f"kv_cache_mb must be a number > 0 (the KV cache running requests may hold together), got {mb!r}.")
+        self.kv_budget.limit_bytes = int(mb * 2**20)
 
     def forget(self) -> None:
         """Drop everything learned across calls (prefix cache, the n-gram index): the next call runs
@@ -191,6 +210,10 @@ class Engine:
         request.validate(self.target.vocab_size, self.max_positions)
         return request
 
+    def kv_bytes(self, request: GenerationRequest) -> int:
+        """The KV cache a request can grow to: every position it may hold at once, in every layer that stores K/V."""
+        return (len(request.prompt_ids) + request.max_new_tokens + VERIFY_BLOCK) * self.kv_bytes_per_position
+
     def submit(self, prompt_ids: Iterable[int], **kwargs) -> RequestHandle:
         """Queue a request on the engine's owner thread; iterate the handle (sync or async) for
         bursts of verified tokens, one per target forward. Arguments as `generate`; a bad request
@@ -200,6 +223,9 @@ class Engine:
     stream = submit
 
     def submit_request(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a validated request; KVCacheLimitError if its KV cache could never fit the budget."""
+        kv_bytes = self.kv_bytes(request)
+        self.kv_budget.check(kv_bytes, len(request.prompt_ids), request.max_new_tokens)
         stats = SpeculativeStats(drafter=self.drafter.name)
         policy = self.scheduler.policy(request, can_draft=not isinstance(self.drafter, NoDrafter))
         generator = None
@@ -210,7 +236,7 @@ class Engine:
             else:
                 generator.seed()
         bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator, self.prefix_cache)
-        return self.worker.submit(bursts, stats, len(request.prompt_ids), self.counters)
+        return self.worker.submit(bursts, stats, len(request.prompt_ids), self.counters, self.kv_budget, kv_bytes)
 
     def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """Generate new token ids.

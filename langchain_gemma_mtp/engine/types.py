@@ -8,6 +8,11 @@ from ..draft_settings import check_draft_hint, check_num_draft_tokens
 from ..errors import InvalidRequestError
 from .processors import LogitsProcessing
 
+# Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): logits divided by a smaller one
+# overflow float32, and the distribution is a point mass on the argmax well before.
+GREEDY_BELOW = 1e-5
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
 
 @dataclass
 class SamplingParams:
@@ -20,7 +25,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -62,8 +67,10 @@ class GenerationRequest:
                 f"model's context of {max_positions} tokens: shorten the prompt or lower max_new_tokens."
             )
         s = self.sampling
-        if s.temperature < 0:
+        if not s.temperature >= 0:  # NaN too
             raise InvalidRequestError(f"temperature must be >= 0, got {s.temperature}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed not in SEEDS):
+            raise InvalidRequestError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}.")
         if not 0.0 < s.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}.")
         if not isinstance(s.top_k, int) or s.top_k < 0:

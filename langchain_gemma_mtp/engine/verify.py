@@ -38,6 +38,7 @@ def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tens
         cum = sorted_scores.softmax(-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p; the top token always stays.
         drop_sorted = (cum - sorted_scores.softmax(-1)) >= sampling.top_p
+        drop_sorted[..., 0] = False  # also when top_p underflows float32 to 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores.softmax(-1)

@@ -1,5 +1,5 @@
 """The owner thread that runs the models on one device: a round-robin queue of requests, cancellable
-per step, alive only while requests are."""
+per step, alive only while requests are; requests wait in arrival order until their KV cache fits."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import torch
 
+from ..errors import KVCacheLimitError
+from .memory import KVBudget
 from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
 T = TypeVar("T")
@@ -24,9 +26,12 @@ _WORKERS_LOCK = threading.Lock()
 class _Job:
     """Worker-side state of one request: its step generator and its outbox."""
 
-    def __init__(self, bursts: Iterator[Burst], counters: EngineCounters):
+    def __init__(self, bursts: Iterator[Burst], counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
         self.bursts = bursts
         self.counters = counters  # its engine's totals
+        self.budget = budget  # its engine's KV budget, which it holds kv_bytes of while it runs
+        self.kv_bytes = kv_bytes
+        self.holds = False
         self.cancelled = False
         self.outbox: collections.deque = collections.deque()
         self.ready = threading.Condition()
@@ -42,6 +47,14 @@ class _Job:
                 loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
             except RuntimeError:  # that event loop is closed: nobody is waiting there any more
                 pass
+
+    def end(self, last: object = _END) -> None:
+        """Hand the consumer its last item and give back the KV cache the job held."""
+        self.bursts.close()
+        if self.holds and self.budget is not None:
+            self.budget.give_back(self.kv_bytes)
+            self.holds = False
+        self.put(last)
 
 
 class RequestHandle:
@@ -153,6 +166,7 @@ class EngineWorker:
     def __init__(self, name: str):
         self.name = name
         self._active: collections.deque[_Job] = collections.deque()
+        self._waiting: collections.deque[_Job] = collections.deque()  # not started: their KV cache does not fit yet
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -172,13 +186,15 @@ class EngineWorker:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int, counters: EngineCounters) -> RequestHandle:
-        """Queue a request's steps; `counters` (its engine's) get every burst it yields."""
-        job = _Job(bursts, counters)
+    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int, counters: EngineCounters,
+               budget: KVBudget | None = None, kv_bytes: int = 0) -> RequestHandle:
+        """Queue a request's steps; `counters` (its engine's) get every burst it yields. With a
+        `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order)."""
+        job = _Job(bursts, counters, budget, kv_bytes)
         with self._lock:
             if self._stopping:
                 raise RuntimeError(f"the {self.name} owner thread was stopped (the interpreter is exiting); nothing runs after that")
-            self._active.append(job)
+            self._waiting.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"gemma-mtp:{self.name}", daemon=True)
                 self._thread.start()
@@ -192,13 +208,36 @@ class EngineWorker:
         if thread is not None:
             thread.join(timeout)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued until their KV cache fits."""
+        return len(self._waiting)
+
+    def _admit(self) -> None:
+        """Start waiting requests in arrival order while their KV cache fits (called under the lock)."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft().end()
+            elif job.budget is None or job.budget.take(job.kv_bytes):
+                job.holds = job.budget is not None
+                self._active.append(self._waiting.popleft())
+            elif not job.budget.held:  # nothing runs that could make room: the budget shrank under it
+                need, limit = job.kv_bytes / 2**20, job.budget.limit_bytes / 2**20
+                self._waiting.popleft().end(KVCacheLimitError(
+                    f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."))
+            else:
+                return
+
     def _next_job(self) -> _Job | None:
         """The next request to step, or None after the thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
-                for job in self._active:
-                    job.put(_END)
+                for job in (*self._active, *self._waiting):
+                    job.end()
                 self._active.clear()
+                self._waiting.clear()
+            self._admit()
             if not self._active:
                 self._thread = None  # a submit from now on starts a new thread
                 return None
@@ -208,25 +247,29 @@ class EngineWorker:
         with torch.inference_mode():
             while (job := self._next_job()) is not None:
                 if job.cancelled:
-                    job.bursts.close()
-                    job.put(_END)
+                    self._end(job)
                     continue
                 try:
                     burst = next(job.bursts)
                 except StopIteration:
-                    job.put(_END)
+                    self._end(job)
                     continue
                 except BaseException as exc:  # handed to the consumer; the worker serves the others
-                    job.put(exc)
+                    self._end(job, exc)
                     continue
                 job.counters.add(burst)
                 job.put(burst)
                 if burst.finish_reason is not None:
-                    job.bursts.close()
-                    job.put(_END)
+                    self._end(job)
                 else:
                     with self._lock:
+                        self._admit()  # requests that arrived during this step are stepped before this one again
                         self._active.append(job)
+
+    def _end(self, job: _Job, last: object = _END) -> None:
+        job.bursts.close()  # runs the request's cleanup (its prefix-cache entry) outside the lock
+        with self._lock:  # the budget it gives back is read by _admit under the lock
+            job.end(last)
 
 
 def on_short_lived_thread(fn: Callable[[], T]) -> T:

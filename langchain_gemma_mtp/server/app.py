@@ -2,10 +2,12 @@
 
 Routes: `POST /v1/chat/completions` (stream and non-stream), `GET /v1/models`, `GET /health`,
 `GET /metrics`, and as in vLLM `POST /tokenize` (a chat's prompt as the model sees it, or plain
-text), `POST /detokenize` and `GET /version`. Every request is checked (API key, body size, JSON, schema, model name,
-max_tokens cap, then the runtime's own checks while it renders the prompt) before any model
-work; a failed check is an OpenAI-style error body `{"error": {"message", "type", "param",
-"code"}}` with the status of `errors.HTTP_ERRORS`, and the server goes on serving. A client that
+text), `POST /detokenize` and `GET /version`. Every request is checked (API key, body size, JSON
+depth and text, schema, model name, max_tokens cap, then the runtime's own checks while it
+renders the prompt, the engine's KV-cache budget last) before any model work; a failed check is
+an OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` with the status of
+`errors.HTTP_ERRORS`, and the server goes on serving. At most `max_concurrent` requests run and
+`max_queued` wait for a slot; one more is answered 429 with `Retry-After` at once. A client that
 goes away cancels its generation at the engine's next verification step.
 """
 
@@ -16,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,14 +27,23 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import AuthenticationError, GemmaMTPError, InvalidRequestError, ModelNotFoundError, RequestTooLargeError, http_error
+from ..errors import (
+    AuthenticationError,
+    GemmaMTPError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    ServerBusyError,
+    http_error,
+)
 from ..runtime import ChatRuntime, Completion
 from ..wire import ChatCompletionBody, DetokenizeBody, TokenizeBody, wire_delta
+from .limits import RETRY_AFTER_S, Admission, read_json_object
 from .metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +59,10 @@ class ServerSettings:
     max_tokens_limit: int = 8192
     """Largest max_tokens a request may ask for; also the default when it asks for none."""
     max_body_bytes: int = 4 * 1024 * 1024
+    max_concurrent: int = 16
+    """Requests generating at once (the engine steps them in turns; its KV budget may hold some back)."""
+    max_queued: int = 64
+    """Requests waiting for one of the max_concurrent slots; one more is answered 429 at once."""
 
 
 class _ClientGone(Exception):
@@ -60,7 +75,8 @@ class ChatServer:
     def __init__(self, runtime: ChatRuntime, settings: ServerSettings) -> None:
         self.runtime = runtime
         self.settings = settings
-        self.metrics = ServerMetrics(runtime.engine)
+        self.admission = Admission(settings.max_concurrent, settings.max_queued)
+        self.metrics = ServerMetrics(runtime.engine, self.admission)
         self.created = int(time.time())
 
     # -- checks before any model work -----------------------------------------------------------
@@ -87,13 +103,7 @@ class ChatServer:
             raw += piece
             if len(raw) > limit:
                 raise too_large
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"the request body is not valid JSON: {exc}.") from exc
-        if not isinstance(data, dict):
-            raise InvalidRequestError(f"the request body must be a JSON object, got {type(data).__name__}.")
-        return data
+        return read_json_object(bytes(raw))
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.served_model_name:
@@ -113,10 +123,26 @@ class ChatServer:
     # -- routes ---------------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
+        """The answer, sent while the request holds its admission slot (given back however it ends)."""
         arrived = time.perf_counter()
         try:
             self._authorize(request)
             body = await self._body(request)
+            await self.admission.enter()
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            self.metrics.cancelled.inc()
+            return Response(status_code=499)
+        except Exception as exc:
+            return self.error(exc)
+        try:
+            response = await self._answer(request, body, arrived)
+        except BaseException:
+            self.admission.leave()
+            raise
+        return _Releasing(response, self.admission.leave)
+
+    async def _answer(self, request: Request, body: ChatCompletionBody, arrived: float) -> Response:
+        try:
             deltas = self.runtime.astream(body.to_request(self.settings.max_tokens_limit))
             # The runtime renders and checks the request on its first step: a bad one fails
             # here, before the 200 goes out, and the first delta is the first verified output.
@@ -207,7 +233,7 @@ class ChatServer:
                 ids = self.runtime.prepare(body.to_request()).prompt_ids
         except Exception as exc:
             return self.error(exc)
-        answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.target.max_positions, "tokens": ids}
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.max_positions, "tokens": ids}
         if body.return_token_strs:
             answer["token_strs"] = self.runtime.tokenizer.convert_ids_to_tokens(ids)
         return JSONResponse(answer)
@@ -239,7 +265,22 @@ class ChatServer:
         if status >= 500:
             log.exception("request failed", exc_info=exc)
         self.metrics.failed.labels(str(status)).inc()
-        return JSONResponse(_error_body(exc), status_code=status)
+        headers = {"retry-after": str(RETRY_AFTER_S)} if isinstance(exc, ServerBusyError) else None
+        return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+
+
+class _Releasing(Response):
+    """A response that calls `release` once it has been sent, or failed to be (client gone, cancelled)."""
+
+    def __init__(self, inner: Response, release: Callable[[], None]) -> None:
+        self.inner = inner
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.release()
 
 
 def _at(error: GemmaMTPError, param: str) -> GemmaMTPError:

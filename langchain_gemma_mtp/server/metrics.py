@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from .limits import Admission
 
 PREFIX = "gemma_mtp:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # the exposition format generate_latest writes, as the client library names it
@@ -54,7 +55,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """One registry per app, so several servers in one process (tests) keep their own counts."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admission: Admission) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.finished = Counter(PREFIX + "request_success", "Requests answered to the end, by finish reason.", ["finished_reason"], registry=r)
@@ -62,6 +63,10 @@ class ServerMetrics:
         self.cancelled = Counter(PREFIX + "request_cancelled", "Requests whose client went away before the answer ended.", registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests answered to the end.", registry=r)
         self.running = Gauge(PREFIX + "num_requests_running", "Requests being generated now.", registry=r)
+        waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a slot (--max-concurrent) or for KV-cache room.", registry=r)
+        waiting.set_function(lambda: admission.queued + engine.worker.waiting)
+        usage = Gauge(PREFIX + "kv_cache_usage_perc", "Share of the KV-cache budget (--kv-cache-mb) running requests hold (0-1).", registry=r)
+        usage.set_function(lambda: engine.kv_budget.held / engine.kv_budget.limit_bytes)
         self.first_chunk = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Seconds from a request's arrival to its first verified output.",

@@ -35,7 +35,7 @@ from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError, 
 HELLO_ANSWER = "Hello! How can I help you today?"
 SPECULATIVE_KEYS = {
     "drafter", "draft_hint", "num_draft_tokens", "drafted", "siblings", "accepted", "acceptance_rate",
-    "mean_accepted_length", "per_position_acceptance", "target_forwards", "tokens_per_second",
+    "mean_accepted_length", "per_position_acceptance", "draft_lengths", "target_forwards", "tokens_per_second",
 }
 
 

@@ -127,3 +127,24 @@ def test_packaged_drafter_pairs_with_the_embedded_model_losslessly(model_dir: pa
                                                add_generation_prompt=True, tokenize=True, return_dict=False)
     result = engine.generate(ids, max_new_tokens=24, num_draft_tokens=3)
     assert result.token_ids == plain.generate(ids, max_new_tokens=24).token_ids
+
+
+@pytest.mark.slow
+@needs_demo
+def test_the_demo_command_runs_the_team_on_the_embedded_model(model_dir: pathlib.Path) -> None:
+    """`gemma-mtp demo` as a user runs it (a child process, short answers): the team's four nodes
+    stream and are tabled, the output says the model is a small base model, and in float32 every
+    answer is plain greedy's."""
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "langchain_gemma_mtp.cli", "demo", "--dtype", "float32", "--max-tokens", "16"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "small *base* model" in out and "--model google/gemma-4-E2B-it" in out
+    assert re.findall(r"^\[(\w+)\]$", out, re.MULTILINE) == ["planner", "coder", "reviewer", "writer"]
+    assert re.findall(r"^(planner|coder|reviewer|writer) ", out, re.MULTILINE) == ["planner", "coder", "reviewer", "writer"]
+    assert re.search(r"^speedup: [\d.]+x   answers identical to plain greedy: all 4 nodes$", out, re.MULTILINE)

@@ -413,7 +413,7 @@ def test_cli_log_level_shows_our_info_lines(path, capsys) -> None:
 
 
 def test_serve_flags_for_chat_template_and_prefix_cache(path, server, tmp_path) -> None:
-    from langchain_gemma_mtp.runtime import FALLBACK_CHAT_TEMPLATE
+    from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
     from langchain_gemma_mtp.server import serve_in_subprocess
 
     template = tmp_path / "template.jinja"

@@ -350,6 +350,17 @@ BAD_REQUESTS = [
     ("a draft length out of range", _body(speculative={"num_draft_tokens": 99}), 400, "speculative.num_draft_tokens"),
     ("an unknown draft hint", _body(speculative={"draft_hint": "poetry"}), 400, "speculative.draft_hint"),
     ("a prompt longer than the context", _body(messages=[{"role": "user", "content": "hello " * 3000}]), 400, None),
+    # Bodies that crashed the server once (500): each is a 400 now, checked before any model work.
+    ("20,000 nested brackets", b"[" * 20_000 + b"]" * 20_000, 400, None),
+    ("a field nested 100 deep", _body(response_format=json.loads("[" * 100 + "]" * 100)), 400, None),
+    ("content nested 500 deep", _body(messages=[{"role": "user", "content": json.loads("[" * 500 + "]" * 500)}]), 400, None),
+    ("a lone surrogate", _body().replace(b'"Hello"', b'"\\ud800"'), 400, None),
+    ("invalid UTF-8", _body().replace(b"Hello", b"Hel\xfflo"), 400, None),
+    ("NaN", _body().replace(b'"temperature": 0', b'"temperature": NaN'), 400, None),
+    ("a role of the wrong type", _body(messages=[{"role": ["user"], "content": "hi"}]), 400, None),
+    ("tool_calls not a list", _body(messages=[{"role": "assistant", "content": None, "tool_calls": "call"}]), 400, None),
+    ("a tool call that is not an object", _body(messages=[{"role": "assistant", "content": None, "tool_calls": [["x"]]}]), 400, None),
+    ("a tool call without a name", _body(messages=[{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]), 400, None),
 ]
 
 

@@ -83,13 +83,13 @@ def prompt(seed: int) -> list[int]:
 def engines(request):
     model = build_target(request.param)
     assistant = build_assistant(model, ordered=True)
-    mtp = MTPDrafter(assistant, TargetModel(model), stop_below=0.0, siblings=0)
+    mtp = MTPDrafter(assistant, TargetModel(model), stop_below=0.0, siblings_per_depth=0)
     return {
         "none": Engine(model, NoDrafter()),
         "ngram": Engine(model, NgramDrafter()),
         "mtp": Engine(model, mtp),
         # Greedy MTP drafts become trees: three runners-up per depth verified beside the chain.
-        "mtp-tree": Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0, siblings=3)),
+        "mtp-tree": Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0, siblings_per_depth=3)),
         "hybrid": Engine(model, HybridDrafter(mtp, NgramDrafter(), min_match=1)),
         "draft_model": Engine(model, DraftModelDrafter(TargetModel(build_target("noshare", seed=7)))),
     }

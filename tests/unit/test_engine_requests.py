@@ -39,6 +39,9 @@ def test_max_positions_is_the_targets_context(counted):
         ([2, 3], {"temperature": -1.0}, "temperature must be >= 0"),
         ([2, 3], {"top_p": 0.0}, "top_p must be in"),
         ([2, 3], {"top_k": -2}, "top_k must be"),
+        ([2, 3], {"temperature": float("nan")}, "temperature must be >= 0"),
+        ([2, 3], {"seed": 2**70, "temperature": 0.7}, r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
+        ([2, 3], {"seed": -(2**63) - 1, "temperature": 0.7}, "seed must be an int in"),
     ],
 )
 def test_bad_requests_raise_before_any_forward(counted, prompt, kwargs, message):
@@ -55,3 +58,12 @@ def test_good_request_after_bad_ones(counted):
     engine, calls = counted
     assert len(engine.generate([2, 3, 4], max_new_tokens=5, stop_token_ids=[]).token_ids) == 5
     assert calls
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1e-300}, {"temperature": 5e-6}, {"temperature": 0.5, "top_p": 1e-300}, {"temperature": 0.5, "top_p": 1e-50}])
+def test_extreme_sampling_values_that_underflow_float32_give_the_greedy_answer(counted, kwargs):
+    """A temperature below 1e-5 is greedy (dividing by it overflows); a top_p that underflows to 0
+    still keeps the top token. Both once crashed the step with NaN probabilities."""
+    engine, _ = counted
+    greedy = engine.generate([2, 5, 6, 7], max_new_tokens=8, stop_token_ids=[]).token_ids
+    assert engine.generate([2, 5, 6, 7], max_new_tokens=8, stop_token_ids=[], seed=1, **kwargs).token_ids == greedy

@@ -31,7 +31,8 @@ from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError
 from langchain_gemma_mtp.formats.json_calls import TOOLS_INSTRUCTION
 from langchain_gemma_mtp.messages import from_langchain, normalize_messages
-from langchain_gemma_mtp.runtime import FALLBACK_CHAT_TEMPLATE, ChatRequest, ChatRuntime, Completion
+from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
+from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, Completion
 from langchain_gemma_mtp.text_stream import IncrementalDecoder, StopMatcher
 
 TOKENIZER = AutoTokenizer.from_pretrained(TOKENIZER_DIR)

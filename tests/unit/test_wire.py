@@ -13,7 +13,9 @@ from langchain_gemma_mtp.errors import (
     AuthenticationError,
     ContextLengthError,
     InvalidRequestError,
+    KVCacheLimitError,
     ModelNotFoundError,
+    ServerBusyError,
     ServerError,
     error_for_status,
     http_error,
@@ -156,7 +158,8 @@ def test_statuses_without_a_code_map_to_the_general_class() -> None:
     assert type(error_for_status(401, "m")) is AuthenticationError
     assert type(error_for_status(422, "m")) is InvalidRequestError
     assert type(error_for_status(502, "m")) is ServerError
-    assert type(error_for_status(429, "m")) is ServerError and type(error_for_status(408, "m")) is ServerError
+    assert type(error_for_status(429, "m")) is ServerBusyError and type(error_for_status(408, "m")) is ServerError
+    assert type(error_for_status(400, "m", "kv_cache_limit_exceeded")) is KVCacheLimitError
     assert http_error(KeyError("bug")) == (500, "server_error", None)
 
 
