@@ -110,15 +110,19 @@ def test_an_error_inside_a_step_reaches_its_caller_and_the_worker_survives(engin
     class Boom(RuntimeError):
         pass
 
-    def explode(*args):
-        raise Boom("drafter failed")
+    class Exploding:
+        def propose(self, step):
+            raise Boom("drafter failed")
 
-    engine.drafter.propose, saved = explode, engine.drafter.propose
+        def close(self, tokens):
+            pass
+
+    engine.drafter.open, saved = (lambda request: Exploding()), engine.drafter.open
     try:
         with pytest.raises(Boom):
             engine.generate(prompt(0), max_new_tokens=10, stop_token_ids=[])
     finally:
-        engine.drafter.propose = saved
+        engine.drafter.open = saved
     assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
 
 
