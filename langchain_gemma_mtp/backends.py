@@ -5,8 +5,9 @@ message (`complete`, `acomplete`), and counts tokens the way the model will see 
 (`prompt_ids`, `text_ids`), so the chat model does not care whether the model runs here or
 behind an OpenAI-compatible server (`http_backend.HTTPBackend`).
 
-Engines are shared process-wide: every ChatGemmaMTP with the same (model, drafter, assistant,
-device, dtype) uses one Engine, loaded on first use by exactly one thread.
+Engines are shared process-wide: every ChatGemmaMTP with the same `EngineSpec` (model, drafter,
+assistant, device, dtype, drafter settings, load options) uses one Engine, loaded on first use by
+exactly one thread.
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import InvalidRequestError, MissingDependencyError
-from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
+from .engine_spec import EngineSpec
+from .errors import MissingDependencyError
 from .runtime import ChatRequest, ChatRuntime
 
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used
     from .engine import Engine
 
-EngineKey = tuple[str, str, str | None, str | None, str | None, float | None, int | None, tuple[tuple[str, Any], ...], float | None]
 
 LOCAL_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub")
-LOAD_OPTIONS = frozenset({"revision", "token", "attn_implementation", "trust_remote_code"})
-"""What `model_kwargs` may pass to `from_pretrained`: revision and token reach the hub, the rest the model."""
 
 
 def require_local_packages() -> None:
@@ -52,14 +50,6 @@ def require_local_packages() -> None:
             "pip install 'langchain-gemma-mtp[local]' (install torch first for your platform), "
             "or pass base_url= to use a server (`gemma-mtp serve`, vLLM) instead."
         )
-
-
-def check_load_options(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """`model_kwargs` as a sorted tuple (part of an engine key); InvalidRequestError for an unknown name."""
-    unknown = sorted(set(options or {}) - LOAD_OPTIONS)
-    if unknown:
-        raise InvalidRequestError(f"unknown model_kwargs {unknown}: use {sorted(LOAD_OPTIONS)}.")
-    return tuple(sorted((options or {}).items()))
 
 
 def context_length(model: str) -> int | None:
@@ -131,11 +121,11 @@ class _Registry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._engines: dict[EngineKey, Engine] = {}
-        self._loading: dict[EngineKey, threading.Lock] = {}
+        self._engines: dict[EngineSpec, Engine] = {}
+        self._loading: dict[EngineSpec, threading.Lock] = {}
         self._runtimes: weakref.WeakKeyDictionary[Engine, ChatRuntime] = weakref.WeakKeyDictionary()
 
-    def engine(self, key: EngineKey) -> Engine:
+    def engine(self, key: EngineSpec) -> Engine:
         with self._lock:
             if key in self._engines:
                 return self._engines[key]
@@ -147,12 +137,7 @@ class _Registry:
                     return self._engines[key]
             from .engine import Engine
 
-            model, drafter, assistant, device, dtype, stop_below, siblings, load_options, prefix_cache_mb = key
-            sized = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
-            engine = Engine.from_pretrained(
-                model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below,
-                mtp_siblings=siblings, load_options=dict(load_options), **sized,
-            )
+            engine = Engine.from_spec(key)
             with self._lock:
                 self._engines[key] = engine
                 self._loading.pop(key, None)
@@ -165,7 +150,7 @@ class _Registry:
                 runtime = self._runtimes[engine] = ChatRuntime(engine, model_name=model_name)
             return runtime
 
-    def loaded(self) -> list[EngineKey]:
+    def loaded(self) -> list[EngineSpec]:
         with self._lock:
             return list(self._engines)
 
@@ -177,16 +162,11 @@ def engine_key(
     model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
     mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
     load_options: Mapping[str, Any] | None = None, prefix_cache_mb: float | None = None,
-) -> EngineKey:
+) -> EngineSpec:
+    """The registry key of an in-process engine: its checked `EngineSpec`."""
     require_local_packages()
-    from .engine.cache import DEFAULT_PREFIX_CACHE_MB
-
-    # A default spelled out is the default: one engine, not two copies of the model.
-    stop_below = None if mtp_stop_below == DEFAULT_MTP_STOP_BELOW else mtp_stop_below
-    siblings = None if mtp_siblings == DEFAULT_MTP_SIBLINGS else mtp_siblings
-    cache_mb = None if prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB else prefix_cache_mb
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings,
-            check_load_options(load_options), cache_mb)
+    return EngineSpec.of(model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below, mtp_siblings=mtp_siblings,
+                         load_options=load_options, prefix_cache_mb=prefix_cache_mb)
 
 
 def in_process_backend(
@@ -204,7 +184,7 @@ def in_process_backend(
 ) -> InProcessBackend:
     """The backend for a model (loaded through the registry on first use) or for a ready engine.
 
-    load_options: `model_kwargs` for `from_pretrained` (see LOAD_OPTIONS); prefix_cache_mb: memory
+    load_options: `model_kwargs` for `from_pretrained` (see engine_spec.LOAD_OPTIONS); prefix_cache_mb: memory
     for the KV caches of recent requests (None: the engine's default)."""
     if engine is None:
         key = engine_key(model, drafter, assistant, device, dtype, mtp_stop_below, mtp_siblings, load_options, prefix_cache_mb)

@@ -34,7 +34,8 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from .backends import Backend, check_load_options, context_length, in_process_backend, require_local_packages
+from .backends import Backend, context_length, in_process_backend, require_local_packages
+from .engine_spec import check_load_options
 from .http_backend import HTTPBackend
 from .errors import InvalidRequestError
 from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings

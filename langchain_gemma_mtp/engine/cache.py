@@ -21,10 +21,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from ..engine_spec import DEFAULT_PREFIX_CACHE_MB
 from ..errors import InvalidRequestError
 
 LayerKV = tuple[torch.Tensor, torch.Tensor] | None  # None: a layer that holds nothing (kv-shared)
-DEFAULT_PREFIX_CACHE_MB = 1024
 
 
 class HistorySlidingLayer(DynamicSlidingWindowLayer):

@@ -5,18 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from ..draft_settings import (
-    DEFAULT_MTP_SIBLINGS,
-    DEFAULT_MTP_STOP_BELOW,
-    MTP_DRAFTERS,
-    check_drafter_name,
-    mtp_settings,
-)
+from ..draft_settings import MTP_DRAFTERS
+from ..engine_spec import DEFAULT_PREFIX_CACHE_MB, EngineSpec, mtp_settings_refused
 from ..errors import InvalidRequestError
 from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
@@ -29,7 +25,7 @@ from .loading import (
     validate_draft_model,
     validate_mtp_pair,
 )
-from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
+from .cache import PrefixCache
 from .loop import speculative_decode
 from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
 from .processors import LogitsProcessing
@@ -73,6 +69,7 @@ class Engine:
             self.kv_bytes_per_position += kv_bytes_per_position(draft_model)
         self.worker = EngineWorker.for_device(self.device)
         self.counters = EngineCounters()  # totals for metrics, written by the owner thread only
+        self.spec: EngineSpec | None = None  # how it was built, when built from one (`from_spec`)
 
     @classmethod
     def from_pretrained(
@@ -90,7 +87,7 @@ class Engine:
         mtp_siblings: int | None = None,
         load_options: Mapping[str, Any] | None = None,
     ) -> Engine:
-        """Load a target and pair it with a drafter.
+        """Load a target and pair it with a drafter (`EngineSpec.of` checks the arguments first).
 
         drafter: "auto" (hybrid when an MTP assistant is given or found as `X-assistant`, a draft
         model when `assistant` is an ordinary causal LM, else n-gram), "mtp", "hybrid" (long
@@ -105,54 +102,23 @@ class Engine:
         load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
         `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
-        check_drafter_name(drafter)
-        given = mtp_settings(mtp_stop_below, mtp_siblings)
-        if drafter == "draft_model" and assistant is None:
-            raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        options = dict(load_options or {})
-        helper_options = {k: v for k, v in options.items() if k != "revision"}
-        token = options.get("token")
-        if (drafter == "auto" or drafter in MTP_DRAFTERS) and assistant is None:
-            assistant = find_assistant(model, token)
-            if assistant is None and drafter != "auto":
-                raise InvalidRequestError(
-                    f"drafter={drafter!r} needs an MTP assistant, and none was given or found beside {model!s} "
-                    "(looked for X-assistant): pass assistant=<dir or hub id>."
-                )
-        if drafter == "auto":
-            if assistant is None:
-                drafter = "ngram"
-            else:
-                drafter = "hybrid" if is_assistant_checkpoint(assistant, token) else "draft_model"
-        if given and drafter not in MTP_DRAFTERS:
-            names = " and ".join(given)
-            raise InvalidRequestError(
-                f"{names} only {'applies' if len(given) == 1 else 'apply'} to MTP drafting, and this engine drafts with {drafter!r}: "
-                f"pass drafter='mtp' or 'hybrid' with an MTP assistant, or leave {names} unset."
-            )
-        target_model, tokenizer = load_causal_lm(model, dev, dt, gguf_file, options)
+        spec = EngineSpec.of(model, drafter, assistant, device, dtype, gguf_file=gguf_file, mtp_stop_below=mtp_stop_below,
+                             mtp_siblings=mtp_siblings, load_options=load_options, prefix_cache_mb=prefix_cache_mb)
+        return cls.from_spec(spec, kv_cache_mb=kv_cache_mb)
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, *, kv_cache_mb: float | None = None) -> Engine:
+        """Build the engine a spec names: resolve its drafter, load the target, build the drafter."""
+        spec = resolve_drafter(spec)
+        dev = resolve_device(spec.device)
+        dt = resolve_dtype(spec.dtype, dev)
+        target_model, tokenizer = load_causal_lm(spec.model, dev, dt, spec.gguf_file, dict(spec.load_options))
         target = TargetModel(target_model)
-        chosen: Drafter
-        if drafter in MTP_DRAFTERS:
-            helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
-            validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW),
-                                given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS))
-            if drafter == "hybrid":
-                chosen = HybridDrafter(chosen, NgramDrafter())
-        elif drafter == "draft_model":
-            draft_lm, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
-            draft = TargetModel(draft_lm)
-            validate_draft_model(target, draft)
-            chosen = DraftModelDrafter(draft)
-        elif drafter == "ngram":
-            chosen = NgramDrafter()
-        else:
-            chosen = NoDrafter()
-        log.info("loaded %s with drafter %s (%s, %s)", model, chosen.name, dev, dt)
-        return cls(target, chosen, tokenizer, name=str(model), prefix_cache_mb=prefix_cache_mb, kv_cache_mb=kv_cache_mb)
+        chosen = build_drafter(spec, target)
+        log.info("loaded %s with drafter %s (%s, %s)", spec.model, chosen.name, dev, dt)
+        engine = cls(target, chosen, tokenizer, name=spec.model, prefix_cache_mb=spec.cache_mb, kv_cache_mb=kv_cache_mb)
+        engine.spec = spec
+        return engine
 
     def limit_kv_cache(self, mb: float) -> None:
         """Let running requests hold at most `mb` MB of KV cache together, from their next admission on."""
@@ -273,3 +239,52 @@ def _number(name: str, value: object) -> float:
 
 
 __all__ = ["Engine"]
+
+
+def resolve_drafter(spec: EngineSpec) -> EngineSpec:
+    """The spec with "auto" resolved and the MTP assistant found (`X-assistant` beside the model).
+
+    "auto": hybrid when an MTP assistant is given or found, a draft model when `assistant` is an
+    ordinary causal LM, else n-gram. MTP settings on an engine that ends up drafting otherwise are
+    refused, naming the fix.
+    """
+    drafter, assistant = spec.drafter, spec.assistant
+    token = dict(spec.load_options).get("token")
+    if (drafter == "auto" or drafter in MTP_DRAFTERS) and assistant is None:
+        assistant = find_assistant(spec.model, token)
+        if assistant is None and drafter != "auto":
+            raise InvalidRequestError(
+                f"drafter={drafter!r} needs an MTP assistant, and none was given or found beside {spec.model} "
+                "(looked for X-assistant): pass assistant=<dir or hub id>."
+            )
+    if drafter == "auto":
+        if assistant is None:
+            drafter = "ngram"
+        else:
+            drafter = "hybrid" if is_assistant_checkpoint(assistant, token) else "draft_model"
+    if spec.mtp_given and drafter not in MTP_DRAFTERS:
+        raise mtp_settings_refused(spec.mtp_given, drafter)
+    return replace(spec, drafter=drafter, assistant=assistant)
+
+
+def build_drafter(spec: EngineSpec, target: TargetModel) -> Drafter:
+    """The drafter a resolved spec names, for `target`: the one place drafters are built from names.
+
+    Assistants load on the target's device and dtype, with the spec's load options but `revision`
+    (which names the target's version).
+    """
+    options = {k: v for k, v in spec.load_options if k != "revision"}
+    dtype = resolve_dtype(spec.dtype, target.device)
+    if spec.drafter in MTP_DRAFTERS:
+        helper, _ = load_causal_lm(spec.assistant, target.device, dtype, options=options)
+        validate_mtp_pair(target, helper)
+        mtp = MTPDrafter(helper, target, spec.stop_below, spec.siblings)
+        return HybridDrafter(mtp, NgramDrafter()) if spec.drafter == "hybrid" else mtp
+    if spec.drafter == "draft_model":
+        draft_lm, _ = load_causal_lm(spec.assistant, target.device, dtype, options=options)
+        draft = TargetModel(draft_lm)
+        validate_draft_model(target, draft)
+        return DraftModelDrafter(draft)
+    if spec.drafter == "ngram":
+        return NgramDrafter()
+    return NoDrafter()
