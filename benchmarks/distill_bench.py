@@ -27,8 +27,7 @@ import torch
 
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
-from langchain_gemma_mtp.engine.drafters import NoDrafter
-from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
+from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep, NoDrafter
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 
 from .common import median_seconds, parser, set_threads, timed_rounds, workload_prompts, write_results

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import InvalidRequestError, MissingDependencyError
 from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
+from .errors import InvalidRequestError, MissingDependencyError
 from .runtime import ChatRequest, ChatRuntime
 
 if TYPE_CHECKING:  # the engine imports torch: load it only when a model is really used

@@ -35,10 +35,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .backends import Backend, check_load_options, context_length, in_process_backend, require_local_packages
-from .http_backend import HTTPBackend
-from .errors import InvalidRequestError
 from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings
+from .errors import InvalidRequestError
 from .hints import DraftHint, check_draft_hint
+from .http_backend import HTTPBackend
 from .messages import convert_tools, from_langchain, normalize_tool_choice
 from .runtime import ChatRequest
 

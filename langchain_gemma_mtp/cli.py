@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
@@ -20,7 +19,6 @@ from .draft_settings import (
     MTP_DRAFTERS,
 )
 from .errors import GemmaMTPError
-
 
 DTYPE_HELP = (
     "float32 (exact: speculative greedy equals plain greedy) or bfloat16; default $GEMMA_MTP_DTYPE, "

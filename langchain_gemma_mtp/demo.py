@@ -269,7 +269,7 @@ def node_table(ours: GraphRun, plain: GraphRun | None) -> list[str]:
         call = ours.calls[node.name]
         spec = call.message.response_metadata["speculative"]
         tokens = call.message.usage_metadata["output_tokens"]
-        row = f"{node.name:<10}{str(spec['draft_hint']):<11}{tokens:>7}{tokens / call.seconds:>8.1f}"
+        row = f"{node.name:<10}{spec['draft_hint']!s:<11}{tokens:>7}{tokens / call.seconds:>8.1f}"
         if plain:
             base = plain.calls[node.name]
             row += f"{base.message.usage_metadata['output_tokens'] / base.seconds:>13.1f}"

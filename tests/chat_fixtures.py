@@ -40,7 +40,6 @@ from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.testing import (  # noqa: F401 (TOKENIZER_DIR and build_chat_target are re-exported for the tests)
     TOKENIZER_DIR,
     Transcript,
-    build_chat_target as build_target,
     memorizing_chat_model,
     structured_options,
     tool_options,

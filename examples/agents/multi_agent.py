@@ -24,10 +24,10 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import chat_model, parser  # noqa: E402
+from example_setup import chat_model, parser
 
-from langchain_gemma_mtp import ChatGemmaMTP  # noqa: E402
-from langchain_gemma_mtp.testing import TURN_END, Transcript, call_text, tool_options  # noqa: E402
+from langchain_gemma_mtp import ChatGemmaMTP
+from langchain_gemma_mtp.testing import TURN_END, Transcript, call_text, tool_options
 
 TASK = "Add a Python function is_prime(n) to our utils module, and write a short changelog entry for it."
 SUPERVISOR = (

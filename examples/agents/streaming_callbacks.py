@@ -21,9 +21,9 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import chat_model, parser, stats_line  # noqa: E402
+from example_setup import chat_model, parser, stats_line
 
-from langchain_gemma_mtp.testing import TURN_END, Transcript  # noqa: E402
+from langchain_gemma_mtp.testing import TURN_END, Transcript
 
 PROMPTS = {
     "code": "Write a Python function that returns the n-th Fibonacci number, iteratively.",

@@ -9,8 +9,7 @@ import torch
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
 
 from ..engine.loading import kv_source_layer, layer_attr
-from ..engine.target import SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, bind_shared_head
-from ..engine.target import TargetModel
+from ..engine.target import SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, TargetModel, bind_shared_head
 
 
 def assistant_config(

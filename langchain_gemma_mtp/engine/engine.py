@@ -18,7 +18,8 @@ from ..draft_settings import (
     mtp_settings,
 )
 from ..errors import InvalidRequestError
-from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
+from .drafters import Drafter, DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
     find_assistant,
     is_assistant_checkpoint,
@@ -29,7 +30,6 @@ from .loading import (
     validate_draft_model,
     validate_mtp_pair,
 )
-from .cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from .loop import speculative_decode
 from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
 from .processors import LogitsProcessing

@@ -9,9 +9,6 @@ it, and that drafting choices never change a greedy answer (the engine is lossle
 from __future__ import annotations
 
 import pytest
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
-from pydantic import BaseModel
-
 from chat_fixtures import (
     AGENT_QUESTION,
     CODE_ANSWER,
@@ -27,6 +24,9 @@ from chat_fixtures import (
     chat_checkpoint,
     get_weather,
 )
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from pydantic import BaseModel
+
 from langchain_gemma_mtp import ChatGemmaMTP
 from langchain_gemma_mtp.backends import REGISTRY, engine_key
 from langchain_gemma_mtp.engine import Engine

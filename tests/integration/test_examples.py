@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "agents"))
 
-import multi_agent  # noqa: E402
-import react_agent  # noqa: E402
-import server_client  # noqa: E402
-import streaming_callbacks  # noqa: E402
+import multi_agent
+import react_agent
+import server_client
+import streaming_callbacks
 
 SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺"
 

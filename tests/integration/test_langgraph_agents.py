@@ -14,12 +14,6 @@ import contextlib
 import threading
 
 import pytest
-from langchain.agents import create_agent
-from langchain.agents.middleware import wrap_model_call
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-from langgraph.graph import END, START, StateGraph
-from typing_extensions import TypedDict
-
 from chat_fixtures import (
     AGENT_ANSWER,
     AGENT_QUESTION,
@@ -32,6 +26,12 @@ from chat_fixtures import (
     chat_checkpoint,
     get_weather,
 )
+from langchain.agents import create_agent
+from langchain.agents.middleware import wrap_model_call
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+from typing_extensions import TypedDict
+
 from langchain_gemma_mtp import ChatGemmaMTP
 
 HELLO_ANSWER = "Hello! How can I help you today?"

@@ -194,7 +194,7 @@ def test_chat_openai_invokes_streams_and_runs_a_create_agent_tool_loop(server) -
     assert llm.invoke("Hello").content == HELLO_ANSWER
     assert "".join(chunk.content for chunk in llm.stream(CODE_QUESTION)) == CODE_ANSWER
     result = create_agent(llm, tools=[get_weather, add]).invoke({"messages": [HumanMessage(AGENT_QUESTION)]})
-    human, call_1, result_1, call_2, result_2, answer = result["messages"]
+    _human, call_1, result_1, call_2, _result_2, answer = result["messages"]
     assert [(c["name"], c["args"]) for c in call_1.tool_calls] == [("get_weather", {"city": "Paris"})]
     assert isinstance(result_1, ToolMessage) and result_1.content == "sunny, 21C"
     assert [(c["name"], c["args"]) for c in call_2.tool_calls] == [("add", {"a": 2, "b": 3})]

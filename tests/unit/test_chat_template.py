@@ -8,10 +8,9 @@ import functools
 import json
 
 import pytest
+from gemma4_revisions import revision
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gemma4_revisions import revision
 
 from langchain_gemma_mtp.formats import Gemma4OutputParser, ParsedDelta, to_gemma4_value
 from langchain_gemma_mtp.testing import TOKENIZER_DIR

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import VOCAB, WINDOW, build_target
 
-from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.draft_settings import check_mtp_siblings
+from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NO_DRAFT, Draft, StatelessDrafter
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 from langchain_gemma_mtp.engine.target import TargetModel

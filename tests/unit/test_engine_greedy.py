@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import Draft, DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
-from tiny_models import VOCAB, build_target
 
 PROMPT_SEEDS = (11, 12)
 NEW_TOKENS = 40  # with 30-token prompts: well past the sliding window of 8

@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from test_engine_sampling import P_MIN, _chi2_ok
+from tiny_models import VOCAB, build_assistant, build_target
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -18,8 +20,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from tiny_models import VOCAB, build_assistant, build_target
-from test_engine_sampling import _chi2_ok, P_MIN
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import MAX_POS, VOCAB
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import InvalidRequestError
-from tiny_models import MAX_POS, VOCAB
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from scipy.stats import chisquare
+from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
-from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
 DRAWS = {"mtp": 1000, "mtp-stop": 1000, "hybrid": 1000, "hybrid-adaptive": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from test_engine_greedy import prompt
 
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
-from test_engine_greedy import prompt
 
 
 @pytest.fixture(scope="module")

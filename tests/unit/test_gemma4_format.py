@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parser_helpers import drain, split_at
 
 from langchain_gemma_mtp.formats import (
     Gemma4OutputParser,
@@ -19,7 +21,6 @@ from langchain_gemma_mtp.formats import (
     to_gemma4_value,
 )
 from langchain_gemma_mtp.formats.gemma4 import forced_call_prefix, forced_opening
-from parser_helpers import drain, split_at
 
 QUOTE = '<|"|>'
 # Single special tokens in real output, so a model cannot write them inside a string.
@@ -122,7 +123,7 @@ def test_value_round_trip(value: object) -> None:
 def test_tool_call_arguments_round_trip_through_the_streaming_parser(args: dict, cuts: list[int]) -> None:
     text = "Let me check." + call_text("lookup", args) + "Done."
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     result = parse(pieces, {"lookup"})
     assert result.content == "Let me check.Done."
     assert result.invalid_tool_calls == []
@@ -208,7 +209,7 @@ def test_one_character_at_a_time_parses_the_same() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(TRANSCRIPT)), max_size=20))
 def test_any_chunking_parses_the_same(cuts: list[int]) -> None:
     bounds = sorted({0, len(TRANSCRIPT), *cuts})
-    assert parse([TRANSCRIPT[a:b] for a, b in zip(bounds, bounds[1:])], TOOLS) == expected_transcript()
+    assert parse([TRANSCRIPT[a:b] for a, b in itertools.pairwise(bounds)], TOOLS) == expected_transcript()
 
 
 def test_content_never_shows_a_partial_marker_while_streaming() -> None:

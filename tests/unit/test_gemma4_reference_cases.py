@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parser_helpers import drain, split_at, summary
 
 from langchain_gemma_mtp.formats import Gemma4OutputParser
-from parser_helpers import drain, split_at, summary
 
 Q = '<|"|>'
 
@@ -367,7 +367,7 @@ OURS = {
     ),
     "unclosed_thought_keeps_its_newline": Case("<|channel>thought\nrunning out\n", reasoning="running out\n"),
     "call_inside_thought_is_thought": Case(
-        f"<|channel>thought\nmaybe <|tool_call>call:x{{}}<tool_call|>?<channel|>no",
+        "<|channel>thought\nmaybe <|tool_call>call:x{}<tool_call|>?<channel|>no",
         reasoning="maybe <|tool_call>call:x{}<tool_call|>?",
         content="no",
     ),

@@ -8,7 +8,10 @@ import time
 
 import pytest
 import torch
-from chat_fixtures import TOKENIZER_DIR, build_target as build_chat_target
+from chat_fixtures import TOKENIZER_DIR
+from chat_fixtures import build_target as build_chat_target
+from test_engine_greedy import prompt
+from tiny_models import build_target
 from transformers import AutoTokenizer
 
 from langchain_gemma_mtp import ChatGemmaMTP
@@ -17,8 +20,6 @@ from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NoDrafter
 from langchain_gemma_mtp.engine.memory import MB, VERIFY_BLOCK, kv_bytes_per_position
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import InvalidRequestError, KVCacheLimitError
-from test_engine_greedy import prompt
-from tiny_models import build_target
 
 PROMPT = prompt(0)
 LONG = 120  # max_new_tokens of the request that keeps the budget busy

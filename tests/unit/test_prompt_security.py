@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from chat_fixtures import TOKENIZER_DIR, build_target
 from transformers import AutoTokenizer
 
-from chat_fixtures import TOKENIZER_DIR, build_target
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import InvalidRequestError
 from langchain_gemma_mtp.messages import normalize_messages

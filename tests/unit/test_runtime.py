@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from transformers import AutoTokenizer
-
 from chat_fixtures import (
     AGENT_QUESTION,
     JAPANESE_ANSWER,
@@ -26,12 +22,17 @@ from chat_fixtures import (
     get_weather,
     tool_options,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from transformers import AutoTokenizer
+
 from langchain_gemma_mtp.backends import REGISTRY, engine_key
+from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError
 from langchain_gemma_mtp.formats.json_calls import TOOLS_INSTRUCTION
 from langchain_gemma_mtp.messages import from_langchain, normalize_messages
-from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, Completion
 from langchain_gemma_mtp.text_stream import IncrementalDecoder, StopMatcher
 
@@ -46,7 +47,7 @@ def request(messages, **options) -> ChatRequest:
 
 def split(text_or_ids, cuts: list[int]) -> list:
     bounds = sorted({0, len(text_or_ids), *(c % (len(text_or_ids) + 1) for c in cuts)})
-    return [text_or_ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text_or_ids[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # -- detokenizing and stop strings, in any split ---------------------------------------------------

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from chat_fixtures import build_target
 from gemma4_revisions import EMPTY_THOUGHT, REVISIONS, Revision
+
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.formats.streaming import ParsedDelta
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, PreparedPrompt

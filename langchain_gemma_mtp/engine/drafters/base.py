@@ -15,7 +15,6 @@ from typing import Protocol
 
 import torch
 
-from ...draft_settings import MAX_DRAFT_TOKENS
 from ..cache import PrefixCache
 from ..target import KV
 from ..types import SamplingParams
