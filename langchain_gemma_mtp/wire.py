@@ -117,8 +117,18 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
 # Fields that change nothing in the answer (bookkeeping, caching hints, render-only options):
 # accepted and ignored, from this list only.
 NO_OPS = (
-    "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-    "request_id", "session_id", "routed_experts_prompt_start", "return_token_offsets", "return_mm_kwargs",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "request_id",
+    "session_id",
+    "routed_experts_prompt_start",
+    "return_token_offsets",
+    "return_mm_kwargs",
 )
 
 
@@ -196,7 +206,9 @@ class ChatCompletionBody(_OtherServersFields):
     def _known_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         unknown = sorted(set(value or {}) - {"enable_thinking"})
         if unknown:
-            raise PydanticCustomError("unsupported_field", "only enable_thinking is honoured here, not {keys}", {"keys": ", ".join(unknown)})
+            raise PydanticCustomError(
+                "unsupported_field", "only enable_thinking is honoured here, not {keys}", {"keys": ", ".join(unknown)}
+            )
         return value
 
     @property
@@ -358,7 +370,13 @@ def wire_delta(delta: Mapping[str, Any]) -> dict[str, Any]:
         wire["burst_sizes"] = list(delta["burst_sizes"])
     calls = [dict(call) for call in delta.get("tool_calls", ())]
     calls += [
-        {"index": bad["index"], "id": bad["id"], "type": "function", "function": {"name": bad["name"], "arguments": bad["raw"]}, "error": bad["error"]}
+        {
+            "index": bad["index"],
+            "id": bad["id"],
+            "type": "function",
+            "function": {"name": bad["name"], "arguments": bad["raw"]},
+            "error": bad["error"],
+        }
         for bad in delta.get("invalid_tool_calls", ())
     ]
     if calls:
@@ -381,7 +399,15 @@ def runtime_delta(wire: Mapping[str, Any]) -> dict[str, Any]:
         function = call.get("function") or {}
         index = call.get("index", position)  # a whole message's calls carry no index
         if call.get("error") is not None:
-            invalid.append({"index": index, "id": call.get("id"), "name": function.get("name"), "raw": function.get("arguments") or "", "error": call["error"]})
+            invalid.append(
+                {
+                    "index": index,
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "raw": function.get("arguments") or "",
+                    "error": call["error"],
+                }
+            )
         else:
             piece = {"name": function.get("name"), "arguments": function.get("arguments") or ""}
             calls.append({"index": index, "id": call.get("id"), "type": "function", "function": piece})

@@ -114,7 +114,7 @@ def build_graph(llm: ChatGemmaMTP):
 OFFLINE_CODE_TASK = "Write is_prime(n) for the utils module."
 OFFLINE_WRITE_TASK = "Write a two-sentence changelog entry for the new is_prime function."
 OFFLINE_CODE = (
-    "```python\ndef is_prime(n: int) -> bool:\n    \"\"\"Return True if n is a prime number.\"\"\"\n"
+    '```python\ndef is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n'
     "    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n"
     "        if n % d == 0:\n            return False\n    return True\n```"
 )

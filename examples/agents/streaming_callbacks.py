@@ -63,7 +63,7 @@ def offline_transcripts() -> list[Transcript]:
 
 
 OFFLINE_CODE = (
-    "```python\ndef fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number (fibonacci(0) == 0).\"\"\"\n"
+    '```python\ndef fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number (fibonacci(0) == 0)."""\n'
     "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```"
 )
 OFFLINE_STORY = (

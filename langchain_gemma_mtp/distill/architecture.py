@@ -44,7 +44,8 @@ def assistant_config(
         pad_token_id=getattr(tc, "pad_token_id", 0),
         per_layer_config={
             i: {"head_dim": layer_attr(tc, full, "head_dim"), "num_key_value_heads": layer_attr(tc, full, "num_key_value_heads")}
-            for i, t in enumerate(types) if t == "full_attention"
+            for i, t in enumerate(types)
+            if t == "full_attention"
         },
     )
     config = Gemma4AssistantConfig(
@@ -92,8 +93,9 @@ def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetM
         layer.self_attn.q_norm.weight.data.mul_(theirs / layer.self_attn.scaling)
 
 
-def balanced_clusters(rows: torch.Tensor, clusters: int, *, seed: int = 0, iters: int = 10,
-                      sample: int = 65536, candidates: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_clusters(
+    rows: torch.Tensor, clusters: int, *, seed: int = 0, iters: int = 10, sample: int = 65536, candidates: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `rows` (V, H) into `clusters` equal groups by direction (spherical k-means on a sample,
     then a capacity-bounded assignment of every row); return (ordering, centers).
 

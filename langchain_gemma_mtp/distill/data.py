@@ -46,7 +46,7 @@ def _render(tokenizer, record: str | dict, *, prompt: bool) -> list[int]:
     if isinstance(record, str):
         record = {"prompt": record} if prompt else {"text": record}
     if not isinstance(record, dict) or not ({"text", "messages", "prompt"} & record.keys()):
-        raise DistillError(f"cannot read {str(record)[:80]!r}: use {{\"text\": ...}}, {{\"prompt\": ...}} or {{\"messages\": [...]}}.")
+        raise DistillError(f'cannot read {str(record)[:80]!r}: use {{"text": ...}}, {{"prompt": ...}} or {{"messages": [...]}}.')
     if "text" in record:
         return list(tokenizer(record["text"])["input_ids"])
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
@@ -62,7 +62,7 @@ def text_sequences(tokenizer, paths: Sequence[Path], seq_len: int, budget: int) 
         for record in _records(path):
             ids = _render(tokenizer, record, prompt=False)
             for start in range(0, len(ids), seq_len):
-                window = ids[start:start + seq_len]
+                window = ids[start : start + seq_len]
                 if len(window) < 8 or total >= budget:
                     continue
                 out.append(window)
@@ -83,9 +83,18 @@ def prompt_list(tokenizer, paths: Sequence[Path]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, seq_len: int, budget: int,
-                        temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
-                        progress=None) -> list[tuple[list[int], int]]:
+def generated_sequences(
+    model: PreTrainedModel,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seq_len: int,
+    budget: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> list[tuple[list[int], int]]:
     """The target's own continuations of `prompts` (greedy, or sampled at `temperature`), as
     (prompt + continuation cut at `seq_len` tokens, prompt length); batches run together, left-padded."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -94,7 +103,7 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
     for start in range(0, len(prompts), batch_size):
         if total >= budget:
             break
-        group = [_head_and_tail(p, seq_len // 2) for p in prompts[start:start + batch_size]]
+        group = [_head_and_tail(p, seq_len // 2) for p in prompts[start : start + batch_size]]
         width = max(map(len, group))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=model.device)
@@ -116,7 +125,7 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
 
 def _head_and_tail(prompt: list[int], limit: int) -> list[int]:
     """A prompt cut to `limit` tokens from the front, keeping its first token (BOS: Gemma drifts without it)."""
-    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1:]
+    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1 :]
 
 
 def _as_list(x) -> list:

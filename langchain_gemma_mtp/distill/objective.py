@@ -39,8 +39,10 @@ def captured_queries(attentions: dict[Hashable, torch.nn.Module]) -> Iterator[di
     got: dict[Hashable, list[torch.Tensor]] = {name: [] for name in attentions}
     hooks = []
     for name, attn in attentions.items():
+
         def hook(module, inputs, out, name=name, attn=attn):
             got[name].append(attn.q_norm(out.view(*out.shape[:-1], -1, attn.head_dim)))
+
         hooks.append(attn.q_proj.register_forward_hook(hook))
     try:
         yield got
@@ -50,8 +52,9 @@ def captured_queries(attentions: dict[Hashable, torch.nn.Module]) -> Iterator[di
 
 
 @torch.no_grad()
-def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None,
-                  query_types: Sequence[str] = ()) -> TeacherBatch:
+def teacher_batch(
+    target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None, query_types: Sequence[str] = ()
+) -> TeacherBatch:
     """Run the target once over `token_ids`; keep what the drafter reads and learns from.
 
     When tokens from `greedy_from` on are the target's own greedy continuation, they are the labels
@@ -72,7 +75,7 @@ def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0,
     if greedy_from is not None:
         labels = torch.full_like(tokens, -1)
         start = max(greedy_from - 1, 0)
-        labels[start:-1] = tokens[start + 1:]
+        labels[start:-1] = tokens[start + 1 :]
     else:
         logits = target.logits(fwd.hidden)
         labels = logits.argmax(-1)
@@ -114,15 +117,22 @@ def unrolled_states(
             return
         tok = torch.cat([batch.tokens[j:], batch.tokens.new_zeros(j)])[None]
         x = assistant.pre_projection(torch.cat([target.embed(tok).to(h.dtype), h], dim=-1))
-        out = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=positions,
-                              shared_kv_states=batch.shared_kv, use_cache=False, logits_to_keep=None)
+        out = assistant.model(
+            inputs_embeds=x,
+            attention_mask=masks,
+            position_ids=positions,
+            shared_kv_states=batch.shared_kv,
+            use_cache=False,
+            logits_to_keep=None,
+        )
         last = out.last_hidden_state
         yield j, last[0]
         h = assistant.post_projection(last)
 
 
-def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cand: torch.Tensor | None,
-                negatives: torch.Tensor | None) -> torch.Tensor:
+def _token_loss(
+    states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cand: torch.Tensor | None, negatives: torch.Tensor | None
+) -> torch.Tensor:
     """Cross-entropy against `labels`: over the full vocabulary, or (large vocabularies) over each
     row's candidates `cand` (label in column 0) and random negatives shared by all rows."""
     if cand is None:
@@ -134,8 +144,14 @@ def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(torch.cat([logits, neg], dim=-1), torch.zeros_like(labels))
 
 
-def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int,
-                  negatives: torch.Tensor | None = None, query_weight: float = 0.0) -> torch.Tensor:
+def unrolled_loss(
+    assistant: PreTrainedModel,
+    target: TargetModel,
+    batch: TeacherBatch,
+    draft_steps: int,
+    negatives: torch.Tensor | None = None,
+    query_weight: float = 0.0,
+) -> torch.Tensor:
     """Mean over k unrolled draft steps of the cross-entropy against the target's greedy predictions.
 
     With `negatives` (large vocabularies) the softmax is sampled: the target's top tokens when the
@@ -150,24 +166,30 @@ def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: Teache
     embedder = assistant.masked_embedding
     cluster_of = token_clusters(embedder.token_ordering, embedder.num_centroids) if embedder is not None else None
     layer_types = assistant.config.get_text_config().layer_types
-    matched = dict(enumerate(layer.self_attn for layer in assistant.model.layers)) \
-        if query_weight and batch.queries is not None else {}
+    matched = dict(enumerate(layer.self_attn for layer in assistant.model.layers)) if query_weight and batch.queries is not None else {}
     losses = []
     with captured_queries(matched) as got:
         for j, states in unrolled_states(assistant, target, batch, draft_steps):
             losses.extend(_step_losses(j, states, batch, weight, embedder, cluster_of, negatives))
             for i, qs in got.items():  # row p at step j is fed token p+j: the target's query at p+j
-                q = qs.pop()[0, 1:batch.tokens.shape[0] - j]
-                theirs = batch.queries[layer_types[i]][j + 1:].to(q.dtype)
+                q = qs.pop()[0, 1 : batch.tokens.shape[0] - j]
+                theirs = batch.queries[layer_types[i]][j + 1 :].to(q.dtype)
                 losses.append(query_weight * (1 - F.cosine_similarity(q, theirs, dim=-1).mean()))
     return torch.stack(losses).mean()
 
 
-def _step_losses(j: int, states: torch.Tensor, batch: TeacherBatch, weight: torch.Tensor, embedder,
-                 cluster_of: torch.Tensor | None, negatives: torch.Tensor | None) -> list[torch.Tensor]:
+def _step_losses(
+    j: int,
+    states: torch.Tensor,
+    batch: TeacherBatch,
+    weight: torch.Tensor,
+    embedder,
+    cluster_of: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+) -> list[torch.Tensor]:
     """The token (and centroid) loss of draft step j."""
     valid = batch.tokens.shape[0] - j
-    labels = batch.labels[j + 1:j + valid]
+    labels = batch.labels[j + 1 : j + valid]
     keep = labels >= 0
     if not bool(keep.any()):
         return []
@@ -175,7 +197,7 @@ def _step_losses(j: int, states: torch.Tensor, batch: TeacherBatch, weight: torc
     cand = None
     if negatives is not None:
         if batch.top_ids is not None:
-            cand = batch.top_ids[j + 1:j + valid][keep]
+            cand = batch.top_ids[j + 1 : j + valid][keep]
         elif embedder is not None:
             members = embedder.token_ordering.view(embedder.num_centroids, -1)[cluster_of[labels]]
             cand = torch.cat([labels[:, None], members], dim=-1)
@@ -213,7 +235,7 @@ def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch
     start = 0
     for c, n in enumerate(torch.bincount(pair_cluster, minlength=emb.num_centroids).tolist()):
         if n:
-            idx = order[start:start + n]
+            idx = order[start : start + n]
             best[idx], i = (states[pair_state[idx]] @ weight[members[c]].T).max(-1)
             token[idx] = members[c][i]
             start += n
@@ -221,8 +243,7 @@ def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch
 
 
 @torch.no_grad()
-def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches: Sequence[TeacherBatch],
-                       draft_steps: int) -> list[float]:
+def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches: Sequence[TeacherBatch], draft_steps: int) -> list[float]:
     """Per draft position j, the fraction of drafts equal to the target's greedy token given that
     drafts 1..j-1 were; positions where the text itself leaves the target's greedy path are skipped,
     because there the teacher-forced inputs are not what drafting would see."""
@@ -233,12 +254,12 @@ def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches:
         alive = None
         for j, states in unrolled_states(assistant, target, batch, draft_steps):
             valid = batch.tokens.shape[0] - j
-            labels = batch.labels[j + 1:j + valid]
+            labels = batch.labels[j + 1 : j + valid]
             ok = draft_argmax(assistant, states[1:valid], weight) == labels
             if alive is None:
                 alive = labels >= 0
             else:  # the fed token x_{p+j} must be what the previous draft (the target's greedy) was
-                alive = alive[:valid - 1] & (batch.tokens[j + 1:j + valid] == batch.labels[j:j + valid - 1]) & (labels >= 0)
+                alive = alive[: valid - 1] & (batch.tokens[j + 1 : j + valid] == batch.labels[j : j + valid - 1]) & (labels >= 0)
             drafted[j] += int(alive.sum())
             alive = alive & ok
             accepted[j] += int(alive.sum())

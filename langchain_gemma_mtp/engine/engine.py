@@ -138,8 +138,9 @@ class Engine:
         if drafter in MTP_DRAFTERS:
             helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             validate_mtp_pair(target, helper)
-            chosen = MTPDrafter(helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW),
-                                given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS))
+            chosen = MTPDrafter(
+                helper, target, given.get("mtp_stop_below", DEFAULT_MTP_STOP_BELOW), given.get("mtp_siblings", DEFAULT_MTP_SIBLINGS)
+            )
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":

@@ -101,7 +101,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
 
 
 def load_causal_lm(
-    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None,
+    name_or_path: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype,
+    gguf_file: str | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, object | None]:
     """Load a causal LM (and its tokenizer when it has one) and check every weight was found.
@@ -223,7 +226,8 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
         problems.append(f"it shares the target's LM head but its hidden size {atc.hidden_size} != target's {tc.hidden_size}")
     if problems:
         raise IncompatibleDrafterError(
-            "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
+            "this MTP assistant does not match the target: "
+            + "; ".join(dict.fromkeys(problems))
             + ". Use the assistant released with (or distilled for) this target (X-assistant for X), or drafter='ngram'."
         )
 

@@ -107,7 +107,4 @@ class DraftScheduler:
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Current alpha and chosen length per hint kind (for stats and docs)."""
         with self._lock:
-            return {
-                h: {"alpha": e.alpha, "draft_length": best_draft_length(e.alpha, self.cost)}
-                for h, e in self._estimates.items()
-            }
+            return {h: {"alpha": e.alpha, "draft_length": best_draft_length(e.alpha, self.cost)} for h, e in self._estimates.items()}

@@ -105,8 +105,15 @@ class TargetModel:
         """An empty cache, or one starting with the first `length` positions of a stored prefix."""
         return new_cache(self.config, prefix, length)
 
-    def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True,
-                tree: DraftTree | None = None) -> Forward:
+    def forward(
+        self,
+        token_ids: list[int] | torch.Tensor,
+        cache: DynamicCache,
+        *,
+        prefill: bool = False,
+        want_kv: bool = True,
+        tree: DraftTree | None = None,
+    ) -> Forward:
         """Feed tokens (ids, or a (1, L) tensor already on the device) after what `cache` holds;
         return final hidden states of the fed tokens. With `tree`, the tokens are its block
         (`tree.tokens(pending)`), each attending to the cache and its own ancestors only."""
@@ -179,7 +186,7 @@ class TargetModel:
             layer = cache.layers[i]
             keys, values = layer.keys, layer.values
             if layer.is_sliding:  # the layer keeps its history; the drafter sees what attention sees
-                keys, values = keys[..., 1 - layer.sliding_window:, :], values[..., 1 - layer.sliding_window:, :]
+                keys, values = keys[..., 1 - layer.sliding_window :, :], values[..., 1 - layer.sliding_window :, :]
             kv[t] = (keys, values)
         return kv
 

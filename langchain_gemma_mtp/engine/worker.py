@@ -186,8 +186,15 @@ class EngineWorker:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int, counters: EngineCounters,
-               budget: KVBudget | None = None, kv_bytes: int = 0) -> RequestHandle:
+    def submit(
+        self,
+        bursts: Iterator[Burst],
+        stats: SpeculativeStats,
+        prompt_tokens: int,
+        counters: EngineCounters,
+        budget: KVBudget | None = None,
+        kv_bytes: int = 0,
+    ) -> RequestHandle:
         """Queue a request's steps; `counters` (its engine's) get every burst it yields. With a
         `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order)."""
         job = _Job(bursts, counters, budget, kv_bytes)
@@ -224,8 +231,11 @@ class EngineWorker:
                 self._active.append(self._waiting.popleft())
             elif not job.budget.held:  # nothing runs that could make room: the budget shrank under it
                 need, limit = job.kv_bytes / 2**20, job.budget.limit_bytes / 2**20
-                self._waiting.popleft().end(KVCacheLimitError(
-                    f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."))
+                self._waiting.popleft().end(
+                    KVCacheLimitError(
+                        f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."
+                    )
+                )
             else:
                 return
 

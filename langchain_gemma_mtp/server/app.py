@@ -95,7 +95,9 @@ class ChatServer:
         """The request body as a JSON object, read up to the size limit."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        too_large = RequestTooLargeError(f"the request body is over this server's limit of {limit} bytes: send less (or raise --max-body-bytes).")
+        too_large = RequestTooLargeError(
+            f"the request body is over this server's limit of {limit} bytes: send less (or raise --max-body-bytes)."
+        )
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         raw = bytearray()

@@ -55,8 +55,7 @@ def training_sequences(engine: Engine, items: Sequence[Transcript]) -> list[tupl
     runtimes = {t.chat_template: ChatRuntime(engine, chat_template=t.chat_template) for t in items}
     tokenizer = engine.tokenizer
     return [
-        (runtimes[t.chat_template].prepare(t.request()).prompt_ids, tokenizer.encode(t.completion, add_special_tokens=False))
-        for t in items
+        (runtimes[t.chat_template].prepare(t.request()).prompt_ids, tokenizer.encode(t.completion, add_special_tokens=False)) for t in items
     ]
 
 

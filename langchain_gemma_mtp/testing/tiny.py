@@ -47,7 +47,9 @@ def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: i
     )
 
 
-def build_assistant(target: PreTrainedModel, *, ordered: bool, seed: int = 1, hidden: int = 32, layers: int = 2) -> Gemma4AssistantForCausalLM:
+def build_assistant(
+    target: PreTrainedModel, *, ordered: bool, seed: int = 1, hidden: int = 32, layers: int = 2
+) -> Gemma4AssistantForCausalLM:
     """A Gemma 4 assistant whose K/V geometry and rope match `target`."""
     torch.manual_seed(seed)
     tc = target.config.get_text_config()

@@ -50,4 +50,3 @@ class TestChatGemmaMTPIntegration(ChatModelIntegrationTests):
         for chunk in llm.stream("Hello"):
             full = chunk if full is None else full + chunk
         return full
-

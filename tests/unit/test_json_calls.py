@@ -49,7 +49,7 @@ TRANSCRIPT = (
     '<tool_call>{"name": "search", "arguments": {\'q\': \'it\\\'s\', "exact": True, "n": [1,],}</tool_call>\n'
     '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>\n'
     "<tool_call>not json at all</tool_call>\n"
-    'bye <tool_call'
+    "bye <tool_call"
     '<tool_call>{"name": "search", "arguments": {"q": "trunc'
 )
 
@@ -60,13 +60,23 @@ EXPECTED = ParsedDelta(
         ToolCallDelta(1, None, "search", '{"q": "it\'s", "exact": true, "n": [1]}'),
     ],
     invalid_tool_calls=[
-        InvalidToolCall(2, "", "drop_tables", '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>',
-                        "tool 'drop_tables' was not declared (declared: search)"),
-        InvalidToolCall(3, "", None, "<tool_call>not json at all</tool_call>",
-                        "tool call is not JSON: unquoted word 'not' is not a value (strings must be quoted) "
-                        "at position 0 ('not json at all')"),
-        InvalidToolCall(4, "", "search", '<tool_call>{"name": "search", "arguments": {"q": "trunc',
-                        "tool call not closed with </tool_call>"),
+        InvalidToolCall(
+            2,
+            "",
+            "drop_tables",
+            '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>',
+            "tool 'drop_tables' was not declared (declared: search)",
+        ),
+        InvalidToolCall(
+            3,
+            "",
+            None,
+            "<tool_call>not json at all</tool_call>",
+            "tool call is not JSON: unquoted word 'not' is not a value (strings must be quoted) at position 0 ('not json at all')",
+        ),
+        InvalidToolCall(
+            4, "", "search", '<tool_call>{"name": "search", "arguments": {"q": "trunc', "tool call not closed with </tool_call>"
+        ),
     ],
 )
 

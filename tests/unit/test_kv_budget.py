@@ -26,8 +26,12 @@ LONG = 120  # max_new_tokens of the request that keeps the budget busy
 
 
 def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized and layer.keys is not None
-               for t in (layer.keys, layer.values))
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if layer.is_initialized and layer.keys is not None
+        for t in (layer.keys, layer.values)
+    )
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "noshare", "conditional", "gemma3"])

@@ -127,8 +127,8 @@ def test_forced_tool_choice_ends_the_prompt_with_the_call_opening(blank, choice,
 @pytest.mark.parametrize(
     "template,name,continuation",
     [
-        (None, None, 'add{a:1,b:2}<tool_call|>'),
-        (None, "add", 'a:1,b:2}<tool_call|>'),
+        (None, None, "add{a:1,b:2}<tool_call|>"),
+        (None, "add", "a:1,b:2}<tool_call|>"),
         (FALLBACK_CHAT_TEMPLATE, None, 'add", "arguments": {"a": 1, "b": 2}}</tool_call>'),
         (FALLBACK_CHAT_TEMPLATE, "add", '{"a": 1, "b": 2}}</tool_call>'),
     ],
@@ -145,7 +145,7 @@ def test_a_forced_opening_and_its_continuation_parse_as_one_call(blank, template
 def test_tool_choice_none_declares_no_tool_and_accepts_no_call(blank) -> None:
     prepared = blank.prepare(request("Hello", **tool_options([get_weather, add], "none")))
     assert "<|tool>" not in TOKENIZER.decode(prepared.prompt_ids) and prepared.forced == ""
-    parsed = prepared.parser.feed('<|tool_call>call:add{a:1,b:2}<tool_call|>')
+    parsed = prepared.parser.feed("<|tool_call>call:add{a:1,b:2}<tool_call|>")
     assert not parsed.tool_calls and "was not declared" in parsed.invalid_tool_calls[0].error
 
 

@@ -48,7 +48,7 @@ class DraftModelSession:
             prompt, store = list(step.tokens[: self.request.prompt_len]), self.request.prefix_cache
             n, layers = store.lookup(self.drafter, prompt) if store is not None else (0, None)
             self.cache, self.cached = self.model.new_cache(layers, n), prompt[:n]
-        logits = self._feed(list(step.tokens[len(self.cached):]))
+        logits = self._feed(list(step.tokens[len(self.cached) :]))
         self.cached = list(step.tokens)
         drafts, probs = [], []
         for i in range(step.k):

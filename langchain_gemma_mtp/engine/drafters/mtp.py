@@ -42,8 +42,13 @@ class MTPDrafter(StatelessDrafter):
     cost_per_draft_token = 0.1
     sibling_min_chance = MTP_SIBLING_MIN_CHANCE
 
-    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_MTP_STOP_BELOW,
-                 siblings_per_depth: int = DEFAULT_MTP_SIBLINGS):
+    def __init__(
+        self,
+        assistant: PreTrainedModel,
+        target: TargetModel,
+        stop_below: float = DEFAULT_MTP_STOP_BELOW,
+        siblings_per_depth: int = DEFAULT_MTP_SIBLINGS,
+    ):
         self.stop_below = check_mtp_stop_below(stop_below)
         self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
         self.assistant = assistant
@@ -86,19 +91,23 @@ class MTPDrafter(StatelessDrafter):
         ]
         return Draft(tokens, stacked, alternatives)
 
-    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv,
-              masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _step(
+        self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The assistant's forward without its head: (normed last state, projected state for the next
         step, the attention masks it used, for the next step to reuse)."""
         a = self.assistant
         x = a.pre_projection(torch.cat([self.target.embed(token), h], dim=-1))
         if masks is None:
             masks = a.create_attention_masks(x, None, shared_kv)
-        last = a.model(inputs_embeds=x, attention_mask=masks, position_ids=position, shared_kv_states=shared_kv,
-                       use_cache=False).last_hidden_state
+        last = a.model(
+            inputs_embeds=x, attention_mask=masks, position_ids=position, shared_kv_states=shared_kv, use_cache=False
+        ).last_hidden_state
         return last, a.post_projection(last), masks
 
-    def _choose(self, last: torch.Tensor, request: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _choose(
+        self, last: torch.Tensor, request: DraftRequest
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
         greedy, the logits it was the best of with their token ids (None: the whole vocabulary).
         A centroid head scores only its top clusters' tokens, so greedy drafting takes the best of
