@@ -65,8 +65,9 @@ def check_load_options(options: Mapping[str, Any] | None) -> tuple[tuple[str, An
 def context_length(model: str) -> int | None:
     """The context window (`max_position_embeddings`) of a model dir, or of a hub id in the local
     hub cache, read from its config.json without loading anything; None when it is not at hand."""
-    path: Path | str | None = Path(model).expanduser() / "config.json"
-    if not Path(path).is_file():
+    local = Path(model).expanduser() / "config.json"
+    path: Path | str | None = local
+    if not local.is_file():
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
@@ -148,7 +149,7 @@ class _Registry:
             from .engine import Engine
 
             model, drafter, assistant, device, dtype, stop_below, siblings, load_options, prefix_cache_mb = key
-            sized = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
+            sized: dict[str, Any] = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
             engine = Engine.from_pretrained(
                 model,
                 drafter=drafter,

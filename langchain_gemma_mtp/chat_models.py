@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -32,7 +32,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .backends import Backend, check_load_options, context_length, in_process_backend, require_local_packages
 from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings
@@ -498,13 +498,13 @@ class ChatGemmaMTP(BaseChatModel):
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)} for with_structured_output")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        trace: dict[str, Any] = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
         parser: Runnable
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, **trace)
             if is_pydantic:
-                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)
+                parser = PydanticToolsParser(tools=[cast(type[BaseModel], schema)], first_tool_only=True)
             else:
                 parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
@@ -515,7 +515,7 @@ class ChatGemmaMTP(BaseChatModel):
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, **trace)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = PydanticOutputParser(pydantic_object=cast(type[BaseModel], schema)) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"unknown method {method!r}: use 'function_calling', 'json_schema' or 'json_mode'.")
         if not include_raw:
@@ -562,7 +562,8 @@ class _ChunkBuilder:
 def _usage(usage: Mapping[str, Any] | None) -> UsageMetadata | None:
     if usage is None:  # a server that does not report usage
         return None
-    return UsageMetadata(
+    # langchain-core marks output_token_details typing.NotRequired, which mypy knows only from Python 3.11.
+    return UsageMetadata(  # type: ignore[typeddict-item]
         input_tokens=usage["prompt_tokens"],
         output_tokens=usage["completion_tokens"],
         total_tokens=usage["total_tokens"],

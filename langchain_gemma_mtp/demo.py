@@ -22,7 +22,8 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable
 from langgraph.graph import END, START, StateGraph
 from transformers.generation.streamers import BaseStreamer
@@ -83,7 +84,7 @@ class Work(TypedDict, total=False):
     writer: str
 
 
-def node_messages(node: Node, work: Mapping[str, str], task: str = TASK) -> list[BaseMessage]:
+def node_messages(node: Node, work: Mapping[str, object], task: str = TASK) -> list[BaseMessage]:
     """What `node` sends the model: the team and task, the work so far, then its own instruction.
 
     Everything but the instruction is the previous node's prompt plus its answer, so each call
@@ -100,9 +101,9 @@ def build_graph(models: Mapping[str, Runnable], task: str = TASK):
     """The team as a LangGraph graph: START -> planner -> coder -> reviewer -> writer -> END; the
     state maps each node's name to its answer. `models` holds each node's chat model."""
 
-    def step(node: Node) -> Callable[[Work], dict[str, str]]:
-        def run(work: Work) -> dict[str, str]:
-            return {node.name: models[node.name].invoke(node_messages(node, work, task)).content}
+    def step(node: Node):  # a LangGraph node: called with its state as `state`
+        def run(state: Work) -> dict[str, str]:
+            return {node.name: models[node.name].invoke(node_messages(node, state, task)).content}
 
         return run
 
@@ -130,6 +131,12 @@ class Call:
     seconds: float = 0.0
     message: AIMessage | None = None
 
+    @property
+    def usage(self) -> UsageMetadata:
+        """The finished call's token counts (both chat models here always report them)."""
+        assert self.message is not None and self.message.usage_metadata is not None
+        return self.message.usage_metadata
+
 
 class BurstPrinter(BaseCallbackHandler):
     """Records every model call of a graph run (node, bursts, time, final message); with `out`,
@@ -149,7 +156,10 @@ class BurstPrinter(BaseCallbackHandler):
             self.out.write(f"\n[{node}]\n")
             self.out.flush()
 
-    def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+    # Narrower than the base class on purpose: a chat model streams str tokens in ChatGenerationChunks.
+    def on_llm_new_token(  # type: ignore[override]
+        self, token: str, *, chunk: ChatGenerationChunk | None = None, run_id: UUID, **kwargs: Any
+    ) -> None:
         bursts = chunk.message.additional_kwargs.get("burst_sizes", []) if chunk is not None else []
         call = self.calls[run_id]
         mark = "+".join(map(str, bursts))
@@ -164,7 +174,9 @@ class BurstPrinter(BaseCallbackHandler):
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         call = self.calls[run_id]
         call.seconds = time.perf_counter() - call.started
-        call.message = response.generations[0][0].message
+        generation = response.generations[0][0]
+        assert isinstance(generation, ChatGeneration) and isinstance(generation.message, AIMessage)  # a chat model's answer
+        call.message = generation.message
         if self.out is not None:
             self.out.write("\n")
         if self.on_end is not None:
@@ -252,7 +264,7 @@ class GraphRun:
 
     @property
     def tokens(self) -> int:
-        return sum(call.message.usage_metadata["output_tokens"] for call in self.calls.values())
+        return sum(call.usage["output_tokens"] for call in self.calls.values())
 
 
 def run_graph(models: Mapping[str, Runnable], handler: BurstPrinter, task: str = TASK) -> GraphRun:
@@ -274,12 +286,13 @@ def node_table(ours: GraphRun, plain: GraphRun | None) -> list[str]:
     rows = [head + f"{'acceptance':>12}{'mean accepted':>15}  draft lengths (length x steps)"]
     for node in NODES:
         call = ours.calls[node.name]
+        assert call.message is not None  # set when the call ended
         spec = call.message.response_metadata["speculative"]
-        tokens = call.message.usage_metadata["output_tokens"]
+        tokens = call.usage["output_tokens"]
         row = f"{node.name:<10}{spec['draft_hint']!s:<11}{tokens:>7}{tokens / call.seconds:>8.1f}"
         if plain:
             base = plain.calls[node.name]
-            row += f"{base.message.usage_metadata['output_tokens'] / base.seconds:>13.1f}"
+            row += f"{base.usage['output_tokens'] / base.seconds:>13.1f}"
         rows.append(row + f"{spec['acceptance_rate']:>12.0%}{spec['mean_accepted_length']:>15.2f}  {draft_lengths(spec['draft_lengths'])}")
     return rows
 
@@ -287,7 +300,7 @@ def node_table(ours: GraphRun, plain: GraphRun | None) -> list[str]:
 def agreement(ours: GraphRun, plain: GraphRun) -> str:
     """Which nodes answered exactly as plain greedy did, up to the first that did not (and where):
     the nodes after that one read different work, so their answers are not comparable."""
-    same = []
+    same: list[str] = []
     for node in NODES:
         a, b = ours.answers[node.name], plain.answers[node.name]
         if a != b:
@@ -362,8 +375,8 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
         bar.close()
 
     print("\n" + "\n".join(node_table(ours, plain)), file=out)
-    cached = sum(c.message.usage_metadata.get("input_token_details", {}).get("cache_read", 0) for c in ours.calls.values())
-    prompts = sum(c.message.usage_metadata["input_tokens"] for c in ours.calls.values())
+    cached = sum(c.usage.get("input_token_details", {}).get("cache_read", 0) for c in ours.calls.values())
+    prompts = sum(c.usage["input_tokens"] for c in ours.calls.values())
     print(f"\nprompt tokens read from the prefix cache: {cached} of {prompts}", file=out)
     print(f"graph on ChatGemmaMTP:    {ours.tokens} tokens in {ours.seconds:.2f}s", file=out)
     if plain is None:

@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -164,7 +165,7 @@ def _remove_stale_staging(root: pathlib.Path) -> None:
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
     """An exclusive inter-process lock on ``path`` (flock on POSIX, msvcrt on Windows)."""
     with open(path, "a+b") as handle:
-        if os.name == "nt":
+        if sys.platform == "win32":  # (not os.name: type checkers follow sys.platform)
             import msvcrt
 
             handle.seek(0)
@@ -255,7 +256,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
 
         bar.set_postfix_str("save")
         # A dequantized model is a plain one: drop the GGUF quantizer so it saves (and reloads) as such.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on the class
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 

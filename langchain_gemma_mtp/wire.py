@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .hints import check_draft_hint
+from .hints import DraftHint, check_draft_hint
 from .runtime import ChatRequest
 
 
@@ -145,6 +145,7 @@ class _Refusing(BaseModel):
     @field_validator(*UNHONOURED, mode="after", check_fields=False)
     @classmethod
     def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None  # a field validator always runs for a field
         if not _neutral(value, UNHONOURED[info.field_name]):
             raise PydanticCustomError(
                 "unsupported_field",
@@ -155,7 +156,10 @@ class _Refusing(BaseModel):
 
 
 # The fields themselves, any type: only their values are checked.
-_OtherServersFields = create_model("_OtherServersFields", __base__=_Refusing, **{name: (Any, None) for name in (*UNHONOURED, *NO_OPS)})
+if TYPE_CHECKING:  # built at run time; a type checker sees its base
+    _OtherServersFields = _Refusing
+else:
+    _OtherServersFields = create_model("_OtherServersFields", __base__=_Refusing, **{name: (Any, None) for name in (*UNHONOURED, *NO_OPS)})
 
 
 class ChatCompletionBody(_OtherServersFields):
@@ -247,7 +251,7 @@ class ChatCompletionBody(_OtherServersFields):
             ignore_eos=self.ignore_eos,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            draft_hint=spec.draft_hint,
+            draft_hint=cast(DraftHint, spec.draft_hint),  # checked by SpeculativeOptions._known_hint
             num_draft_tokens=spec.num_draft_tokens,
         )
 

@@ -6,9 +6,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 
 from ..errors import DistillError
 
@@ -72,7 +73,7 @@ def text_sequences(tokenizer, paths: Sequence[Path], seq_len: int, budget: int) 
 
 def prompt_list(tokenizer, paths: Sequence[Path]) -> list[list[int]]:
     """Prompts from files: one per line of a .txt (blank lines skipped), one per record of a .jsonl."""
-    prompts = []
+    prompts: list[list[int]] = []
     for path in paths:
         if path.suffix == ".jsonl":
             records = _records(path)
@@ -108,7 +109,9 @@ def generated_sequences(
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=model.device)
         sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=seq_len - width, pad_token_id=pad, **sample)
+        gen = cast(GenerationMixin, model).generate(  # a causal LM generates; PreTrainedModel does not say so
+            input_ids=ids, attention_mask=mask, max_new_tokens=seq_len - width, pad_token_id=pad, **sample
+        )
         stops = set(_as_list(model.generation_config.eos_token_id))
         for p, row in zip(group, gen[:, width:].tolist()):
             cont = []

@@ -8,6 +8,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -111,7 +112,7 @@ class DistillOptions:
 @dataclass
 class DistillResult:
     out: Path
-    assistant: PreTrainedModel  # the trained drafter, in memory, bound to the run's target
+    assistant: Gemma4AssistantForCausalLM  # the trained drafter, in memory, bound to the run's target
     steps: int
     losses: list[float]
     acceptance: list[float]  # held-out, per draft position
@@ -122,7 +123,8 @@ def resolve_architecture(o: DistillOptions) -> DistillOptions:
     """The options with the drafter's shape filled in: from --init's config when given (a shape
     option that contradicts it is an error), else the defaults."""
     if o.init is None:
-        return replace(o, **{k: v if getattr(o, k) is None else getattr(o, k) for k, v in ARCHITECTURE_DEFAULTS.items()})
+        filled: dict[str, Any] = {k: v if getattr(o, k) is None else getattr(o, k) for k, v in ARCHITECTURE_DEFAULTS.items()}
+        return replace(o, **filled)
     config = AutoConfig.from_pretrained(resolve_checkpoint(o.init))
     if config.model_type not in ASSISTANT_MODEL_TYPES:
         raise DistillError(
@@ -148,6 +150,7 @@ def resolve_architecture(o: DistillOptions) -> DistillOptions:
 
 def check_options(o: DistillOptions) -> tuple[Path, object]:
     """Everything that can be checked before loading weights; returns the target dir and its text config."""
+    assert o.layers is not None and o.centroids is not None and o.centroid_top_k is not None  # resolve_architecture ran
     positive = {
         "tokens": o.tokens,
         "layers": o.layers,
@@ -225,7 +228,9 @@ def _sequences(o: DistillOptions, target: PreTrainedModel, tokenizer, bar: bool)
         return torch.load(data_path)
     if tokenizer is None:
         raise DistillError(f"target {o.target} has no tokenizer: distillation reads text, so the checkpoint needs one.")
-    seqs = [(ids, None) for ids in text_sequences(tokenizer, check_files(o.data, "--data"), o.seq_len, o.tokens)]
+    seqs: list[tuple[list[int], int | None]] = [
+        (ids, None) for ids in text_sequences(tokenizer, check_files(o.data, "--data"), o.seq_len, o.tokens)
+    ]
     budget = o.tokens - sum(len(ids) for ids, _ in seqs)
     prompts = prompt_list(tokenizer, check_files(o.prompts, "--prompts"))
     if prompts and budget > 0:
@@ -266,9 +271,10 @@ def _save_state(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrainedModel, Gemma4AssistantConfig]:
+def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[Gemma4AssistantForCausalLM, Gemma4AssistantConfig]:
     """A fresh assistant shaped for the target, or the --init one (checked against it, trained in fp32)."""
     if o.init is None:
+        assert o.layers is not None and o.centroids is not None and o.centroid_top_k is not None  # resolve_architecture ran
         target.read_kv_from(o.kv_layers)
         config = assistant_config(
             target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate, centroids=o.centroids, centroid_top_k=o.centroid_top_k
@@ -276,7 +282,8 @@ def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrain
         if o.kv_layers:
             setattr(config, KV_LAYERS_KEY, dict(o.kv_layers))
         return build_assistant(target, config, seed=o.seed), config
-    assistant, _ = load_causal_lm(o.init, target.device, torch.float32)
+    loaded, _ = load_causal_lm(o.init, target.device, torch.float32)
+    assistant = cast(Gemma4AssistantForCausalLM, loaded)  # resolve_architecture checked its model type
     if o.kv_layers:  # the init's layers now read other target layers: their attention retrains
         setattr(assistant.config, KV_LAYERS_KEY, {**(getattr(assistant.config, KV_LAYERS_KEY, None) or {}), **o.kv_layers})
     try:
@@ -363,13 +370,11 @@ def distill(o: DistillOptions) -> DistillResult:
     for step in range(start, o.steps):
         g = torch.Generator().manual_seed(o.seed * 1_000_003 + step)  # a resumed run draws the same negatives
         negatives = torch.randint(target.vocab_size, (NEGATIVES,), generator=g) if top_m else None
-        loss = (
-            sum(
-                unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives, o.query_weight)
-                for i in range(o.batch)
-            )
-            / o.batch
-        )
+        batch_losses = [
+            unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives, o.query_weight)
+            for i in range(o.batch)
+        ]
+        loss = sum(batch_losses[1:], batch_losses[0]) / o.batch
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -404,7 +409,7 @@ def distill(o: DistillOptions) -> DistillResult:
 
 
 def distill_assistant(
-    assistant: PreTrainedModel,
+    assistant: Gemma4AssistantForCausalLM,
     target: TargetModel,
     sequences: Iterable[Sequence[int]],
     *,

@@ -48,7 +48,7 @@ class Engine:
         self,
         target: PreTrainedModel | TargetModel,
         drafter: Drafter | None = None,
-        tokenizer: object | None = None,
+        tokenizer: Any = None,  # a transformers tokenizer, used duck-typed (decode, encode, chat template)
         *,
         stop_token_ids: Iterable[int] | None = None,
         name: str | None = None,
@@ -136,6 +136,7 @@ class Engine:
         target = TargetModel(target_model)
         chosen: Drafter
         if drafter in MTP_DRAFTERS:
+            assert assistant is not None  # found or given above, or the drafter was refused
             helper, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             validate_mtp_pair(target, helper)
             chosen = MTPDrafter(
@@ -144,6 +145,7 @@ class Engine:
             if drafter == "hybrid":
                 chosen = HybridDrafter(chosen, NgramDrafter())
         elif drafter == "draft_model":
+            assert assistant is not None  # given, or "auto" would not have chosen a draft model
             draft_lm, _ = load_causal_lm(assistant, dev, dt, options=helper_options)
             draft = TargetModel(draft_lm)
             validate_draft_model(target, draft)
@@ -261,7 +263,7 @@ class Engine:
         return await self.submit(prompt_ids, **kwargs).aresult()
 
 
-def _bias_copy(logit_bias: object) -> object:
+def _bias_copy(logit_bias: Mapping[int, float] | None) -> Mapping[int, float]:
     """A copy of a logit_bias mapping (the request must not change under it); anything else as given, for validation to name."""
     return dict(logit_bias) if isinstance(logit_bias, Mapping) else {} if logit_bias is None else logit_bias
 

@@ -68,6 +68,7 @@ class DraftPolicy:
     def next_length(self) -> int:
         if self.fixed is not None:
             return self.fixed
+        assert self.estimate is not None  # every policy is built with a fixed length or an estimate
         with self._lock:
             return best_draft_length(self.estimate.alpha, self.cost)
 

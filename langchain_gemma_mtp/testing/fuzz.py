@@ -16,7 +16,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -126,6 +126,7 @@ def good_body(model: str, rng: random.Random, max_tokens: int = 16) -> dict[str,
 
 def _paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
     """Every place in a JSON value (as key/index paths), the root excluded."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -316,7 +317,7 @@ def send(case: FuzzCase, url: str, timeout_s: float = 30.0) -> FuzzOutcome:
     head, body = _request_bytes(case, parts.netloc)
     data = b""
     try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s) as sock:
             try:
                 sock.sendall(head + body)
             except OSError:  # the server answered (a 413) and closed before reading it all

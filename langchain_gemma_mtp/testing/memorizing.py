@@ -59,7 +59,7 @@ def training_sequences(engine: Engine, items: Sequence[Transcript]) -> list[tupl
     ]
 
 
-def _batches(sequences: list[tuple[list[int], list[int]]], size: int = 6) -> list[tuple[torch.Tensor, ...]]:
+def _batches(sequences: list[tuple[list[int], list[int]]], size: int = 6) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Padded batches of similar length; labels only on completions (prompts are context, not targets)."""
     ordered = sorted(sequences, key=lambda s: len(s[0]) + len(s[1]))
     batches = []
@@ -97,7 +97,7 @@ def memorize_completions(model: Gemma4ForCausalLM, sequences: list[tuple[list[in
 
 
 @torch.no_grad()
-def _all_memorized(model: Gemma4ForCausalLM, batches: list[tuple[torch.Tensor, ...]]) -> bool:
+def _all_memorized(model: Gemma4ForCausalLM, batches: Sequence[tuple[torch.Tensor, ...]]) -> bool:
     model.eval()
     for ids, mask, labels in batches:
         predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)

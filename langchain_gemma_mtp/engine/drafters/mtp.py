@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from transformers import PreTrainedModel
+from transformers import Gemma4AssistantForCausalLM, PreTrainedModel
 
 from ...draft_settings import (
     DEFAULT_MTP_SIBLINGS,
@@ -51,13 +53,15 @@ class MTPDrafter(StatelessDrafter):
     ):
         self.stop_below = check_mtp_stop_below(stop_below)
         self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
-        self.assistant = assistant
+        # An MTP assistant checkpoint loads as this class; the drafter calls its parts directly.
+        self.assistant = cast(Gemma4AssistantForCausalLM, assistant)
         self.target = target
         target.pair(assistant)
 
     def propose(self, step: DraftStep) -> Draft:
         if step.k <= 0 or step.shared_kv is None:
             return NO_DRAFT
+        assert step.hidden is not None  # the target hands its hidden state with its K/V
         request = step.request
         device = self.target.device
         position = torch.tensor([[len(step.tokens) - 1]], device=device)
@@ -73,6 +77,7 @@ class MTPDrafter(StatelessDrafter):
                 continue
             # One host sync per draft step: the drafter's own probabilities of its best tokens.
             if q is None:
+                assert scores is not None  # _choose returns the scores whenever q is None
                 top = torch.softmax(scores.float(), -1).topk(min(self.siblings_per_depth + 1, scores.shape[-1]))
                 best = top.values.tolist()
                 offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
