@@ -37,12 +37,15 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
-from langchain_gemma_mtp.testing import (  # noqa: F401 (TOKENIZER_DIR and build_chat_target are re-exported for the tests)
-    TOKENIZER_DIR,
+from langchain_gemma_mtp.testing import (
+    TOKENIZER_DIR,  # noqa: F401 (re-exported for the tests)
     Transcript,
     memorizing_chat_model,
     structured_options,
     tool_options,
+)
+from langchain_gemma_mtp.testing import (
+    build_chat_target as build_target,  # noqa: F401 (re-exported for the tests)
 )
 
 
