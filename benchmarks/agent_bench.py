@@ -34,8 +34,12 @@ CONCURRENT = ("code-fib", "prose-email", "rag-quote", "tool-weather")
 
 def agent_trace() -> list[list[dict]]:
     """The two agent turns, their system prompt extended with the reference notes an agent carries."""
-    notes = "\n\n".join(m["content"] for wid in ("rag-quote", "rag-summary", "code-edit", "code-typehints")
-                        for m in WORKLOADS[wid]["messages"] if m["role"] == "user")
+    notes = "\n\n".join(
+        m["content"]
+        for wid in ("rag-quote", "rag-summary", "code-edit", "code-typehints")
+        for m in WORKLOADS[wid]["messages"]
+        if m["role"] == "user"
+    )
     turns = []
     for wid in ("agent-turn-1", "agent-turn-2"):
         messages = [dict(m) for m in WORKLOADS[wid]["messages"]]
@@ -84,8 +88,9 @@ def bench_trace(engine: Engine, runtime: ChatRuntime, repeats: int, max_new: int
         warm.append(secs)
         cached.append(reused)
     hf = [hf_secs(engine.model, turn2, 1) for _ in range(repeats)]
-    rows.update(cold_ttft=statistics.median(cold), warm_ttft=statistics.median(warm), hf_ttft=statistics.median(hf),
-                warm_cached_tokens=cached[-1])
+    rows.update(
+        cold_ttft=statistics.median(cold), warm_ttft=statistics.median(warm), hf_ttft=statistics.median(hf), warm_cached_tokens=cached[-1]
+    )
     rows["warm_over_cold"] = rows["warm_ttft"] / rows["cold_ttft"]
     return rows
 
@@ -148,12 +153,17 @@ def main() -> None:
     print("| agent trace turn 2 | time to first token | vs cold |\n|---|---|---|")
     for key, label in (("cold_ttft", "ours cold"), ("warm_ttft", "ours warm (after turn 1)"), ("hf_ttft", "HF generate")):
         print(f"| {label} | {trace[key] * 1000:.0f} ms | x{trace[key] / trace['cold_ttft']:.2f} |")
-    print(f"\nprompt tokens: turn 1 {trace['turn1_prompt_tokens']}, turn 2 {trace['turn2_prompt_tokens']} "
-          f"({trace['warm_cached_tokens']} read from the prefix cache when warm)\n")
+    print(
+        f"\nprompt tokens: turn 1 {trace['turn1_prompt_tokens']}, turn 2 {trace['turn2_prompt_tokens']} "
+        f"({trace['warm_cached_tokens']} read from the prefix cache when warm)\n"
+    )
     print("| 4 streams | aggregate tok/s | worst first chunk | first chunks |\n|---|---|---|---|")
     for name, r in streams.items():
-        print(f"| {name} | {r['tok_s']:.1f} | {r['worst_first'] * 1000:.0f} ms | "
-              + ", ".join(f"{f * 1000:.0f}" for f in r["first"]) + " ms |")
+        print(
+            f"| {name} | {r['tok_s']:.1f} | {r['worst_first'] * 1000:.0f} ms | "
+            + ", ".join(f"{f * 1000:.0f}" for f in r["first"])
+            + " ms |"
+        )
     write_results(args.out, args, trace=trace, streams=streams)
 
 

@@ -115,8 +115,9 @@ def workload_prompts(tokenizer: Any, kinds: set[str] | None = None) -> list[tupl
             continue
         if {m.get("content") for m in w["messages"]} & trained:
             raise ValueError(f"workload {w['id']} is among the drafter's training prompts: benchmark on held-out prompts")
-        ids = tokenizer.apply_chat_template(plain_turns(w["messages"], w.get("tools")), add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            plain_turns(w["messages"], w.get("tools")), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         out.append((w["id"], w.get("kind", "?"), list(ids)))
     return out
 

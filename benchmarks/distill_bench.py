@@ -27,8 +27,7 @@ import torch
 
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
-from langchain_gemma_mtp.engine.drafters import NoDrafter
-from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
+from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep, NoDrafter
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 
 from .common import median_seconds, parser, set_threads, timed_rounds, workload_prompts, write_results
@@ -76,14 +75,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--assistant", default=str(EMBEDDED_ASSISTANT_DIR))
     ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4, 6])
-    ap.add_argument("--stop-below", type=float, nargs="+", default=[0.0],
-                    help="early-stop thresholds to try at every k (0: always draft k)")
-    ap.add_argument("--siblings", type=int, nargs="+", default=[0],
-                    help="siblings per draft depth to try at every setting (0: verify the chain alone)")
-    ap.add_argument("--sibling-min", type=float, nargs="+", default=[MTPDrafter.sibling_min_chance],
-                    help="least drafter-estimated chance for a sibling to be verified, tried at every setting")
-    ap.add_argument("--centroid-top-k", type=int, nargs="+", default=[0],
-                    help="centroid clusters the drafter scores per step, tried at every setting (0: the drafter's own)")
+    ap.add_argument(
+        "--stop-below", type=float, nargs="+", default=[0.0], help="early-stop thresholds to try at every k (0: always draft k)"
+    )
+    ap.add_argument(
+        "--siblings", type=int, nargs="+", default=[0], help="siblings per draft depth to try at every setting (0: verify the chain alone)"
+    )
+    ap.add_argument(
+        "--sibling-min",
+        type=float,
+        nargs="+",
+        default=[MTPDrafter.sibling_min_chance],
+        help="least drafter-estimated chance for a sibling to be verified, tried at every setting",
+    )
+    ap.add_argument(
+        "--centroid-top-k",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="centroid clusters the drafter scores per step, tried at every setting (0: the drafter's own)",
+    )
     ap.add_argument("--kinds", nargs="*", help="only these workload kinds (default: all)")
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=1, help="run every setting this many times, interleaved, and keep the fastest")
@@ -99,41 +110,76 @@ def main() -> None:
     # The least chance means nothing without siblings: one such setting, not one per value.
     embedder = mtp.drafter.assistant.masked_embedding
     own_top_k = embedder.centroid_intermediate_top_k if embedder is not None else 0
-    settings = list(dict.fromkeys((k, stop, sib, least if sib else 0.0, top or own_top_k) for k in args.k for stop in args.stop_below
-                                  for sib in args.siblings for least in args.sibling_min for top in args.centroid_top_k))
+    settings = list(
+        dict.fromkeys(
+            (k, stop, sib, least if sib else 0.0, top or own_top_k)
+            for k in args.k
+            for stop in args.stop_below
+            for sib in args.siblings
+            for least in args.sibling_min
+            for top in args.centroid_top_k
+        )
+    )
     for k in args.k:
         run(mtp, prompts[0][2], 8, k)
     costs = on_short_lived_thread(lambda: step_costs(mtp, prompts[0][2]))
-    print(f"draft step {costs['draft_step_s'] * 1e3:.1f} ms, target decode forward {costs['target_forward_s'] * 1e3:.1f} ms "
-          f"(ratio {costs['draft_step_over_target']:.2f})", flush=True)
+    print(
+        f"draft step {costs['draft_step_s'] * 1e3:.1f} ms, target decode forward {costs['target_forward_s'] * 1e3:.1f} ms "
+        f"(ratio {costs['draft_step_over_target']:.2f})",
+        flush=True,
+    )
     rows = []
     for pid, kind, ids in prompts:
         calls = [lambda ids=ids: run(plain, ids, args.max_new, None)]
         for k, stop, sib, least, top in settings:
+
             def call(k=k, stop=stop, sib=sib, least=least, top=top, ids=ids):
                 mtp.drafter.stop_below, mtp.drafter.siblings_per_depth, mtp.drafter.sibling_min_chance = stop, sib, least
                 if embedder is not None:
                     embedder.centroid_intermediate_top_k = top
                 return run(mtp, ids, args.max_new, k)
+
             calls.append(call)
         (base, base_rounds), *timed = timed_rounds(calls, args.repeats)
         base_s = min(base_rounds)
         for (k, stop, sib, least, top), (result, secs_rounds) in zip(settings, timed):
             secs = min(secs_rounds)
             speedup = (len(result.token_ids) / secs) / (len(base.token_ids) / base_s)
-            rows.append(dict(id=pid, kind=kind, k=k, stop_below=stop, siblings=sib, sibling_min=least, centroid_top_k=top, drafted=result.stats.drafted,
-                             verified=result.stats.drafted + result.stats.siblings, tokens=len(result.token_ids), secs=secs, plain_secs=base_s,
-                             secs_rounds=secs_rounds, plain_secs_rounds=base_rounds,
-                             plain_tokens=len(base.token_ids), speedup=speedup,
-                             mean_accepted_length=result.stats.mean_accepted_length,
-                             per_position=result.stats.per_position_acceptance,
-                             forwards=result.stats.target_forwards, same=result.token_ids == base.token_ids))
-            print(f"{pid} k={k} stop below {stop} siblings {sib} (min {least}) top {top}: accepted length {result.stats.mean_accepted_length:.2f}, "
-                  f"speedup x{speedup:.2f} (paired x{paired_speedup(rows[-1:]):.2f})"
-                  f"{'' if rows[-1]['same'] else ' (differs from plain)'}", flush=True)
+            rows.append(
+                dict(
+                    id=pid,
+                    kind=kind,
+                    k=k,
+                    stop_below=stop,
+                    siblings=sib,
+                    sibling_min=least,
+                    centroid_top_k=top,
+                    drafted=result.stats.drafted,
+                    verified=result.stats.drafted + result.stats.siblings,
+                    tokens=len(result.token_ids),
+                    secs=secs,
+                    plain_secs=base_s,
+                    secs_rounds=secs_rounds,
+                    plain_secs_rounds=base_rounds,
+                    plain_tokens=len(base.token_ids),
+                    speedup=speedup,
+                    mean_accepted_length=result.stats.mean_accepted_length,
+                    per_position=result.stats.per_position_acceptance,
+                    forwards=result.stats.target_forwards,
+                    same=result.token_ids == base.token_ids,
+                )
+            )
+            print(
+                f"{pid} k={k} stop below {stop} siblings {sib} (min {least}) top {top}: accepted length {result.stats.mean_accepted_length:.2f}, "
+                f"speedup x{speedup:.2f} (paired x{paired_speedup(rows[-1:]):.2f})"
+                f"{'' if rows[-1]['same'] else ' (differs from plain)'}",
+                flush=True,
+            )
     print(f"\n## Distilled MTP drafter, Gemma 3 270M, {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
-    print(f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
-          f"decode forward ({costs['target_forward_s'] * 1e3:.1f} ms)\n")
+    print(
+        f"Drafter step: {costs['draft_step_s'] * 1e3:.1f} ms = {costs['draft_step_over_target']:.2f} x a target "
+        f"decode forward ({costs['target_forward_s'] * 1e3:.1f} ms)\n"
+    )
     print(summary_table(rows))
     write_results(args.out, args, step_costs=costs, rows=rows)
 
@@ -144,10 +190,16 @@ def summary_table(rows: list[dict]) -> str:
     time of the fastest runs; and paired round by round, where rounds were recorded), identity."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["kind"], r["k"], r.get("stop_below", 0.0), r.get("siblings", 0), r.get("sibling_min", 0.0), r.get("centroid_top_k"))].append(r)
-    lines = [("| kind | k | stop below | siblings (least chance) | clusters | prompts | mean accepted length | drafted per forward "
-              "| verified per forward | speedup vs plain | paired | same as plain |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        groups[
+            (r["kind"], r["k"], r.get("stop_below", 0.0), r.get("siblings", 0), r.get("sibling_min", 0.0), r.get("centroid_top_k"))
+        ].append(r)
+    lines = [
+        (
+            "| kind | k | stop below | siblings (least chance) | clusters | prompts | mean accepted length | drafted per forward "
+            "| verified per forward | speedup vs plain | paired | same as plain |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (kind, k, stop, sib, least, top), rs in sorted(groups.items(), key=lambda g: tuple(x or 0 for x in g[0])):
         spec = sum(r["tokens"] for r in rs) / sum(r["secs"] for r in rs)
         base = sum(r["plain_tokens"] for r in rs) / sum(r["plain_secs"] for r in rs)
@@ -155,9 +207,11 @@ def summary_table(rows: list[dict]) -> str:
         forwards = sum(r["forwards"] for r in rs)
         drafted = sum(r.get("drafted", 0) for r in rs) / forwards
         verified = sum(r.get("verified", r.get("drafted", 0)) for r in rs) / forwards
-        lines.append(f"| {kind} | {k} | {stop:g} | {sib} ({least:g}) | {top or '-'} | {len(rs)} | {mal:.2f} | {drafted:.2f} | {verified:.2f} | {spec / base:.2f}x | "
-                     f"{f'{paired_speedup(rs):.2f}x' if all('secs_rounds' in r for r in rs) else '-'} | "
-                     f"{sum(r['same'] for r in rs)}/{len(rs)} |")
+        lines.append(
+            f"| {kind} | {k} | {stop:g} | {sib} ({least:g}) | {top or '-'} | {len(rs)} | {mal:.2f} | {drafted:.2f} | {verified:.2f} | {spec / base:.2f}x | "
+            f"{f'{paired_speedup(rs):.2f}x' if all('secs_rounds' in r for r in rs) else '-'} | "
+            f"{sum(r['same'] for r in rs)}/{len(rs)} |"
+        )
     return "\n".join(lines)
 
 

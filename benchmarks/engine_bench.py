@@ -40,12 +40,11 @@ def hf_run(model, ids, max_new, calls, **kw):
             return timed(lambda: model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, **kw))
 
     out, secs = on_short_lived_thread(run)
-    return out[0, len(ids):].tolist(), secs, calls[0] - before
+    return out[0, len(ids) :].tolist(), secs, calls[0] - before
 
 
 # The draft hint each workload kind would get from an agent step.
-KIND_HINT = {"code": "code", "copy_edit": "code", "prose": "prose", "long_form": "long_form", "rag": "prose",
-             "tool_call": "tool_call"}
+KIND_HINT = {"code": "code", "copy_edit": "code", "prose": "prose", "long_form": "long_form", "rag": "prose", "tool_call": "tool_call"}
 
 
 def ours_run(engine, ids, max_new, k, hint=None):
@@ -74,13 +73,19 @@ def bench_prompt(model, engines, assistant, ids, kind, max_new, k, calls, repeat
     for name, engine in engines.items():
         toks, secs, stats = best(lambda: ours_run(engine, ids, max_new, None if name == "none" else k))
         label = f"ours {name}" + ("" if name == "none" else f" k={k}")
-        rows[label] = dict(tokens=len(toks), secs=secs, forwards=stats.target_forwards,
-                           acceptance=stats.acceptance_rate if name != "none" else None, same=toks == ref)
+        rows[label] = dict(
+            tokens=len(toks),
+            secs=secs,
+            forwards=stats.target_forwards,
+            acceptance=stats.acceptance_rate if name != "none" else None,
+            same=toks == ref,
+        )
         if name != "none":  # the per-call hint with its adaptive length, as an agent node would run it
             hint = KIND_HINT.get(kind, "auto")
             toks, secs, stats = best(lambda: ours_run(engine, ids, max_new, None, hint))
-            rows[f"ours {name} hint"] = dict(tokens=len(toks), secs=secs, forwards=stats.target_forwards,
-                                            acceptance=stats.acceptance_rate, same=toks == ref)
+            rows[f"ours {name} hint"] = dict(
+                tokens=len(toks), secs=secs, forwards=stats.target_forwards, acceptance=stats.acceptance_rate, same=toks == ref
+            )
     return rows
 
 
@@ -107,7 +112,7 @@ def tiny_setup(dtype):
     g = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(3, VOCAB, (40,), generator=g).tolist() for _ in range(8)]
     with torch.inference_mode():
-        texts = [p + target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64)[0, len(p):].tolist() for p in prompts]
+        texts = [p + target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64)[0, len(p) :].tolist() for p in prompts]
     distill_assistant(assistant, TargetModel(target), texts[:6], steps=150, draft_steps=4)
     assistant = assistant.to(dtype)
     return target, assistant, [(f"tiny-{i}", "held-out" if i >= 6 else "seen", p) for i, p in enumerate(prompts)], "tiny Gemma 4 pair"
@@ -125,7 +130,9 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, assistant, prompts, title = on_short_lived_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
+    model, assistant, prompts, title = (
+        on_short_lived_thread(lambda: tiny_setup(dtype)) if args.model == "tiny" else embedded_setup(dtype, args.mtp)
+    )
     if args.limit:
         prompts = prompts[: args.limit]
     calls = count_forwards(model)
@@ -142,11 +149,20 @@ def main() -> None:
         rows = bench_prompt(model, engines, assistant, ids, kind, args.max_new, args.k, calls, args.repeats)
         base = rows["hf greedy"]
         for method, r in rows.items():
-            r.update(id=pid, kind=kind, method=method, tok_s=r["tokens"] / r["secs"],
-                     vs_hf_greedy=(r["tokens"] / r["secs"]) / (base["tokens"] / base["secs"]))
+            r.update(
+                id=pid,
+                kind=kind,
+                method=method,
+                tok_s=r["tokens"] / r["secs"],
+                vs_hf_greedy=(r["tokens"] / r["secs"]) / (base["tokens"] / base["secs"]),
+            )
             results.append(r)
-        print(pid, kind, "  ".join(f"{m}: {r['tok_s']:.1f} tok/s x{r['vs_hf_greedy']:.2f}{'' if r['same'] else ' (differs)'}"
-                                   for m, r in rows.items()), flush=True)
+        print(
+            pid,
+            kind,
+            "  ".join(f"{m}: {r['tok_s']:.1f} tok/s x{r['vs_hf_greedy']:.2f}{'' if r['same'] else ' (differs)'}" for m, r in rows.items()),
+            flush=True,
+        )
     print(f"\n## {title}, {args.dtype}, {args.threads} threads, {args.max_new} new tokens, k={args.k}\n")
     print(summary_table(results))
     write_results(args.out, args, title=title, rows=results)

@@ -39,8 +39,13 @@ def main() -> None:
             assert torch.equal(logits.argmax(-1), greedy_ids(logits))
             arg = median_seconds(lambda: logits.argmax(-1), args.repeats)
             greedy = median_seconds(lambda: greedy_ids(logits), args.repeats)
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours, argmax_s=arg, greedy_ids_s=greedy))
-            print(f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} | {arg * 1e3:.2f} | {greedy * 1e3:.2f} |", flush=True)
+            rows.append(
+                dict(dtype=str(dtype).removeprefix("torch."), rows=n, linear_s=ref, project_s=ours, argmax_s=arg, greedy_ids_s=greedy)
+            )
+            print(
+                f"| {rows[-1]['dtype']} | {n} | {ref * 1e3:.1f} | {ours * 1e3:.1f} | x{ref / ours:.2f} | {arg * 1e3:.2f} | {greedy * 1e3:.2f} |",
+                flush=True,
+            )
     write_results(args.out, args, rows=rows)
 
 

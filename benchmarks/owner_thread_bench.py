@@ -97,8 +97,10 @@ def main() -> None:
         "micro beside a parked thread": lambda: (None, parked(lambda: on_short_lived_thread(micro_seconds))),
     }
     best = dict(zip(calls, (min(secs) for _, secs in timed_rounds(list(calls.values()), args.repeats))))
-    rows = {name: dict(seconds=secs, vs_alone=secs / best["micro alone" if name.startswith("micro") else "alone"])
-            for name, secs in best.items()}
+    rows = {
+        name: dict(seconds=secs, vs_alone=secs / best["micro alone" if name.startswith("micro") else "alone"])
+        for name, secs in best.items()
+    }
     print(f"\n## Owner thread, Gemma 3 270M (embedded), {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
     print("| setting | time | vs alone |\n|---|---|---|")
     for name, row in rows.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 METHODS = ("hf greedy", "hf prompt lookup", "ours none", "ours ngram", "ours ngram hint", "ours hybrid", "ours hybrid hint")
 

@@ -94,8 +94,20 @@ def main() -> int:
         model = str(chat_checkpoint())
         # The child serves this checkout's package, whatever is installed.
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-        serve_args = ["--model", model, "--log-level", "critical", "--max-tokens-limit", "64",
-                      "--max-concurrent", "2", "--max-queued", "2", "--max-body-bytes", "1000000"]
+        serve_args = [
+            "--model",
+            model,
+            "--log-level",
+            "critical",
+            "--max-tokens-limit",
+            "64",
+            "--max-concurrent",
+            "2",
+            "--max-queued",
+            "2",
+            "--max-body-bytes",
+            "1000000",
+        ]
         with serve_in_subprocess(serve_args, env=env) as server:
             outcomes = fuzz(server.url, model, args.count, args.seconds, args.workers, args.seed, args.timeout, args.max_tokens)
             problems = failures(outcomes) + after_checks(server.url, model, args.timeout, HELLO_ANSWER)
@@ -110,8 +122,16 @@ def main() -> int:
     for problem in problems:
         print("PROBLEM:", problem)
     print("OK" if not problems else f"{len(problems)} problems")
-    write_results(args.out, args, cases=len(outcomes), wall_s=round(wall, 2), slowest_s=round(slowest, 3),
-                  statuses=dict(statuses), kinds=dict(kinds), problems=problems)
+    write_results(
+        args.out,
+        args,
+        cases=len(outcomes),
+        wall_s=round(wall, 2),
+        slowest_s=round(slowest, 3),
+        statuses=dict(statuses),
+        kinds=dict(kinds),
+        problems=problems,
+    )
     return 1 if problems else 0
 
 

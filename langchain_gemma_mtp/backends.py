@@ -55,8 +55,9 @@ def require_local_packages() -> None:
 def context_length(model: str) -> int | None:
     """The context window (`max_position_embeddings`) of a model dir, or of a hub id in the local
     hub cache, read from its config.json without loading anything; None when it is not at hand."""
-    path: Path | str | None = Path(model).expanduser() / "config.json"
-    if not Path(path).is_file():
+    local = Path(model).expanduser() / "config.json"
+    path: Path | str | None = local
+    if not local.is_file():
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
@@ -159,14 +160,29 @@ REGISTRY = _Registry()
 
 
 def engine_key(
-    model: str, drafter: str, assistant: str | None, device: str | None, dtype: str | None,
-    mtp_stop_below: float | None = None, mtp_siblings: int | None = None,
-    load_options: Mapping[str, Any] | None = None, prefix_cache_mb: float | None = None,
+    model: str,
+    drafter: str,
+    assistant: str | None,
+    device: str | None,
+    dtype: str | None,
+    mtp_stop_below: float | None = None,
+    mtp_siblings: int | None = None,
+    load_options: Mapping[str, Any] | None = None,
+    prefix_cache_mb: float | None = None,
 ) -> EngineSpec:
     """The registry key of an in-process engine: its checked `EngineSpec`."""
     require_local_packages()
-    return EngineSpec.of(model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below, mtp_siblings=mtp_siblings,
-                         load_options=load_options, prefix_cache_mb=prefix_cache_mb)
+    return EngineSpec.of(
+        model,
+        drafter,
+        assistant,
+        device,
+        dtype,
+        mtp_stop_below=mtp_stop_below,
+        mtp_siblings=mtp_siblings,
+        load_options=load_options,
+        prefix_cache_mb=prefix_cache_mb,
+    )
 
 
 def in_process_backend(

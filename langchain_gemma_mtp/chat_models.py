@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -32,14 +32,14 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .backends import Backend, context_length, in_process_backend, require_local_packages
-from .engine_spec import check_load_options
-from .http_backend import HTTPBackend
-from .errors import InvalidRequestError
 from .draft_settings import MAX_DRAFT_TOKENS, DrafterName, mtp_settings
+from .engine_spec import check_load_options
+from .errors import InvalidRequestError
 from .hints import DraftHint, check_draft_hint
+from .http_backend import HTTPBackend
 from .messages import convert_tools, from_langchain, normalize_tool_choice
 from .runtime import ChatRequest
 
@@ -74,7 +74,16 @@ _PROFILE: ModelProfile = {
 }
 
 # Logits processors and stop ids (the engine's names), as fields and per-call options.
-_SAMPLING_FIELDS = ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "ignore_eos")
+_SAMPLING_FIELDS = (
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "ignore_eos",
+)
 # Options a call may pass (invoke kwargs, `.bind`, `bind_tools`, create_agent model settings).
 _CALL_OPTIONS = frozenset(
     {
@@ -285,8 +294,14 @@ class ChatGemmaMTP(BaseChatModel):
             self._backend = self._http_backend(self.timeout, self.max_retries)
         elif self._backend is None:
             self._backend = in_process_backend(
-                self.model, self.drafter, self.assistant_model, self.device, self.dtype,
-                mtp_stop_below=self.mtp_stop_below, mtp_siblings=self.mtp_siblings, load_options=self.model_kwargs,
+                self.model,
+                self.drafter,
+                self.assistant_model,
+                self.device,
+                self.dtype,
+                mtp_stop_below=self.mtp_stop_below,
+                mtp_siblings=self.mtp_siblings,
+                load_options=self.model_kwargs,
                 engine=self.engine,
             )
         return self._backend
@@ -337,8 +352,7 @@ class ChatGemmaMTP(BaseChatModel):
         model = kwargs.pop("model", None)
         if model is not None and model != self.model:
             raise InvalidRequestError(
-                f"this ChatGemmaMTP runs {self.model!r} and cannot switch to {model!r} per call: "
-                "make another ChatGemmaMTP(model=...)."
+                f"this ChatGemmaMTP runs {self.model!r} and cannot switch to {model!r} per call: make another ChatGemmaMTP(model=...)."
             )
         options = {name: getattr(self, name) for name in _PER_CALL_FIELDS}
         options.update(kwargs)
@@ -352,16 +366,24 @@ class ChatGemmaMTP(BaseChatModel):
             return kwargs
         return {**kwargs, "draft_hint": hint}
 
-    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AIMessage:
         return super().invoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AIMessage:
         return await super().ainvoke(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
         return super().stream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
-    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
         return super().astream(input, config, stop=stop, **self._with_config_hint(config, kwargs))
 
     # -- generation -----------------------------------------------------------------------------
@@ -477,13 +499,13 @@ class ChatGemmaMTP(BaseChatModel):
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)} for with_structured_output")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        trace: dict[str, Any] = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
         parser: Runnable
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, **trace)
             if is_pydantic:
-                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)
+                parser = PydanticToolsParser(tools=[cast(type[BaseModel], schema)], first_tool_only=True)
             else:
                 parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
@@ -494,7 +516,7 @@ class ChatGemmaMTP(BaseChatModel):
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, **trace)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = PydanticOutputParser(pydantic_object=cast(type[BaseModel], schema)) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"unknown method {method!r}: use 'function_calling', 'json_schema' or 'json_mode'.")
         if not include_raw:
@@ -541,7 +563,8 @@ class _ChunkBuilder:
 def _usage(usage: Mapping[str, Any] | None) -> UsageMetadata | None:
     if usage is None:  # a server that does not report usage
         return None
-    return UsageMetadata(
+    # langchain-core marks output_token_details typing.NotRequired, which mypy knows only from Python 3.11.
+    return UsageMetadata(  # type: ignore[typeddict-item]
         input_tokens=usage["prompt_tokens"],
         output_tokens=usage["completion_tokens"],
         total_tokens=usage["total_tokens"],

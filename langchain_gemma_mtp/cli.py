@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
@@ -20,7 +19,6 @@ from .draft_settings import (
     MTP_DRAFTERS,
 )
 from .errors import GemmaMTPError
-
 
 DTYPE_HELP = (
     "float32 (exact: speculative greedy equals plain greedy) or bfloat16; default $GEMMA_MTP_DTYPE, "
@@ -58,9 +56,18 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise SystemExit(f"gemma-mtp serve: cannot read --chat-template {args.chat_template}: {exc.strerror}") from exc
     try:
-        runtime = load_runtime(args.model, args.drafter, args.assistant, args.device, args.dtype,
-                               mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings,
-                               prefix_cache_mb=args.prefix_cache_mb, chat_template=template, kv_cache_mb=args.kv_cache_mb)
+        runtime = load_runtime(
+            args.model,
+            args.drafter,
+            args.assistant,
+            args.device,
+            args.dtype,
+            mtp_stop_below=args.mtp_stop_below,
+            mtp_siblings=args.mtp_siblings,
+            prefix_cache_mb=args.prefix_cache_mb,
+            chat_template=template,
+            kv_cache_mb=args.kv_cache_mb,
+        )
     except GemmaMTPError as exc:  # a missing or mismatched checkpoint: the message says what to do
         raise SystemExit(f"gemma-mtp serve: {exc}") from exc
     settings = ServerSettings(
@@ -87,8 +94,10 @@ def distill(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     options = DistillOptions(**{**given, "kv_layers": dict(args.kv_layers)})  # TYPE=INDEX pairs
     result = run(options)
-    print(f"saved {result.out} after {result.steps} steps: held-out mean accepted length at k={options.draft_steps} "
-          f"{result.mean_accepted_length:.2f}")
+    print(
+        f"saved {result.out} after {result.steps} steps: held-out mean accepted length at k={options.draft_steps} "
+        f"{result.mean_accepted_length:.2f}"
+    )
     return 0
 
 
@@ -126,36 +135,69 @@ def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("distill", parents=[common], help="train a Gemma 4 MTP assistant (drafter) for a target, offline")
     p.add_argument("--target", required=True, help="target model dir or hub id ('embedded': the demo's Gemma 3 270M)")
     p.add_argument("--out", required=True, help="directory for the drafter (loads as assistant=DIR) and its resumable state")
-    p.add_argument("--init", default=None, metavar="DIR",
-                   help="start from this drafter (an earlier --out, or the assistant released for the model a target "
-                        "was fine-tuned from); its shape replaces --layers/--hidden/--intermediate/--centroids")
-    p.add_argument("--data", nargs="*", default=[], metavar="FILE",
-                   help="text to train on: .txt, or .jsonl of {text}, {messages} (chat template) records")
-    p.add_argument("--prompts", nargs="*", default=[], metavar="FILE",
-                   help="prompts the target continues itself (one per line of a .txt, \\n for newlines; or .jsonl "
-                        "{prompt}/{messages}): the drafter learns the target's own outputs")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="DIR",
+        help="start from this drafter (an earlier --out, or the assistant released for the model a target "
+        "was fine-tuned from); its shape replaces --layers/--hidden/--intermediate/--centroids",
+    )
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="text to train on: .txt, or .jsonl of {text}, {messages} (chat template) records",
+    )
+    p.add_argument(
+        "--prompts",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="prompts the target continues itself (one per line of a .txt, \\n for newlines; or .jsonl "
+        "{prompt}/{messages}): the drafter learns the target's own outputs",
+    )
     p.add_argument("--tokens", type=int, default=50_000, help="token budget of the training text")
     p.add_argument("--layers", type=int, default=None, help="assistant decoder layers, the last full attention (default 2)")
     p.add_argument("--hidden", type=int, default=None, help="assistant width (default: the target's, sharing its LM head)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 2 x hidden)")
     p.add_argument("--draft-steps", type=int, default=4, help="draft steps unrolled in training and scored held out")
-    p.add_argument("--centroids", type=int, default=None,
-                   help="clusters of the centroid-masked head (must divide the vocabulary; 0, the default: full-vocabulary head)")
+    p.add_argument(
+        "--centroids",
+        type=int,
+        default=None,
+        help="clusters of the centroid-masked head (must divide the vocabulary; 0, the default: full-vocabulary head)",
+    )
     p.add_argument("--centroid-top-k", type=int, default=None, help="clusters scored per draft step (default 32)")
-    p.add_argument("--query-weight", type=float, default=0.0,
-                   help="also teach each drafter layer the target's own queries in the layer whose K/V it reads "
-                        "(1 - cosine, this weight against the token loss; 0: tokens only)")
-    p.add_argument("--kv-layer", dest="kv_layers", type=_type_index, action="append", default=[], metavar="TYPE=INDEX",
-                   help="the target layer (0-based) whose K/V the drafter's layers of TYPE (sliding_attention or "
-                        "full_attention) read, instead of the last of that type; e.g. full_attention=5, the 270M's "
-                        "copying layer (benchmarks/distill/induction_layers.py finds it). Gemma 3 targets only")
+    p.add_argument(
+        "--query-weight",
+        type=float,
+        default=0.0,
+        help="also teach each drafter layer the target's own queries in the layer whose K/V it reads "
+        "(1 - cosine, this weight against the token loss; 0: tokens only)",
+    )
+    p.add_argument(
+        "--kv-layer",
+        dest="kv_layers",
+        type=_type_index,
+        action="append",
+        default=[],
+        metavar="TYPE=INDEX",
+        help="the target layer (0-based) whose K/V the drafter's layers of TYPE (sliding_attention or "
+        "full_attention) read, instead of the last of that type; e.g. full_attention=5, the 270M's "
+        "copying layer (benchmarks/distill/induction_layers.py finds it). Gemma 3 targets only",
+    )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (a --resume continues up to this)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step")
     p.add_argument("--gen-batch", type=int, default=16, help="prompts the target continues at once")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the target's dtype while generating text and teacher signals (bfloat16: about 2x faster on CPUs with bf16)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the target's dtype while generating text and teacher signals (bfloat16: about 2x faster on CPUs with bf16)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of self-generated text (0: greedy)")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction of sequences held out for the acceptance estimate")
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
@@ -177,21 +219,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-mtp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="log level of this package's loggers (e.g. the 'loaded ...' line) and, under serve, uvicorn's")
+    common.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level of this package's loggers (e.g. the 'loaded ...' line) and, under serve, uvicorn's",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", parents=[common], help="a small agent team (LangGraph) streamed burst by burst, beside plain transformers generate; offline by default")
+    d = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="a small agent team (LangGraph) streamed burst by burst, beside plain transformers generate; offline by default",
+    )
     d.add_argument("--model", help="hub id or local dir (default: the embedded Gemma 3 270M from the demo extra)")
     d.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
-    d.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
-                   help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)")
+    d.add_argument(
+        "--drafter",
+        default="auto",
+        choices=DRAFTER_NAMES,
+        help="auto: n-gram for the embedded model; mtp or hybrid: its distilled drafter (or --assistant)",
+    )
     d.add_argument("--dtype", default=None, help=DTYPE_HELP)
-    d.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="skip the same graph on plain transformers generate (the baseline of the speedup)")
-    d.add_argument("--max-tokens", type=int, default=None,
-                   help="new tokens per model call (default: each node its own, 48-112; --prompt: 96)")
-    d.add_argument("--prompt", default=None,
-                   help="instead of the team, stream one answer to this prompt beside plain decoding in the same loop")
+    d.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the same graph on plain transformers generate (the baseline of the speedup)",
+    )
+    d.add_argument(
+        "--max-tokens", type=int, default=None, help="new tokens per model call (default: each node its own, 48-112; --prompt: 96)"
+    )
+    d.add_argument(
+        "--prompt", default=None, help="instead of the team, stream one answer to this prompt beside plain decoding in the same loop"
+    )
     d.add_argument("--draft-hint", default="auto", help=f"--prompt only: {', '.join(DRAFT_HINT_NAMES)} or an int 0..{MAX_DRAFT_TOKENS}")
     d.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
     d.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
@@ -199,27 +259,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="hub id or local dir of the target model")
     s.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
     s.add_argument("--assistant", help="drafter checkpoint (an MTP assistant or a smaller model)")
-    s.add_argument("--drafter", default="auto", choices=DRAFTER_NAMES,
-                   help="auto: hybrid when an MTP assistant is given or found as MODEL-assistant, else n-gram")
+    s.add_argument(
+        "--drafter",
+        default="auto",
+        choices=DRAFTER_NAMES,
+        help="auto: hybrid when an MTP assistant is given or found as MODEL-assistant, else n-gram",
+    )
     s.add_argument("--dtype", default=None, help=DTYPE_HELP)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--mtp-stop-below", type=float, default=None, metavar="P", help=STOP_HELP)
     s.add_argument("--mtp-siblings", type=int, default=None, metavar="N", help=SIBLINGS_HELP)
-    s.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template file to use instead of the tokenizer's own")
-    s.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
-                   help="memory for the KV caches of recent prompts, reused by requests that resend them (default 1024; 0: off)")
+    s.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the tokenizer's own")
+    s.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="memory for the KV caches of recent prompts, reused by requests that resend them (default 1024; 0: off)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set GEMMA_MTP_API_KEY)")
     s.add_argument("--max-tokens-limit", type=int, default=8192, help="cap on a request's max_tokens (and its default)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted (413 above)")
     s.add_argument("--max-concurrent", type=_at_least(1), default=16, help="requests generating at once (default 16)")
-    s.add_argument("--max-queued", type=_at_least(0), default=64,
-                   help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)")
-    s.add_argument("--kv-cache-mb", type=_positive_mb, default=None, metavar="MB",
-                   help="KV cache that running requests may hold together; a request that could never fit is a 400, "
-                        "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)")
+    s.add_argument(
+        "--max-queued",
+        type=_at_least(0),
+        default=64,
+        help="requests waiting for a slot; one more is answered 429 with Retry-After (default 64)",
+    )
+    s.add_argument(
+        "--kv-cache-mb",
+        type=_positive_mb,
+        default=None,
+        metavar="MB",
+        help="KV cache that running requests may hold together; a request that could never fit is a 400, "
+        "one that does not fit now waits (default: half the memory free after loading, less the prefix cache)",
+    )
     _distill_parser(sub, common)
     return parser
 

@@ -22,7 +22,8 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable
 from langgraph.graph import END, START, StateGraph
 from transformers.generation.streamers import BaseStreamer
@@ -83,7 +84,7 @@ class Work(TypedDict, total=False):
     writer: str
 
 
-def node_messages(node: Node, work: Mapping[str, str], task: str = TASK) -> list[BaseMessage]:
+def node_messages(node: Node, work: Mapping[str, object], task: str = TASK) -> list[BaseMessage]:
     """What `node` sends the model: the team and task, the work so far, then its own instruction.
 
     Everything but the instruction is the previous node's prompt plus its answer, so each call
@@ -100,9 +101,9 @@ def build_graph(models: Mapping[str, Runnable], task: str = TASK):
     """The team as a LangGraph graph: START -> planner -> coder -> reviewer -> writer -> END; the
     state maps each node's name to its answer. `models` holds each node's chat model."""
 
-    def step(node: Node) -> Callable[[Work], dict[str, str]]:
-        def run(work: Work) -> dict[str, str]:
-            return {node.name: models[node.name].invoke(node_messages(node, work, task)).content}
+    def step(node: Node):  # a LangGraph node: called with its state as `state`
+        def run(state: Work) -> dict[str, str]:
+            return {node.name: models[node.name].invoke(node_messages(node, state, task)).content}
 
         return run
 
@@ -130,6 +131,12 @@ class Call:
     seconds: float = 0.0
     message: AIMessage | None = None
 
+    @property
+    def usage(self) -> UsageMetadata:
+        """The finished call's token counts (both chat models here always report them)."""
+        assert self.message is not None and self.message.usage_metadata is not None
+        return self.message.usage_metadata
+
 
 class BurstPrinter(BaseCallbackHandler):
     """Records every model call of a graph run (node, bursts, time, final message); with `out`,
@@ -140,15 +147,19 @@ class BurstPrinter(BaseCallbackHandler):
         self.on_end = on_end
         self.calls: dict[UUID, Call] = {}
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list, *, run_id: UUID,
-                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_chat_model_start(
+        self, serialized: dict[str, Any], messages: list, *, run_id: UUID, metadata: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         node = (metadata or {}).get("langgraph_node", "model")
         self.calls[run_id] = Call(node, time.perf_counter())
         if self.out is not None:
             self.out.write(f"\n[{node}]\n")
             self.out.flush()
 
-    def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+    # Narrower than the base class on purpose: a chat model streams str tokens in ChatGenerationChunks.
+    def on_llm_new_token(  # type: ignore[override]
+        self, token: str, *, chunk: ChatGenerationChunk | None = None, run_id: UUID, **kwargs: Any
+    ) -> None:
         bursts = chunk.message.additional_kwargs.get("burst_sizes", []) if chunk is not None else []
         call = self.calls[run_id]
         mark = "+".join(map(str, bursts))
@@ -163,7 +174,9 @@ class BurstPrinter(BaseCallbackHandler):
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         call = self.calls[run_id]
         call.seconds = time.perf_counter() - call.started
-        call.message = response.generations[0][0].message
+        generation = response.generations[0][0]
+        assert isinstance(generation, ChatGeneration) and isinstance(generation.message, AIMessage)  # a chat model's answer
+        call.message = generation.message
         if self.out is not None:
             self.out.write("\n")
         if self.on_end is not None:
@@ -190,8 +203,7 @@ class PlainGenerate(BaseChatModel):
     def _llm_type(self) -> str:
         return "transformers-generate"
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
         import torch
 
         runtime: ChatRuntime = self.runtime
@@ -203,15 +215,22 @@ class PlainGenerate(BaseChatModel):
         @torch.inference_mode()
         def generate() -> list[int]:
             ids = torch.tensor([prompt], device=runtime.engine.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=request.max_tokens,
-                                 eos_token_id=stops, pad_token_id=stops[0],
-                                 streamer=None if self.on_tokens is None else _NewTokens(self.on_tokens))
-            return out[0, len(prompt):].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=request.max_tokens,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+                streamer=None if self.on_tokens is None else _NewTokens(self.on_tokens),
+            )
+            return out[0, len(prompt) :].tolist()
 
         # A thread that ends with the call keeps no OpenMP team beside the engine's owner thread.
         new = on_short_lived_thread(generate)
-        text = runtime.tokenizer.decode([t for t in new if t not in runtime.stop_token_ids],
-                                        skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = runtime.tokenizer.decode(
+            [t for t in new if t not in runtime.stop_token_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         usage = {"input_tokens": len(prompt), "output_tokens": len(new), "total_tokens": len(prompt) + len(new)}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(text, usage_metadata=usage))])
 
@@ -245,7 +264,7 @@ class GraphRun:
 
     @property
     def tokens(self) -> int:
-        return sum(call.message.usage_metadata["output_tokens"] for call in self.calls.values())
+        return sum(call.usage["output_tokens"] for call in self.calls.values())
 
 
 def run_graph(models: Mapping[str, Runnable], handler: BurstPrinter, task: str = TASK) -> GraphRun:
@@ -267,12 +286,13 @@ def node_table(ours: GraphRun, plain: GraphRun | None) -> list[str]:
     rows = [head + f"{'acceptance':>12}{'mean accepted':>15}  draft lengths (length x steps)"]
     for node in NODES:
         call = ours.calls[node.name]
+        assert call.message is not None  # set when the call ended
         spec = call.message.response_metadata["speculative"]
-        tokens = call.message.usage_metadata["output_tokens"]
-        row = f"{node.name:<10}{str(spec['draft_hint']):<11}{tokens:>7}{tokens / call.seconds:>8.1f}"
+        tokens = call.usage["output_tokens"]
+        row = f"{node.name:<10}{spec['draft_hint']!s:<11}{tokens:>7}{tokens / call.seconds:>8.1f}"
         if plain:
             base = plain.calls[node.name]
-            row += f"{base.message.usage_metadata['output_tokens'] / base.seconds:>13.1f}"
+            row += f"{base.usage['output_tokens'] / base.seconds:>13.1f}"
         rows.append(row + f"{spec['acceptance_rate']:>12.0%}{spec['mean_accepted_length']:>15.2f}  {draft_lengths(spec['draft_lengths'])}")
     return rows
 
@@ -280,7 +300,7 @@ def node_table(ours: GraphRun, plain: GraphRun | None) -> list[str]:
 def agreement(ours: GraphRun, plain: GraphRun) -> str:
     """Which nodes answered exactly as plain greedy did, up to the first that did not (and where):
     the nodes after that one read different work, so their answers are not comparable."""
-    same = []
+    same: list[str] = []
     for node in NODES:
         a, b = ours.answers[node.name], plain.answers[node.name]
         if a != b:
@@ -300,8 +320,14 @@ def load_engine(args: argparse.Namespace) -> Engine:
     assistant = args.assistant
     if assistant is None and args.model is None and args.drafter in ("mtp", "hybrid"):
         assistant = EMBEDDED_ASSISTANT_DIR  # the drafter distilled for the embedded model, shipped with the package
-    return Engine.from_pretrained(model, drafter=args.drafter, assistant=assistant, dtype=args.dtype,
-                                  mtp_stop_below=args.mtp_stop_below, mtp_siblings=args.mtp_siblings)
+    return Engine.from_pretrained(
+        model,
+        drafter=args.drafter,
+        assistant=assistant,
+        dtype=args.dtype,
+        mtp_stop_below=args.mtp_stop_below,
+        mtp_siblings=args.mtp_siblings,
+    )
 
 
 def warm_up(engine: Engine, runtime: ChatRuntime) -> None:
@@ -328,8 +354,12 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if embedded:
         print(BASE_MODEL_NOTE + "\n" + REAL_PAIR_NOTE + "\n", file=out)
     print(f"task: {TASK}", file=out)
-    print("Each node streams its answer as verified bursts; the superscript after each burst is its size in "
-          "tokens (one target forward each).", file=out, flush=True)
+    print(
+        "Each node streams its answer as verified bursts; the superscript after each burst is its size in "
+        "tokens (one target forward each).",
+        file=out,
+        flush=True,
+    )
     warm_up(engine, runtime)
 
     llm = ChatGemmaMTP(engine=engine, streaming=True)  # invoke streams: the handler sees every burst
@@ -345,8 +375,8 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
         bar.close()
 
     print("\n" + "\n".join(node_table(ours, plain)), file=out)
-    cached = sum(c.message.usage_metadata.get("input_token_details", {}).get("cache_read", 0) for c in ours.calls.values())
-    prompts = sum(c.message.usage_metadata["input_tokens"] for c in ours.calls.values())
+    cached = sum(c.usage.get("input_token_details", {}).get("cache_read", 0) for c in ours.calls.values())
+    prompts = sum(c.usage["input_tokens"] for c in ours.calls.values())
     print(f"\nprompt tokens read from the prefix cache: {cached} of {prompts}", file=out)
     print(f"graph on ChatGemmaMTP:    {ours.tokens} tokens in {ours.seconds:.2f}s", file=out)
     if plain is None:
@@ -356,8 +386,11 @@ def team_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(f"speedup: {plain.seconds / ours.seconds:.2f}x   answers identical to plain greedy: {alike}", file=out)
     differ = ours.answers != plain.answers
     if differ and not exact:
-        print("(bfloat16: verifying several tokens in one forward rounds differently from one at a time, which can "
-              "flip near-ties; --dtype float32 gives token identity)", file=out)
+        print(
+            "(bfloat16: verifying several tokens in one forward rounds differently from one at a time, which can "
+            "flip near-ties; --dtype float32 gives token identity)",
+            file=out,
+        )
     return 1 if differ and exact else 0
 
 
@@ -369,7 +402,9 @@ def _prompt_ids(engine: Engine, prompt: str) -> list[int]:
     if tok is None:
         raise SystemExit("this checkpoint has no tokenizer; the demo needs one to turn --prompt into ids")
     if tok.chat_template:
-        return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
     return tok(prompt)["input_ids"]
 
 
@@ -383,7 +418,7 @@ def _stream(engine: Engine, ids: list[int], args: argparse.Namespace, out: TextI
         text = tok.decode(handle.token_ids, skip_special_tokens=True)
         # Print only what is new; a trailing partial UTF-8 character waits for the next burst.
         if not text.endswith("\ufffd"):
-            out.write(text[len(printed):])
+            out.write(text[len(printed) :])
             out.flush()
             printed = text
     seconds = time.perf_counter() - start
@@ -411,7 +446,8 @@ def prompt_demo(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(
         f"\nspeculative: {len(spec_ids)} tokens in {spec_s:.2f}s = {spec_tps:.1f} tok/s, "
         f"{stats.target_forwards} target forwards, acceptance {stats.acceptance_rate:.0%}, "
-        f"mean accepted length {stats.mean_accepted_length:.2f}", file=out,
+        f"mean accepted length {stats.mean_accepted_length:.2f}",
+        file=out,
     )
     print(f"draft lengths: {draft_lengths(stats.draft_lengths)}", file=out)
     print(f"plain:       {len(plain_ids)} tokens in {plain_s:.2f}s = {plain_tps:.1f} tok/s", file=out)

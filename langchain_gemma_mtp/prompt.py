@@ -51,9 +51,7 @@ class PromptEncoder:
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template of {self.model_name} rejected the messages: {exc}") from exc
         except ValueError as exc:  # transformers: the tokenizer builds a control token from plain text
-            raise InvalidRequestError(
-                f"cannot encode this conversation safely with the tokenizer of {self.model_name}: {exc}"
-            ) from exc
+            raise InvalidRequestError(f"cannot encode this conversation safely with the tokenizer of {self.model_name}: {exc}") from exc
         return list(ids)
 
     def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:

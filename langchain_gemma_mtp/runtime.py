@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .chat_templates import FALLBACK_CHAT_TEMPLATE
 from .errors import ContextLengthError, InvalidRequestError
@@ -214,7 +214,7 @@ class ChatRuntime:
         finally:
             handle.cancel()
 
-    async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+    async def astream(self, request: ChatRequest) -> AsyncGenerator[dict[str, Any], None]:
         """`stream` for asyncio: awaits the engine's owner thread without blocking the loop."""
         prepared = self.prepare(request)
         handle, decoding = self._submit(request, prepared)
@@ -391,7 +391,7 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return list(stop)
 
 
-def _wants_json(response_format: Mapping[str, Any] | None) -> bool:
+def _wants_json(response_format: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
     if response_format is None:
         return False
     kind = response_format.get("type")
@@ -406,7 +406,7 @@ def _json_instruction(response_format: Mapping[str, Any]) -> str:
         return _JSON_ONLY
     spec = response_format.get("json_schema") or {}
     if not isinstance(spec, Mapping):
-        raise InvalidRequestError(f"response_format.json_schema must be an object {{\"name\", \"schema\"}}, got {type(spec).__name__}.")
+        raise InvalidRequestError(f'response_format.json_schema must be an object {{"name", "schema"}}, got {type(spec).__name__}.')
     schema = spec.get("schema", spec)
     return f"{_JSON_ONLY} It must match this JSON schema:\n{json.dumps(schema, ensure_ascii=False)}"
 

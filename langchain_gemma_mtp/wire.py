@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .hints import check_draft_hint
+from .hints import DraftHint, check_draft_hint
 from .runtime import ChatRequest
 
 
@@ -117,8 +117,18 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
 # Fields that change nothing in the answer (bookkeeping, caching hints, render-only options):
 # accepted and ignored, from this list only.
 NO_OPS = (
-    "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-    "request_id", "session_id", "routed_experts_prompt_start", "return_token_offsets", "return_mm_kwargs",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "request_id",
+    "session_id",
+    "routed_experts_prompt_start",
+    "return_token_offsets",
+    "return_mm_kwargs",
 )
 
 
@@ -135,6 +145,7 @@ class _Refusing(BaseModel):
     @field_validator(*UNHONOURED, mode="after", check_fields=False)
     @classmethod
     def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None  # a field validator always runs for a field
         if not _neutral(value, UNHONOURED[info.field_name]):
             raise PydanticCustomError(
                 "unsupported_field",
@@ -145,7 +156,10 @@ class _Refusing(BaseModel):
 
 
 # The fields themselves, any type: only their values are checked.
-_OtherServersFields = create_model("_OtherServersFields", __base__=_Refusing, **{name: (Any, None) for name in (*UNHONOURED, *NO_OPS)})
+if TYPE_CHECKING:  # built at run time; a type checker sees its base
+    _OtherServersFields = _Refusing
+else:
+    _OtherServersFields = create_model("_OtherServersFields", __base__=_Refusing, **{name: (Any, None) for name in (*UNHONOURED, *NO_OPS)})
 
 
 class ChatCompletionBody(_OtherServersFields):
@@ -196,7 +210,9 @@ class ChatCompletionBody(_OtherServersFields):
     def _known_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         unknown = sorted(set(value or {}) - {"enable_thinking"})
         if unknown:
-            raise PydanticCustomError("unsupported_field", "only enable_thinking is honoured here, not {keys}", {"keys": ", ".join(unknown)})
+            raise PydanticCustomError(
+                "unsupported_field", "only enable_thinking is honoured here, not {keys}", {"keys": ", ".join(unknown)}
+            )
         return value
 
     @property
@@ -235,7 +251,7 @@ class ChatCompletionBody(_OtherServersFields):
             ignore_eos=self.ignore_eos,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            draft_hint=spec.draft_hint,
+            draft_hint=cast(DraftHint, spec.draft_hint),  # checked by SpeculativeOptions._known_hint
             num_draft_tokens=spec.num_draft_tokens,
         )
 
@@ -358,7 +374,13 @@ def wire_delta(delta: Mapping[str, Any]) -> dict[str, Any]:
         wire["burst_sizes"] = list(delta["burst_sizes"])
     calls = [dict(call) for call in delta.get("tool_calls", ())]
     calls += [
-        {"index": bad["index"], "id": bad["id"], "type": "function", "function": {"name": bad["name"], "arguments": bad["raw"]}, "error": bad["error"]}
+        {
+            "index": bad["index"],
+            "id": bad["id"],
+            "type": "function",
+            "function": {"name": bad["name"], "arguments": bad["raw"]},
+            "error": bad["error"],
+        }
         for bad in delta.get("invalid_tool_calls", ())
     ]
     if calls:
@@ -381,7 +403,15 @@ def runtime_delta(wire: Mapping[str, Any]) -> dict[str, Any]:
         function = call.get("function") or {}
         index = call.get("index", position)  # a whole message's calls carry no index
         if call.get("error") is not None:
-            invalid.append({"index": index, "id": call.get("id"), "name": function.get("name"), "raw": function.get("arguments") or "", "error": call["error"]})
+            invalid.append(
+                {
+                    "index": index,
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "raw": function.get("arguments") or "",
+                    "error": call["error"],
+                }
+            )
         else:
             piece = {"name": function.get("name"), "arguments": function.get("arguments") or ""}
             calls.append({"index": index, "id": call.get("id"), "type": "function", "function": piece})

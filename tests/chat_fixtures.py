@@ -37,13 +37,15 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
-from langchain_gemma_mtp.testing import (  # noqa: F401 (TOKENIZER_DIR and build_chat_target are re-exported for the tests)
-    TOKENIZER_DIR,
+from langchain_gemma_mtp.testing import (
+    TOKENIZER_DIR,  # noqa: F401 (re-exported for the tests)
     Transcript,
-    build_chat_target as build_target,
     memorizing_chat_model,
     structured_options,
     tool_options,
+)
+from langchain_gemma_mtp.testing import (
+    build_chat_target as build_target,  # noqa: F401 (re-exported for the tests)
 )
 
 
@@ -161,39 +163,69 @@ def transcripts() -> list[Transcript]:
         Transcript("hi", "Hi! How are you today?<turn|>"),
         Transcript([HumanMessage("hello"), AIMessage("hello"), HumanMessage("how are you")], "I am well, thank you for asking.<turn|>"),
         Transcript(
-            [SystemMessage("hello"), SystemMessage("hello"), HumanMessage("hello"), HumanMessage("hello"),
-             AIMessage("hello"), AIMessage("hello"), HumanMessage("how are you")],
+            [
+                SystemMessage("hello"),
+                SystemMessage("hello"),
+                HumanMessage("hello"),
+                HumanMessage("hello"),
+                AIMessage("hello"),
+                AIMessage("hello"),
+                HumanMessage("how are you"),
+            ],
             "Very well, thanks. And you?<turn|>",
         ),
         Transcript("Write me 2 haikus. Only include the haikus.", HAIKUS + "<turn|>"),
-        Transcript("What is the value of magic_function(3)? Use the tool.", "magic_function{input:3}<tool_call|><|tool_response>",
-                   tool_options([magic_function], "any")),
-        Transcript("What is the value of magic_function_no_args()? Use the tool.",
-                   "magic_function_no_args{}<tool_call|><|tool_response>", tool_options([magic_function_no_args], "any")),
+        Transcript(
+            "What is the value of magic_function(3)? Use the tool.",
+            "magic_function{input:3}<tool_call|><|tool_response>",
+            tool_options([magic_function], "any"),
+        ),
+        Transcript(
+            "What is the value of magic_function_no_args()? Use the tool.",
+            "magic_function_no_args{}<tool_call|><|tool_response>",
+            tool_options([magic_function_no_args], "any"),
+        ),
         Transcript("Hello!", "magic_function{input:3}<tool_call|><|tool_response>", tool_options([magic_function, get_weather_at], "any")),
         Transcript("Hello!", "input:3}<tool_call|><|tool_response>", tool_options([magic_function, get_weather_at], "magic_function")),
-        Transcript("Using the tool, generate a Pirate greeting.",
-                   'greeting_generator{answer_style:<|"|>Pirate<|"|>}<tool_call|><|tool_response>', tool_options([_greeting_tool()], "any")),
-        Transcript("What is the weather in San Francisco, CA?",
-                   _call("get_weather", '{location:<|"|>San Francisco, CA<|"|>}'), tool_options([get_weather_at])),
         Transcript(
-            [HumanMessage("What is the weather in San Francisco, CA?"),
-             AIMessage("", tool_calls=[{"name": "get_weather", "args": {"location": "San Francisco, CA"}, "id": "c", "type": "tool_call"}]),
-             ToolMessage("It's sunny.", tool_call_id="c", name="get_weather")],
-            "It is sunny in San Francisco, CA.<turn|>", tool_options([get_weather_at]),
+            "Using the tool, generate a Pirate greeting.",
+            'greeting_generator{answer_style:<|"|>Pirate<|"|>}<tool_call|><|tool_response>',
+            tool_options([_greeting_tool()], "any"),
         ),
-        Transcript("Create a customer named '你好啊集团' (Hello Group) - a Chinese technology company",
-                   "unicode_customer" + unicode_args % ("你好啊集团", "A Chinese technology company") + "<tool_call|><|tool_response>",
-                   tool_options([unicode_customer], "any")),
-        Transcript("Create a customer named 'こんにちは株式会社' (Hello Corporation) - a Japanese company",
-                   "unicode_customer" + unicode_args % ("こんにちは株式会社", "A Japanese company") + "<tool_call|><|tool_response>",
-                   tool_options([unicode_customer], "any")),
+        Transcript(
+            "What is the weather in San Francisco, CA?",
+            _call("get_weather", '{location:<|"|>San Francisco, CA<|"|>}'),
+            tool_options([get_weather_at]),
+        ),
+        Transcript(
+            [
+                HumanMessage("What is the weather in San Francisco, CA?"),
+                AIMessage(
+                    "", tool_calls=[{"name": "get_weather", "args": {"location": "San Francisco, CA"}, "id": "c", "type": "tool_call"}]
+                ),
+                ToolMessage("It's sunny.", tool_call_id="c", name="get_weather"),
+            ],
+            "It is sunny in San Francisco, CA.<turn|>",
+            tool_options([get_weather_at]),
+        ),
+        Transcript(
+            "Create a customer named '你好啊集团' (Hello Group) - a Chinese technology company",
+            "unicode_customer" + unicode_args % ("你好啊集团", "A Chinese technology company") + "<tool_call|><|tool_response>",
+            tool_options([unicode_customer], "any"),
+        ),
+        Transcript(
+            "Create a customer named 'こんにちは株式会社' (Hello Corporation) - a Japanese company",
+            "unicode_customer" + unicode_args % ("こんにちは株式会社", "A Japanese company") + "<tool_call|><|tool_response>",
+            tool_options([unicode_customer], "any"),
+        ),
         Transcript(JOKE_QUESTION, joke_call, structured_options(joke, "function_calling")),
         Transcript(JOKE_QUESTION, joke_call, structured_options(joke_schema, "function_calling")),
         Transcript(JOKE_QUESTION, joke_call, structured_options(joke_dict, "function_calling")),
-        Transcript("Give me the setup to a joke about cats, no punchline.",
-                   'setup:<|"|>Why did the cat sit on the computer?<|"|>}<tool_call|><|tool_response>',
-                   structured_options(optional_joke, "function_calling")),
+        Transcript(
+            "Give me the setup to a joke about cats, no punchline.",
+            'setup:<|"|>Why did the cat sit on the computer?<|"|>}<tool_call|><|tool_response>',
+            structured_options(optional_joke, "function_calling"),
+        ),
         Transcript("Give me a joke about cats, include the punchline.", joke_call, structured_options(optional_joke, "function_calling")),
         Transcript(JOKE_QUESTION, joke_call, structured_options(optional_joke.model_json_schema(), "function_calling")),
         Transcript(JOKE_QUESTION, joke_call, structured_options(optional_joke_dict, "function_calling")),
@@ -202,8 +234,11 @@ def transcripts() -> list[Transcript]:
         # unicode, JSON-schema output, and the fallback template with the JSON tool-call convention.
         Transcript(AGENT_QUESTION, _call("get_weather", '{city:<|"|>Paris<|"|>}'), agent),
         Transcript(_agent_history(("get_weather", {"city": "Paris"}, "sunny, 21C")), _call("add", "{a:2,b:3}"), agent),
-        Transcript(_agent_history(("get_weather", {"city": "Paris"}, "sunny, 21C"), ("add", {"a": 2, "b": 3}, "5")),
-                   AGENT_ANSWER + "<turn|>", agent),
+        Transcript(
+            _agent_history(("get_weather", {"city": "Paris"}, "sunny, 21C"), ("add", {"a": 2, "b": 3}, "5")),
+            AGENT_ANSWER + "<turn|>",
+            agent,
+        ),
         Transcript(CODE_QUESTION, CODE_ANSWER + "<turn|>"),
         Transcript(STORY_QUESTION, STORY_ANSWER + "<turn|>"),
         Transcript(THINKING_QUESTION, f"<|channel>thought\n{THOUGHT}<channel|>{THINKING_ANSWER}<turn|>", {"reasoning": True}),
@@ -213,8 +248,12 @@ def transcripts() -> list[Transcript]:
         Transcript("Say hello in Japanese.", JAPANESE_ANSWER + "<turn|>"),
         Transcript(JOKE_QUESTION, JOKE_JSON[1:] + "<turn|>", structured_options(joke, "json_schema")),
         Transcript(AGENT_QUESTION, JSON_CALL + "<end_of_turn><eos>", agent, FALLBACK_CHAT_TEMPLATE),
-        Transcript(_agent_history(("get_weather", {"city": "Paris"}, "sunny, 21C")), "It is sunny in Paris.<end_of_turn><eos>",
-                   agent, FALLBACK_CHAT_TEMPLATE),
+        Transcript(
+            _agent_history(("get_weather", {"city": "Paris"}, "sunny, 21C")),
+            "It is sunny in Paris.<end_of_turn><eos>",
+            agent,
+            FALLBACK_CHAT_TEMPLATE,
+        ),
     ]
 
 

@@ -12,7 +12,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import EOS, VOCAB, build_assistant, build_target, memorize, save  # noqa: E402
+from tiny_models import EOS, VOCAB, build_assistant, build_target, memorize, save
 
 torch.set_num_threads(2)
 # Loading defaults to bf16 on CPUs with native bf16; tests compare against plain greedy token for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from typing import Any
 
@@ -23,7 +24,7 @@ def drain(parser: StreamingParser, pieces: list[str]) -> ParsedDelta:
 def split_at(text: str, cuts: list[int]) -> list[str]:
     """`text` cut at the given positions (taken modulo its length + 1), in order."""
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def summary(parsed: ParsedDelta) -> dict[str, Any]:

@@ -18,8 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
-def induction_scores(model, vocab: int, *, sequences: int = 8, length: int = 64, seed: int = 0,
-                     embedding_queries: bool = False) -> torch.Tensor:
+def induction_scores(
+    model, vocab: int, *, sequences: int = 8, length: int = 64, seed: int = 0, embedding_queries: bool = False
+) -> torch.Tensor:
     """(layers, heads): mean attention weight from each second-copy token to the position after its
     first occurrence; with `embedding_queries`, every layer's queries come from the normed token
     embeddings instead of its input."""
@@ -29,8 +30,7 @@ def induction_scores(model, vocab: int, *, sequences: int = 8, length: int = 64,
         state = {}
         hooks.append(embed.register_forward_hook(lambda m, i, o: state.__setitem__("emb", o)))
         for layer in model.get_decoder().layers:
-            hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(
-                lambda m, i, norm=layer.input_layernorm: (norm(state["emb"]),)))
+            hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(lambda m, i, norm=layer.input_layernorm: (norm(state["emb"]),)))
     g = torch.Generator().manual_seed(seed)
     low = min(1000, vocab // 4)  # skip the special and byte tokens at the start of Gemma's vocabulary
     total = None

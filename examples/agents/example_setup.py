@@ -23,9 +23,12 @@ OFFLINE_NOTE = (
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser with --model and --offline-demo."""
     p = argparse.ArgumentParser(description=doc, epilog=OFFLINE_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local dir of a Gemma 4 (default {DEFAULT_MODEL}; its -assistant drafts)")
     p.add_argument(
-        "--offline-demo", action="store_true",
+        "--model", default=DEFAULT_MODEL, help=f"hub id or local dir of a Gemma 4 (default {DEFAULT_MODEL}; its -assistant drafts)"
+    )
+    p.add_argument(
+        "--offline-demo",
+        action="store_true",
         help="use a tiny model that memorized this example's transcript (plumbing, not quality; no download)",
     )
     return p

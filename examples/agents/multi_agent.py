@@ -24,10 +24,10 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import chat_model, parser  # noqa: E402
+from example_setup import chat_model, parser
 
-from langchain_gemma_mtp import ChatGemmaMTP  # noqa: E402
-from langchain_gemma_mtp.testing import TURN_END, Transcript, call_text, tool_options  # noqa: E402
+from langchain_gemma_mtp import ChatGemmaMTP
+from langchain_gemma_mtp.testing import TURN_END, Transcript, call_text, tool_options
 
 TASK = "Add a Python function is_prime(n) to our utils module, and write a short changelog entry for it."
 SUPERVISOR = (
@@ -114,7 +114,7 @@ def build_graph(llm: ChatGemmaMTP):
 OFFLINE_CODE_TASK = "Write is_prime(n) for the utils module."
 OFFLINE_WRITE_TASK = "Write a two-sentence changelog entry for the new is_prime function."
 OFFLINE_CODE = (
-    "```python\ndef is_prime(n: int) -> bool:\n    \"\"\"Return True if n is a prime number.\"\"\"\n"
+    '```python\ndef is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n'
     "    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n"
     "        if n % d == 0:\n            return False\n    return True\n```"
 )

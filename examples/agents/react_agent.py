@@ -17,10 +17,10 @@ from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import chat_model, parser, stats_line  # noqa: E402
+from example_setup import chat_model, parser, stats_line
 
-from langchain_gemma_mtp import ChatGemmaMTP  # noqa: E402
-from langchain_gemma_mtp.testing import Transcript, tool_loop, tool_options  # noqa: E402
+from langchain_gemma_mtp import ChatGemmaMTP
+from langchain_gemma_mtp.testing import Transcript, tool_loop, tool_options
 
 QUESTION = "What is the weather in Paris right now, in Fahrenheit?"
 WEATHER = {"Paris": "sunny, 21C", "Rome": "cloudy, 17C"}

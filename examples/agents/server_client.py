@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import OFFLINE_NOTE, parser  # noqa: E402
-from react_agent import QUESTION, offline_transcripts, run  # noqa: E402
+from example_setup import OFFLINE_NOTE, parser
+from react_agent import QUESTION, offline_transcripts, run
 
-from langchain_gemma_mtp import ChatGemmaMTP  # noqa: E402
-from langchain_gemma_mtp.server import LocalServer, serve_in_subprocess  # noqa: E402
+from langchain_gemma_mtp import ChatGemmaMTP
+from langchain_gemma_mtp.server import LocalServer, serve_in_subprocess
 
 SPEC_METRICS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
 

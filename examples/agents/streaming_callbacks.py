@@ -21,9 +21,9 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_setup import chat_model, parser, stats_line  # noqa: E402
+from example_setup import chat_model, parser, stats_line
 
-from langchain_gemma_mtp.testing import TURN_END, Transcript  # noqa: E402
+from langchain_gemma_mtp.testing import TURN_END, Transcript
 
 PROMPTS = {
     "code": "Write a Python function that returns the n-th Fibonacci number, iteratively.",
@@ -63,7 +63,7 @@ def offline_transcripts() -> list[Transcript]:
 
 
 OFFLINE_CODE = (
-    "```python\ndef fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number (fibonacci(0) == 0).\"\"\"\n"
+    '```python\ndef fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number (fibonacci(0) == 0)."""\n'
     "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```"
 )
 OFFLINE_STORY = (

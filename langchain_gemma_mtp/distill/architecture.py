@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
 
 from ..engine.loading import kv_source_layer, layer_attr
-from ..engine.target import SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, bind_shared_head
-from ..engine.target import TargetModel
+from ..engine.target import SHARED_HEAD_FLAG, SHARED_HEAD_KEYS, TargetModel, bind_shared_head
 
 
 def assistant_config(
@@ -27,6 +27,14 @@ def assistant_config(
     src = {t: kv_source_layer(target, t) for t in set(types)}
     full = src["full_attention"]
     sliding = src.get("sliding_attention", full)
+    # The config reads per_layer_config from its extra keyword arguments; it is no declared field.
+    per_layer: dict[str, Any] = {
+        "per_layer_config": {
+            i: {"head_dim": layer_attr(tc, full, "head_dim"), "num_key_value_heads": layer_attr(tc, full, "num_key_value_heads")}
+            for i, t in enumerate(types)
+            if t == "full_attention"
+        }
+    }
     text = Gemma4TextConfig(
         vocab_size=tc.vocab_size,
         hidden_size=hidden,
@@ -43,10 +51,7 @@ def assistant_config(
         rope_parameters={t: dict(p) for t, p in tc.rope_parameters.items()},
         rms_norm_eps=tc.rms_norm_eps,
         pad_token_id=getattr(tc, "pad_token_id", 0),
-        per_layer_config={
-            i: {"head_dim": layer_attr(tc, full, "head_dim"), "num_key_value_heads": layer_attr(tc, full, "num_key_value_heads")}
-            for i, t in enumerate(types) if t == "full_attention"
-        },
+        **per_layer,
     )
     config = Gemma4AssistantConfig(
         text_config=text,
@@ -93,8 +98,9 @@ def match_attention_scale(assistant: Gemma4AssistantForCausalLM, target: TargetM
         layer.self_attn.q_norm.weight.data.mul_(theirs / layer.self_attn.scaling)
 
 
-def balanced_clusters(rows: torch.Tensor, clusters: int, *, seed: int = 0, iters: int = 10,
-                      sample: int = 65536, candidates: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_clusters(
+    rows: torch.Tensor, clusters: int, *, seed: int = 0, iters: int = 10, sample: int = 65536, candidates: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `rows` (V, H) into `clusters` equal groups by direction (spherical k-means on a sample,
     then a capacity-bounded assignment of every row); return (ordering, centers).
 

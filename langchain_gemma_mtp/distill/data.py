@@ -6,9 +6,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 
 from ..errors import DistillError
 
@@ -46,7 +47,7 @@ def _render(tokenizer, record: str | dict, *, prompt: bool) -> list[int]:
     if isinstance(record, str):
         record = {"prompt": record} if prompt else {"text": record}
     if not isinstance(record, dict) or not ({"text", "messages", "prompt"} & record.keys()):
-        raise DistillError(f"cannot read {str(record)[:80]!r}: use {{\"text\": ...}}, {{\"prompt\": ...}} or {{\"messages\": [...]}}.")
+        raise DistillError(f'cannot read {str(record)[:80]!r}: use {{"text": ...}}, {{"prompt": ...}} or {{"messages": [...]}}.')
     if "text" in record:
         return list(tokenizer(record["text"])["input_ids"])
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
@@ -62,7 +63,7 @@ def text_sequences(tokenizer, paths: Sequence[Path], seq_len: int, budget: int) 
         for record in _records(path):
             ids = _render(tokenizer, record, prompt=False)
             for start in range(0, len(ids), seq_len):
-                window = ids[start:start + seq_len]
+                window = ids[start : start + seq_len]
                 if len(window) < 8 or total >= budget:
                     continue
                 out.append(window)
@@ -72,7 +73,7 @@ def text_sequences(tokenizer, paths: Sequence[Path], seq_len: int, budget: int) 
 
 def prompt_list(tokenizer, paths: Sequence[Path]) -> list[list[int]]:
     """Prompts from files: one per line of a .txt (blank lines skipped), one per record of a .jsonl."""
-    prompts = []
+    prompts: list[list[int]] = []
     for path in paths:
         if path.suffix == ".jsonl":
             records = _records(path)
@@ -83,9 +84,18 @@ def prompt_list(tokenizer, paths: Sequence[Path]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[int]], *, seq_len: int, budget: int,
-                        temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
-                        progress=None) -> list[tuple[list[int], int]]:
+def generated_sequences(
+    model: PreTrainedModel,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seq_len: int,
+    budget: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> list[tuple[list[int], int]]:
     """The target's own continuations of `prompts` (greedy, or sampled at `temperature`), as
     (prompt + continuation cut at `seq_len` tokens, prompt length); batches run together, left-padded."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -94,12 +104,14 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
     for start in range(0, len(prompts), batch_size):
         if total >= budget:
             break
-        group = [_head_and_tail(p, seq_len // 2) for p in prompts[start:start + batch_size]]
+        group = [_head_and_tail(p, seq_len // 2) for p in prompts[start : start + batch_size]]
         width = max(map(len, group))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=model.device)
         sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=seq_len - width, pad_token_id=pad, **sample)
+        gen = cast(GenerationMixin, model).generate(  # a causal LM generates; PreTrainedModel does not say so
+            input_ids=ids, attention_mask=mask, max_new_tokens=seq_len - width, pad_token_id=pad, **sample
+        )
         stops = set(_as_list(model.generation_config.eos_token_id))
         for p, row in zip(group, gen[:, width:].tolist()):
             cont = []
@@ -116,7 +128,7 @@ def generated_sequences(model: PreTrainedModel, tokenizer, prompts: list[list[in
 
 def _head_and_tail(prompt: list[int], limit: int) -> list[int]:
     """A prompt cut to `limit` tokens from the front, keeping its first token (BOS: Gemma drifts without it)."""
-    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1:]
+    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1 :]
 
 
 def _as_list(x) -> list:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import Gemma4AssistantForCausalLM
+from transformers.models.gemma4_assistant.modeling_gemma4_assistant import Gemma4AssistantMaskedEmbedder
 
+from ..engine.cache import layer_kv
 from ..engine.loading import kv_source_layer
 from ..engine.target import TargetModel
 
 # Above this vocabulary size the token loss is a sampled softmax (the target's top candidates plus
 # random negatives): full logits of a 262k vocabulary at every position and step dominate training.
 FULL_SOFTMAX_MAX_VOCAB = 32768
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -32,16 +37,18 @@ class TeacherBatch:
 
 
 @contextlib.contextmanager
-def captured_queries(attentions: dict[Hashable, torch.nn.Module]) -> Iterator[dict[Hashable, list[torch.Tensor]]]:
+def captured_queries(attentions: Mapping[K, torch.nn.Module]) -> Iterator[dict[K, list[torch.Tensor]]]:
     """While open, every forward of each attention module appends its normed, pre-rotary queries
     ((B, T, heads, head_dim), in graph) under its key: q_proj's output through the module's own q_norm,
     the same in Gemma 3 and Gemma 4 whichever axis order their attention code uses after."""
-    got: dict[Hashable, list[torch.Tensor]] = {name: [] for name in attentions}
+    got: dict[K, list[torch.Tensor]] = {name: [] for name in attentions}
     hooks = []
     for name, attn in attentions.items():
+
         def hook(module, inputs, out, name=name, attn=attn):
             got[name].append(attn.q_norm(out.view(*out.shape[:-1], -1, attn.head_dim)))
-        hooks.append(attn.q_proj.register_forward_hook(hook))
+
+        hooks.append(attn.get_submodule("q_proj").register_forward_hook(hook))
     try:
         yield got
     finally:
@@ -50,8 +57,9 @@ def captured_queries(attentions: dict[Hashable, torch.nn.Module]) -> Iterator[di
 
 
 @torch.no_grad()
-def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None,
-                  query_types: Sequence[str] = ()) -> TeacherBatch:
+def teacher_batch(
+    target: TargetModel, token_ids: Sequence[int], top_m: int = 0, greedy_from: int | None = None, query_types: Sequence[str] = ()
+) -> TeacherBatch:
     """Run the target once over `token_ids`; keep what the drafter reads and learns from.
 
     When tokens from `greedy_from` on are the target's own greedy continuation, they are the labels
@@ -65,14 +73,14 @@ def teacher_batch(target: TargetModel, token_ids: Sequence[int], top_m: int = 0,
     queries = {t: q[0][0].to(torch.bfloat16) for t, q in got.items()} or None  # bf16: they only steer a cosine
     kv = fwd.shared_kv
     if kv is None:  # Gemma 3: the same tensors sit in the cache, full length before any crop
-        kv = {t: (cache.layers[i].keys, cache.layers[i].values) for t, i in target.kv_layers.items()}
+        kv = {t: layer_kv(cache, i) for t, i in target.kv_layers.items()}
     kv = {t: (k.float(), v.float()) for t, (k, v) in kv.items()}  # the assistant trains in fp32
     tokens = torch.tensor(list(token_ids), device=target.device)
     top_ids = None
     if greedy_from is not None:
         labels = torch.full_like(tokens, -1)
         start = max(greedy_from - 1, 0)
-        labels[start:-1] = tokens[start + 1:]
+        labels[start:-1] = tokens[start + 1 :]
     else:
         logits = target.logits(fwd.hidden)
         labels = logits.argmax(-1)
@@ -95,7 +103,7 @@ def _draft_masks(length: int, window: int, device: torch.device) -> dict[str, to
 
 
 def unrolled_states(
-    assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int
+    assistant: Gemma4AssistantForCausalLM, target: TargetModel, batch: TeacherBatch, draft_steps: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (j, states) for k unrolled draft steps from every position at once, teacher-forced.
 
@@ -114,18 +122,25 @@ def unrolled_states(
             return
         tok = torch.cat([batch.tokens[j:], batch.tokens.new_zeros(j)])[None]
         x = assistant.pre_projection(torch.cat([target.embed(tok).to(h.dtype), h], dim=-1))
-        out = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=positions,
-                              shared_kv_states=batch.shared_kv, use_cache=False, logits_to_keep=None)
+        out = assistant.model(
+            inputs_embeds=x,
+            attention_mask=masks,
+            position_ids=positions,
+            shared_kv_states=batch.shared_kv,
+            use_cache=False,
+            logits_to_keep=None,
+        )
         last = out.last_hidden_state
         yield j, last[0]
         h = assistant.post_projection(last)
 
 
-def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cand: torch.Tensor | None,
-                negatives: torch.Tensor | None) -> torch.Tensor:
+def _token_loss(
+    states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cand: torch.Tensor | None, negatives: torch.Tensor | None
+) -> torch.Tensor:
     """Cross-entropy against `labels`: over the full vocabulary, or (large vocabularies) over each
     row's candidates `cand` (label in column 0) and random negatives shared by all rows."""
-    if cand is None:
+    if cand is None or negatives is None:  # the caller gives both or neither
         return F.cross_entropy(states @ weight.to(states.dtype).T, labels)
     # Gather rows before the dtype cast: casting a 262k-row head every step would dominate training.
     logits = torch.einsum("nh,nmh->nm", states, weight[cand].to(states.dtype))
@@ -134,8 +149,14 @@ def _token_loss(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(torch.cat([logits, neg], dim=-1), torch.zeros_like(labels))
 
 
-def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: TeacherBatch, draft_steps: int,
-                  negatives: torch.Tensor | None = None, query_weight: float = 0.0) -> torch.Tensor:
+def unrolled_loss(
+    assistant: Gemma4AssistantForCausalLM,
+    target: TargetModel,
+    batch: TeacherBatch,
+    draft_steps: int,
+    negatives: torch.Tensor | None = None,
+    query_weight: float = 0.0,
+) -> torch.Tensor:
     """Mean over k unrolled draft steps of the cross-entropy against the target's greedy predictions.
 
     With `negatives` (large vocabularies) the softmax is sampled: the target's top tokens when the
@@ -150,24 +171,31 @@ def unrolled_loss(assistant: PreTrainedModel, target: TargetModel, batch: Teache
     embedder = assistant.masked_embedding
     cluster_of = token_clusters(embedder.token_ordering, embedder.num_centroids) if embedder is not None else None
     layer_types = assistant.config.get_text_config().layer_types
-    matched = dict(enumerate(layer.self_attn for layer in assistant.model.layers)) \
-        if query_weight and batch.queries is not None else {}
+    matched = dict(enumerate(layer.self_attn for layer in assistant.model.layers)) if query_weight and batch.queries is not None else {}
+    queries = batch.queries or {}  # read only when `matched` is not empty
     losses = []
     with captured_queries(matched) as got:
         for j, states in unrolled_states(assistant, target, batch, draft_steps):
             losses.extend(_step_losses(j, states, batch, weight, embedder, cluster_of, negatives))
             for i, qs in got.items():  # row p at step j is fed token p+j: the target's query at p+j
-                q = qs.pop()[0, 1:batch.tokens.shape[0] - j]
-                theirs = batch.queries[layer_types[i]][j + 1:].to(q.dtype)
+                q = qs.pop()[0, 1 : batch.tokens.shape[0] - j]
+                theirs = queries[layer_types[i]][j + 1 :].to(q.dtype)
                 losses.append(query_weight * (1 - F.cosine_similarity(q, theirs, dim=-1).mean()))
     return torch.stack(losses).mean()
 
 
-def _step_losses(j: int, states: torch.Tensor, batch: TeacherBatch, weight: torch.Tensor, embedder,
-                 cluster_of: torch.Tensor | None, negatives: torch.Tensor | None) -> list[torch.Tensor]:
+def _step_losses(
+    j: int,
+    states: torch.Tensor,
+    batch: TeacherBatch,
+    weight: torch.Tensor,
+    embedder: Gemma4AssistantMaskedEmbedder | None,
+    cluster_of: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+) -> list[torch.Tensor]:
     """The token (and centroid) loss of draft step j."""
     valid = batch.tokens.shape[0] - j
-    labels = batch.labels[j + 1:j + valid]
+    labels = batch.labels[j + 1 : j + valid]
     keep = labels >= 0
     if not bool(keep.any()):
         return []
@@ -175,14 +203,16 @@ def _step_losses(j: int, states: torch.Tensor, batch: TeacherBatch, weight: torc
     cand = None
     if negatives is not None:
         if batch.top_ids is not None:
-            cand = batch.top_ids[j + 1:j + valid][keep]
+            cand = batch.top_ids[j + 1 : j + valid][keep]
         elif embedder is not None:
+            assert cluster_of is not None  # computed whenever there is an embedder
             members = embedder.token_ordering.view(embedder.num_centroids, -1)[cluster_of[labels]]
             cand = torch.cat([labels[:, None], members], dim=-1)
         else:
             cand = labels[:, None]
     loss = _token_loss(rows, weight, labels, cand, negatives)
     if embedder is not None:
+        assert cluster_of is not None
         loss = loss + F.cross_entropy(embedder.centroids(rows), cluster_of[labels])
     return [loss]
 
@@ -195,7 +225,7 @@ def token_clusters(token_ordering: torch.Tensor, num_centroids: int) -> torch.Te
     return clusters
 
 
-def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def draft_argmax(assistant: Gemma4AssistantForCausalLM, states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The tokens the assistant's head (`weight`, its LM head in the states' dtype) drafts greedily
     from `states` (N, Ha), as at inference: over the whole vocabulary, or the top clusters' tokens."""
     if assistant.masked_embedding is None:
@@ -213,7 +243,7 @@ def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch
     start = 0
     for c, n in enumerate(torch.bincount(pair_cluster, minlength=emb.num_centroids).tolist()):
         if n:
-            idx = order[start:start + n]
+            idx = order[start : start + n]
             best[idx], i = (states[pair_state[idx]] @ weight[members[c]].T).max(-1)
             token[idx] = members[c][i]
             start += n
@@ -221,8 +251,9 @@ def draft_argmax(assistant: PreTrainedModel, states: torch.Tensor, weight: torch
 
 
 @torch.no_grad()
-def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches: Sequence[TeacherBatch],
-                       draft_steps: int) -> list[float]:
+def heldout_acceptance(
+    assistant: Gemma4AssistantForCausalLM, target: TargetModel, batches: Sequence[TeacherBatch], draft_steps: int
+) -> list[float]:
     """Per draft position j, the fraction of drafts equal to the target's greedy token given that
     drafts 1..j-1 were; positions where the text itself leaves the target's greedy path are skipped,
     because there the teacher-forced inputs are not what drafting would see."""
@@ -233,12 +264,12 @@ def heldout_acceptance(assistant: PreTrainedModel, target: TargetModel, batches:
         alive = None
         for j, states in unrolled_states(assistant, target, batch, draft_steps):
             valid = batch.tokens.shape[0] - j
-            labels = batch.labels[j + 1:j + valid]
+            labels = batch.labels[j + 1 : j + valid]
             ok = draft_argmax(assistant, states[1:valid], weight) == labels
             if alive is None:
                 alive = labels >= 0
             else:  # the fed token x_{p+j} must be what the previous draft (the target's greedy) was
-                alive = alive[:valid - 1] & (batch.tokens[j + 1:j + valid] == batch.labels[j:j + valid - 1]) & (labels >= 0)
+                alive = alive[: valid - 1] & (batch.tokens[j + 1 : j + valid] == batch.labels[j : j + valid - 1]) & (labels >= 0)
             drafted[j] += int(alive.sum())
             alive = alive & ok
             accepted[j] += int(alive.sum())

@@ -8,6 +8,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -51,9 +52,26 @@ WARMUP = 20  # optimizer steps of linear learning-rate warm-up
 # The drafter's shape when neither the options nor --init say otherwise.
 ARCHITECTURE_DEFAULTS = {"layers": 2, "centroids": 0, "centroid_top_k": 32}
 # Options that define the drafter and its data: a resume must keep them.
-_IDENTITY = ("target", "init", "data", "prompts", "tokens", "layers", "hidden", "intermediate", "draft_steps",
-             "centroids", "centroid_top_k", "seq_len", "temperature", "heldout", "seed", "dtype", "query_weight",
-             "kv_layers")
+_IDENTITY = (
+    "target",
+    "init",
+    "data",
+    "prompts",
+    "tokens",
+    "layers",
+    "hidden",
+    "intermediate",
+    "draft_steps",
+    "centroids",
+    "centroid_top_k",
+    "seq_len",
+    "temperature",
+    "heldout",
+    "seed",
+    "dtype",
+    "query_weight",
+    "kv_layers",
+)
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -94,7 +112,7 @@ class DistillOptions:
 @dataclass
 class DistillResult:
     out: Path
-    assistant: PreTrainedModel  # the trained drafter, in memory, bound to the run's target
+    assistant: Gemma4AssistantForCausalLM  # the trained drafter, in memory, bound to the run's target
     steps: int
     losses: list[float]
     acceptance: list[float]  # held-out, per draft position
@@ -105,26 +123,45 @@ def resolve_architecture(o: DistillOptions) -> DistillOptions:
     """The options with the drafter's shape filled in: from --init's config when given (a shape
     option that contradicts it is an error), else the defaults."""
     if o.init is None:
-        return replace(o, **{k: v if getattr(o, k) is None else getattr(o, k) for k, v in ARCHITECTURE_DEFAULTS.items()})
+        filled: dict[str, Any] = {k: v if getattr(o, k) is None else getattr(o, k) for k, v in ARCHITECTURE_DEFAULTS.items()}
+        return replace(o, **filled)
     config = AutoConfig.from_pretrained(resolve_checkpoint(o.init))
     if config.model_type not in ASSISTANT_MODEL_TYPES:
-        raise DistillError(f"--init {o.init} is a {config.model_type!r} model, not a Gemma 4 MTP assistant: "
-                           "pass a drafter directory (an earlier `gemma-mtp distill --out`, or a released X-assistant).")
+        raise DistillError(
+            f"--init {o.init} is a {config.model_type!r} model, not a Gemma 4 MTP assistant: "
+            "pass a drafter directory (an earlier `gemma-mtp distill --out`, or a released X-assistant)."
+        )
     tc = config.get_text_config()
-    shape = {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
-             "centroids": config.num_centroids if config.use_ordered_embeddings else 0,
-             "centroid_top_k": config.centroid_intermediate_top_k}
+    shape = {
+        "layers": tc.num_hidden_layers,
+        "hidden": tc.hidden_size,
+        "intermediate": tc.intermediate_size,
+        "centroids": config.num_centroids if config.use_ordered_embeddings else 0,
+        "centroid_top_k": config.centroid_intermediate_top_k,
+    }
     clash = [f"--{k.replace('_', '-')} {getattr(o, k)} (it has {v})" for k, v in shape.items() if getattr(o, k) not in (None, v)]
     if clash:
-        raise DistillError(f"--init {o.init} fixes the drafter's shape, and these options contradict it: {', '.join(clash)}. "
-                           "Drop them, or leave out --init to train a new shape.")
+        raise DistillError(
+            f"--init {o.init} fixes the drafter's shape, and these options contradict it: {', '.join(clash)}. "
+            "Drop them, or leave out --init to train a new shape."
+        )
     return replace(o, **shape)
 
 
 def check_options(o: DistillOptions) -> tuple[Path, object]:
     """Everything that can be checked before loading weights; returns the target dir and its text config."""
-    positive = {"tokens": o.tokens, "layers": o.layers, "draft_steps": o.draft_steps, "steps": o.steps,
-                "seq_len": o.seq_len, "batch": o.batch, "gen_batch": o.gen_batch, "eval_every": o.eval_every, "save_every": o.save_every}
+    assert o.layers is not None and o.centroids is not None and o.centroid_top_k is not None  # resolve_architecture ran
+    positive = {
+        "tokens": o.tokens,
+        "layers": o.layers,
+        "draft_steps": o.draft_steps,
+        "steps": o.steps,
+        "seq_len": o.seq_len,
+        "batch": o.batch,
+        "gen_batch": o.gen_batch,
+        "eval_every": o.eval_every,
+        "save_every": o.save_every,
+    }
     for name, value in positive.items():
         if value < 1:
             raise DistillError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -140,8 +177,9 @@ def check_options(o: DistillOptions) -> tuple[Path, object]:
         if getattr(o, name) not in ("float32", "bfloat16"):
             raise DistillError(f"--{name.replace('_', '-')} must be float32 or bfloat16, got {getattr(o, name)!r}.")
     if not o.data and not o.prompts:
-        raise DistillError("no training text: pass --data FILES (text to train on) and/or --prompts FILES "
-                           "(prompts the target continues itself).")
+        raise DistillError(
+            "no training text: pass --data FILES (text to train on) and/or --prompts FILES (prompts the target continues itself)."
+        )
     check_files(o.data, "--data")
     check_files(o.prompts, "--prompts")
     path = resolve_checkpoint(o.target)
@@ -149,15 +187,19 @@ def check_options(o: DistillOptions) -> tuple[Path, object]:
     vocab = tc.vocab_size
     if o.centroids:
         if o.centroids > vocab or vocab % o.centroids:
-            raise DistillError(f"--centroids {o.centroids} must divide the target's vocabulary of {vocab} tokens "
-                               "(e.g. 2048 for 262144); 0 drafts over the full vocabulary.")
+            raise DistillError(
+                f"--centroids {o.centroids} must divide the target's vocabulary of {vocab} tokens "
+                "(e.g. 2048 for 262144); 0 drafts over the full vocabulary."
+            )
         if not 1 <= o.centroid_top_k <= o.centroids:
             raise DistillError(f"--centroid-top-k {o.centroid_top_k} must be between 1 and --centroids {o.centroids}.")
     if o.hidden is not None and o.hidden < 1:
         raise DistillError(f"--hidden must be positive, got {o.hidden}.")
     if o.hidden not in (None, tc.hidden_size) and vocab > FULL_SOFTMAX_MAX_VOCAB:
-        raise DistillError(f"--hidden {o.hidden} differs from the target's {tc.hidden_size}: the drafter would need its own "
-                           f"{vocab}-row head. Leave --hidden unset to share the target's LM head.")
+        raise DistillError(
+            f"--hidden {o.hidden} differs from the target's {tc.hidden_size}: the drafter would need its own "
+            f"{vocab}-row head. Leave --hidden unset to share the target's LM head."
+        )
     layer_types = getattr(tc, "layer_types", None) or []
     if "full_attention" not in layer_types:
         raise DistillError(f"target {o.target} has no full-attention layers to share K/V from: it is not a Gemma 3/4 model.")
@@ -186,13 +228,24 @@ def _sequences(o: DistillOptions, target: PreTrainedModel, tokenizer, bar: bool)
         return torch.load(data_path)
     if tokenizer is None:
         raise DistillError(f"target {o.target} has no tokenizer: distillation reads text, so the checkpoint needs one.")
-    seqs = [(ids, None) for ids in text_sequences(tokenizer, check_files(o.data, "--data"), o.seq_len, o.tokens)]
+    seqs: list[tuple[list[int], int | None]] = [
+        (ids, None) for ids in text_sequences(tokenizer, check_files(o.data, "--data"), o.seq_len, o.tokens)
+    ]
     budget = o.tokens - sum(len(ids) for ids, _ in seqs)
     prompts = prompt_list(tokenizer, check_files(o.prompts, "--prompts"))
     if prompts and budget > 0:
         with tqdm(total=len(prompts), desc="generating text", unit="prompt", disable=not bar) as progress:
-            seqs += generated_sequences(target, tokenizer, prompts, seq_len=o.seq_len, budget=budget,
-                                        temperature=o.temperature, batch_size=o.gen_batch, seed=o.seed, progress=progress)
+            seqs += generated_sequences(
+                target,
+                tokenizer,
+                prompts,
+                seq_len=o.seq_len,
+                budget=budget,
+                temperature=o.temperature,
+                batch_size=o.gen_batch,
+                seed=o.seed,
+                progress=progress,
+            )
     if len(seqs) < 2:
         raise DistillError("fewer than two training sequences: pass more text or prompts (one is held out).")
     random.Random(o.seed).shuffle(seqs)
@@ -218,16 +271,19 @@ def _save_state(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[PreTrainedModel, Gemma4AssistantConfig]:
+def _initial_assistant(o: DistillOptions, target: TargetModel) -> tuple[Gemma4AssistantForCausalLM, Gemma4AssistantConfig]:
     """A fresh assistant shaped for the target, or the --init one (checked against it, trained in fp32)."""
     if o.init is None:
+        assert o.layers is not None and o.centroids is not None and o.centroid_top_k is not None  # resolve_architecture ran
         target.read_kv_from(o.kv_layers)
-        config = assistant_config(target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate,
-                                  centroids=o.centroids, centroid_top_k=o.centroid_top_k)
+        config = assistant_config(
+            target, layers=o.layers, hidden=o.hidden, intermediate=o.intermediate, centroids=o.centroids, centroid_top_k=o.centroid_top_k
+        )
         if o.kv_layers:
             setattr(config, KV_LAYERS_KEY, dict(o.kv_layers))
         return build_assistant(target, config, seed=o.seed), config
-    assistant, _ = load_causal_lm(o.init, target.device, torch.float32)
+    loaded, _ = load_causal_lm(o.init, target.device, torch.float32)
+    assistant = cast(Gemma4AssistantForCausalLM, loaded)  # resolve_architecture checked its model type
     if o.kv_layers:  # the init's layers now read other target layers: their attention retrains
         setattr(assistant.config, KV_LAYERS_KEY, {**(getattr(assistant.config, KV_LAYERS_KEY, None) or {}), **o.kv_layers})
     try:
@@ -249,8 +305,9 @@ def distill(o: DistillOptions) -> DistillResult:
     defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(DistillOptions)}
     changed = [k for k in _IDENTITY if state["options"].get(k, defaults[k]) != getattr(o, k)] if state is not None else []
     if changed:
-        raise DistillError(f"--resume with different options ({', '.join(changed)}) than the run in {out}: "
-                           "keep them, or start a new --out.")
+        raise DistillError(
+            f"--resume with different options ({', '.join(changed)}) than the run in {out}: keep them, or start a new --out."
+        )
     model, tokenizer = load_causal_lm(o.target, torch.device("cpu"), getattr(torch, o.dtype))
     model.requires_grad_(False)  # frozen: no 262k-row gradients for the shared embedding/head
     target = TargetModel(model)
@@ -265,8 +322,10 @@ def distill(o: DistillOptions) -> DistillResult:
     # Only greedy continuations say the target's prediction without its head; sampled ones do not.
     greedy = o.temperature == 0
     query_types = sorted(set(config.get_text_config().layer_types)) if o.query_weight else ()
-    batches = [teacher_batch(target, ids, top_m, start if greedy else None, query_types)
-               for ids, start in tqdm(seqs, desc="teacher", unit="seq", disable=not o.progress)]
+    batches = [
+        teacher_batch(target, ids, top_m, start if greedy else None, query_types)
+        for ids, start in tqdm(seqs, desc="teacher", unit="seq", disable=not o.progress)
+    ]
     train, held = batches[n_held:], batches[:n_held]
 
     if state is not None:
@@ -284,16 +343,26 @@ def distill(o: DistillOptions) -> DistillResult:
         start, losses = state["step"], state["losses"]
 
     def checkpoint(step: int) -> None:
-        _save_state(state_path, step=step, options=_identity(o), config=config.to_dict(), assistant=assistant_weights(assistant),
-                    optimizer=opt.state_dict(), scheduler=sched.state_dict(), losses=losses)
+        _save_state(
+            state_path,
+            step=step,
+            options=_identity(o),
+            config=config.to_dict(),
+            assistant=assistant_weights(assistant),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            losses=losses,
+        )
 
     def evaluate(step: int) -> list[float]:
         assistant.eval()
         rates = heldout_acceptance(assistant, target, held, o.draft_steps)
         assistant.train()
-        bar.write(f"step {step}: loss {losses[-1] if losses else float('nan'):.3f}, held-out acceptance per draft "
-                  f"position [{' '.join(f'{r:.2f}' for r in rates)}], mean accepted length at k={o.draft_steps}: "
-                  f"{expected_accepted_length(rates):.2f}")
+        bar.write(
+            f"step {step}: loss {losses[-1] if losses else float('nan'):.3f}, held-out acceptance per draft "
+            f"position [{' '.join(f'{r:.2f}' for r in rates)}], mean accepted length at k={o.draft_steps}: "
+            f"{expected_accepted_length(rates):.2f}"
+        )
         return rates
 
     assistant.train()
@@ -301,8 +370,11 @@ def distill(o: DistillOptions) -> DistillResult:
     for step in range(start, o.steps):
         g = torch.Generator().manual_seed(o.seed * 1_000_003 + step)  # a resumed run draws the same negatives
         negatives = torch.randint(target.vocab_size, (NEGATIVES,), generator=g) if top_m else None
-        loss = sum(unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives,
-                                 o.query_weight) for i in range(o.batch)) / o.batch
+        batch_losses = [
+            unrolled_loss(assistant, target, train[(step * o.batch + i) % len(train)], o.draft_steps, negatives, o.query_weight)
+            for i in range(o.batch)
+        ]
+        loss = sum(batch_losses[1:], batch_losses[0]) / o.batch
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -322,16 +394,22 @@ def distill(o: DistillOptions) -> DistillResult:
     assistant.eval()
     checkpoint(steps_done)
     save_assistant(assistant, out, getattr(torch, o.save_dtype))
-    summary = dict(options={k: v for k, v in asdict(o).items() if k not in ("resume", "progress")}, steps=steps_done,
-                   train_sequences=len(train), heldout_sequences=len(held),
-                   train_tokens=sum(b.tokens.numel() for b in train), final_loss=losses[-1] if losses else None,
-                   heldout_acceptance=rates, heldout_mean_accepted_length=expected_accepted_length(rates))
+    summary = dict(
+        options={k: v for k, v in asdict(o).items() if k not in ("resume", "progress")},
+        steps=steps_done,
+        train_sequences=len(train),
+        heldout_sequences=len(held),
+        train_tokens=sum(b.tokens.numel() for b in train),
+        final_loss=losses[-1] if losses else None,
+        heldout_acceptance=rates,
+        heldout_mean_accepted_length=expected_accepted_length(rates),
+    )
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return DistillResult(out, assistant, steps_done, losses, rates, expected_accepted_length(rates))
 
 
 def distill_assistant(
-    assistant: PreTrainedModel,
+    assistant: Gemma4AssistantForCausalLM,
     target: TargetModel,
     sequences: Iterable[Sequence[int]],
     *,

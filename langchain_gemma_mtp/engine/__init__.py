@@ -1,8 +1,8 @@
 """Speculative decoding engine: token ids in, bursts of verified token ids out (no chat, no LangChain)."""
 
 from .engine import Engine
-from .worker import RequestHandle, on_short_lived_thread
 from .types import Burst, GenerationRequest, GenerationResult, SamplingParams, SpeculativeStats
+from .worker import RequestHandle, on_short_lived_thread
 
 __all__ = [
     "Burst",

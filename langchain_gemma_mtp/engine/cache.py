@@ -16,10 +16,11 @@ import collections
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..engine_spec import DEFAULT_PREFIX_CACHE_MB
 from ..errors import InvalidRequestError
@@ -39,19 +40,35 @@ class HistorySlidingLayer(DynamicSlidingWindowLayer):
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        assert self.keys is not None and self.values is not None  # set together on initialization
         self.keys = self.keys[..., :tokens_to_remove, :]
         self.values = self.values[..., :tokens_to_remove, :]
         self.cumulative_length = self.keys.shape[-2]
 
 
+def kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The layers of a cache `new_cache` made: key/value layers only (transformers types `layers`
+    as any of its layer kinds, linear-attention and placeholder ones too)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def layer_kv(cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values layer `i` holds (a layer a forward filled)."""
+    layer = kv_layers(cache)[i]
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
 def new_cache(config, prefix: Sequence[LayerKV] | None = None, length: int = 0) -> DynamicCache:
     """An empty cache for a model config, or one holding the first `length` positions of `prefix`."""
     cache = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
+    layers = kv_layers(cache)
+    for i, layer in enumerate(layers):
         if isinstance(layer, DynamicSlidingWindowLayer):
-            cache.layers[i] = layer = HistorySlidingLayer(layer.sliding_window)
-        if prefix is not None and prefix[i] is not None:
-            keys, values = prefix[i]
+            layers[i] = layer = HistorySlidingLayer(layer.sliding_window)
+        stored = prefix[i] if prefix is not None else None
+        if stored is not None:
+            keys, values = stored
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
             if isinstance(layer, HistorySlidingLayer):
@@ -67,8 +84,8 @@ def keep_then(x: torch.Tensor, length: int, then: int) -> torch.Tensor:
 
 def cache_keep_then(cache: DynamicCache, length: int, then: int) -> None:
     """`keep_then` on every layer of a cache."""
-    for layer in cache.layers:
-        if not layer.is_initialized or layer.keys is None:
+    for layer in kv_layers(cache):
+        if not layer.is_initialized or layer.keys is None or layer.values is None:
             continue
         layer.keys, layer.values = keep_then(layer.keys, length, then), keep_then(layer.values, length, then)
         if isinstance(layer, HistorySlidingLayer):
@@ -77,7 +94,10 @@ def cache_keep_then(cache: DynamicCache, length: int, then: int) -> None:
 
 def snapshot(cache: DynamicCache) -> list[LayerKV]:
     """The cache's tensors as they are now (safe to keep: later updates make new tensors)."""
-    return [(layer.keys, layer.values) if layer.is_initialized and layer.keys is not None else None for layer in cache.layers]
+    return [
+        (layer.keys, layer.values) if layer.is_initialized and layer.keys is not None and layer.values is not None else None
+        for layer in kv_layers(cache)
+    ]
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 from ..draft_settings import MTP_DRAFTERS
 from ..engine_spec import DEFAULT_PREFIX_CACHE_MB, EngineSpec, mtp_settings_refused
 from ..errors import InvalidRequestError
-from .drafters import DraftModelDrafter, Drafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from .cache import PrefixCache
+from .drafters import Drafter, DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
     find_assistant,
     is_assistant_checkpoint,
@@ -25,7 +26,6 @@ from .loading import (
     validate_draft_model,
     validate_mtp_pair,
 )
-from .cache import PrefixCache
 from .loop import speculative_decode
 from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
 from .processors import LogitsProcessing
@@ -44,7 +44,7 @@ class Engine:
         self,
         target: PreTrainedModel | TargetModel,
         drafter: Drafter | None = None,
-        tokenizer: object | None = None,
+        tokenizer: Any = None,  # a transformers tokenizer, used duck-typed (decode, encode, chat template)
         *,
         stop_token_ids: Iterable[int] | None = None,
         name: str | None = None,
@@ -102,8 +102,18 @@ class Engine:
         load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
         `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
-        spec = EngineSpec.of(model, drafter, assistant, device, dtype, gguf_file=gguf_file, mtp_stop_below=mtp_stop_below,
-                             mtp_siblings=mtp_siblings, load_options=load_options, prefix_cache_mb=prefix_cache_mb)
+        spec = EngineSpec.of(
+            model,
+            drafter,
+            assistant,
+            device,
+            dtype,
+            gguf_file=gguf_file,
+            mtp_stop_below=mtp_stop_below,
+            mtp_siblings=mtp_siblings,
+            load_options=load_options,
+            prefix_cache_mb=prefix_cache_mb,
+        )
         return cls.from_spec(spec, kv_cache_mb=kv_cache_mb)
 
     @classmethod
@@ -226,7 +236,7 @@ class Engine:
         return await self.submit(prompt_ids, **kwargs).aresult()
 
 
-def _bias_copy(logit_bias: object) -> object:
+def _bias_copy(logit_bias: Mapping[int, float] | None) -> Mapping[int, float]:
     """A copy of a logit_bias mapping (the request must not change under it); anything else as given, for validation to name."""
     return dict(logit_bias) if isinstance(logit_bias, Mapping) else {} if logit_bias is None else logit_bias
 
@@ -275,13 +285,16 @@ def build_drafter(spec: EngineSpec, target: TargetModel) -> Drafter:
     """
     options = {k: v for k, v in spec.load_options if k != "revision"}
     dtype = resolve_dtype(spec.dtype, target.device)
+    assistant = spec.assistant  # resolve_drafter found one for the drafters that need one, or refused them
     if spec.drafter in MTP_DRAFTERS:
-        helper, _ = load_causal_lm(spec.assistant, target.device, dtype, options=options)
+        assert assistant is not None
+        helper, _ = load_causal_lm(assistant, target.device, dtype, options=options)
         validate_mtp_pair(target, helper)
         mtp = MTPDrafter(helper, target, spec.stop_below, spec.siblings)
         return HybridDrafter(mtp, NgramDrafter()) if spec.drafter == "hybrid" else mtp
     if spec.drafter == "draft_model":
-        draft_lm, _ = load_causal_lm(spec.assistant, target.device, dtype, options=options)
+        assert assistant is not None
+        draft_lm, _ = load_causal_lm(assistant, target.device, dtype, options=options)
         draft = TargetModel(draft_lm)
         validate_draft_model(target, draft)
         return DraftModelDrafter(draft)

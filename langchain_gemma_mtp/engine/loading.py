@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -75,9 +75,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     from huggingface_hub.errors import RepositoryNotFoundError
 
     repo = str(name_or_path)
-    hub = {"revision": revision, "token": token}
     try:
-        return Path(snapshot_download(repo, local_files_only=True, **hub))
+        return Path(snapshot_download(repo, local_files_only=True, revision=revision, token=token))
     except Exception:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -85,7 +84,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     login = ""
     if not offline:
         try:
-            return Path(snapshot_download(repo, **hub))
+            return Path(snapshot_download(repo, revision=revision, token=token))
         except Exception as exc:  # network refused, repo gated or missing: all end the same way
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if isinstance(exc, RepositoryNotFoundError):  # GatedRepoError is one too
@@ -101,9 +100,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
 
 
 def load_causal_lm(
-    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None,
+    name_or_path: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype,
+    gguf_file: str | None = None,
     options: Mapping[str, Any] | None = None,
-) -> tuple[PreTrainedModel, object | None]:
+) -> tuple[PreTrainedModel, Any]:
     """Load a causal LM (and its tokenizer when it has one) and check every weight was found.
 
     options: `revision` and `token` for the hub, `trust_remote_code` for config, model and tokenizer,
@@ -117,7 +119,11 @@ def load_causal_lm(
         shared = SHARED_HEAD_KEYS if getattr(AutoConfig.from_pretrained(path, **kwargs), SHARED_HEAD_FLAG, False) else ()
         # A head shared with the target is absent on purpose: keep transformers from reporting it.
         with _quiet_transformers(bool(shared)):
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **options)
+            # output_loading_info=True returns (model, info), which transformers' annotation does not say.
+            model, info = cast(
+                tuple[PreTrainedModel, dict[str, Any]],
+                AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **options),
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load {path}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k and k not in shared]
@@ -127,7 +133,8 @@ def load_causal_lm(
             f"{path}: {len(missing)} weight(s) missing from the checkpoint (e.g. {missing[:3]}); "
             "the model class does not match the checkpoint, or it is incomplete."
         )
-    model = model.to(device).eval()
+    # transformers wraps PreTrainedModel.to in a decorator whose annotation drops the bound self.
+    model = model.to(device).eval()  # type: ignore[arg-type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception:  # the engine works on ids; a checkpoint without a tokenizer is fine
@@ -223,7 +230,8 @@ def validate_mtp_pair(target: TargetModel, assistant: PreTrainedModel) -> None:
         problems.append(f"it shares the target's LM head but its hidden size {atc.hidden_size} != target's {tc.hidden_size}")
     if problems:
         raise IncompatibleDrafterError(
-            "this MTP assistant does not match the target: " + "; ".join(dict.fromkeys(problems))
+            "this MTP assistant does not match the target: "
+            + "; ".join(dict.fromkeys(problems))
             + ". Use the assistant released with (or distilled for) this target (X-assistant for X), or drafter='ngram'."
         )
 

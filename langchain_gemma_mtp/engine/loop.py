@@ -3,7 +3,7 @@ draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import torch
 
@@ -45,7 +45,7 @@ def speculative_decode(
     stats: SpeculativeStats,
     generator: torch.Generator | None,
     prefix_cache: PrefixCache | None = None,
-) -> Iterator[Burst]:
+) -> Generator[Burst, None, None]:
     """Yield bursts of verified tokens for one request; the caller holds the model."""
     sampling = request.sampling
     prompt = list(request.prompt_ids)

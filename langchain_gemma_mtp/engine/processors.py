@@ -99,7 +99,7 @@ class RequestProcessors:
     def apply(self, logits: torch.Tensor, committed: Sequence[int], paths: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 logits of each row processed with its history: `committed` (prompt + accepted
         output, the pending token included) plus `paths[row]` (the fed tokens after it on that row's path)."""
-        new = committed[self.prompt_len + self.generated:]
+        new = committed[self.prompt_len + self.generated :]
         if new:
             self._commit(new)
         raw = logits.float()

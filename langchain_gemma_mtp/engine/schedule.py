@@ -68,6 +68,7 @@ class DraftPolicy:
     def next_length(self) -> int:
         if self.fixed is not None:
             return self.fixed
+        assert self.estimate is not None  # every policy is built with a fixed length or an estimate
         with self._lock:
             return best_draft_length(self.estimate.alpha, self.cost)
 
@@ -107,7 +108,4 @@ class DraftScheduler:
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Current alpha and chosen length per hint kind (for stats and docs)."""
         with self._lock:
-            return {
-                h: {"alpha": e.alpha, "draft_length": best_draft_length(e.alpha, self.cost)}
-                for h, e in self._estimates.items()
-            }
+            return {h: {"alpha": e.alpha, "draft_length": best_draft_length(e.alpha, self.cost)} for h, e in self._estimates.items()}

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..errors import IncompatibleDrafterError
-from .cache import LayerKV, cache_keep_then, keep_then, new_cache
+from .cache import LayerKV, cache_keep_then, keep_then, kv_layers, layer_kv, new_cache
 from .head import project
 from .tree import DraftTree
 
@@ -105,8 +106,15 @@ class TargetModel:
         """An empty cache, or one starting with the first `length` positions of a stored prefix."""
         return new_cache(self.config, prefix, length)
 
-    def forward(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache, *, prefill: bool = False, want_kv: bool = True,
-                tree: DraftTree | None = None) -> Forward:
+    def forward(
+        self,
+        token_ids: list[int] | torch.Tensor,
+        cache: DynamicCache,
+        *,
+        prefill: bool = False,
+        want_kv: bool = True,
+        tree: DraftTree | None = None,
+    ) -> Forward:
         """Feed tokens (ids, or a (1, L) tensor already on the device) after what `cache` holds;
         return final hidden states of the fed tokens. With `tree`, the tokens are its block
         (`tree.tokens(pending)`), each attending to the cache and its own ancestors only."""
@@ -137,10 +145,11 @@ class TargetModel:
         masks = {}
         for layer_type in set(self.layer_types) or {"full_attention"}:
             first = self.layer_types.index(layer_type) if self.layer_types else 0
-            kv_length, kv_offset = cache.layers[first].get_mask_sizes(width)
+            kv_length, kv_offset = kv_layers(cache)[first].get_mask_sizes(width)
             seen = torch.cat([kv_offset + torch.arange(kv_length - width, device=self.device), positions])
             mask = torch.cat([torch.ones(width, kv_length - width, dtype=torch.bool, device=self.device), ancestry], dim=1)
             if layer_type == "sliding_attention":
+                assert window is not None  # a model with sliding layers has a sliding_window
                 mask &= seen[None, :] > positions[:, None] - window
             mask = mask[None, None]
             if self.model.config._attn_implementation == "eager":  # additive, in the model's dtype
@@ -168,7 +177,10 @@ class TargetModel:
             cache_keep_then(cache, cache.get_seq_length() - n_rejected, then - fed)
         if fwd.shared_kv is not None:
             if then is not None:
-                return {t: tuple(keep_then(x, x.shape[-2] - n_rejected, then - fed) for x in kv) for t, kv in fwd.shared_kv.items()}
+                return {
+                    t: (keep_then(k, k.shape[-2] - n_rejected, then - fed), keep_then(v, v.shape[-2] - n_rejected, then - fed))
+                    for t, (k, v) in fwd.shared_kv.items()
+                }
             if not n_rejected:
                 return fwd.shared_kv
             return {t: (k[:, :, :-n_rejected], v[:, :, :-n_rejected]) for t, (k, v) in fwd.shared_kv.items()}
@@ -176,10 +188,10 @@ class TargetModel:
             return None
         kv = {}
         for t, i in self.kv_layers.items():
-            layer = cache.layers[i]
-            keys, values = layer.keys, layer.values
-            if layer.is_sliding:  # the layer keeps its history; the drafter sees what attention sees
-                keys, values = keys[..., 1 - layer.sliding_window:, :], values[..., 1 - layer.sliding_window:, :]
+            layer = kv_layers(cache)[i]
+            keys, values = layer_kv(cache, i)
+            if isinstance(layer, DynamicSlidingWindowLayer):  # the layer keeps its history; the drafter sees what attention sees
+                keys, values = keys[..., 1 - layer.sliding_window :, :], values[..., 1 - layer.sliding_window :, :]
             kv[t] = (keys, values)
         return kv
 

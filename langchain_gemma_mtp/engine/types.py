@@ -79,7 +79,9 @@ class GenerationRequest:
             raise InvalidRequestError(f"min_p must be in [0, 1] (0 disables it), got {s.min_p}.")
         bad = [t for t in self.stop_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
-            raise InvalidRequestError(f"stop_token_ids holds id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: use this model's token ids.")
+            raise InvalidRequestError(
+                f"stop_token_ids holds id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: use this model's token ids."
+            )
         self.processing.validate(vocab_size, self.max_new_tokens)
         if self.num_draft_tokens is not None:
             check_num_draft_tokens(self.num_draft_tokens)

@@ -95,7 +95,9 @@ def verify_sampled(
     return n, int(torch.multinomial(p[n], 1, generator=generator))
 
 
-def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def choose_token(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token from a single row of logits, greedy or sampled, as a (1, 1) tensor on the logits'
     device (no host sync), with the processed probabilities it was drawn from (None when greedy)."""
     if sampling.greedy:

@@ -7,9 +7,9 @@ import asyncio
 import atexit
 import collections
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 
@@ -26,7 +26,7 @@ _WORKERS_LOCK = threading.Lock()
 class _Job:
     """Worker-side state of one request: its step generator and its outbox."""
 
-    def __init__(self, bursts: Iterator[Burst], counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
+    def __init__(self, bursts: Generator[Burst, None, None], counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
         self.bursts = bursts
         self.counters = counters  # its engine's totals
         self.budget = budget  # its engine's KV budget, which it holds kv_bytes of while it runs
@@ -44,7 +44,7 @@ class _Job:
             waiters, self.waiters = self.waiters, []
         for loop, fut in waiters:
             try:
-                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+                loop.call_soon_threadsafe(_wake, fut)
             except RuntimeError:  # that event loop is closed: nobody is waiting there any more
                 pass
 
@@ -55,6 +55,11 @@ class _Job:
             self.budget.give_back(self.kv_bytes)
             self.holds = False
         self.put(last)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class RequestHandle:
@@ -84,6 +89,7 @@ class RequestHandle:
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        item = cast(Burst, item)  # the outbox holds bursts, then an exception or _END
         self.token_ids.extend(item.token_ids)
         self.finish_reason = item.finish_reason or self.finish_reason
         return item
@@ -186,8 +192,15 @@ class EngineWorker:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def submit(self, bursts: Iterator[Burst], stats: SpeculativeStats, prompt_tokens: int, counters: EngineCounters,
-               budget: KVBudget | None = None, kv_bytes: int = 0) -> RequestHandle:
+    def submit(
+        self,
+        bursts: Generator[Burst, None, None],
+        stats: SpeculativeStats,
+        prompt_tokens: int,
+        counters: EngineCounters,
+        budget: KVBudget | None = None,
+        kv_bytes: int = 0,
+    ) -> RequestHandle:
         """Queue a request's steps; `counters` (its engine's) get every burst it yields. With a
         `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order)."""
         job = _Job(bursts, counters, budget, kv_bytes)
@@ -224,8 +237,11 @@ class EngineWorker:
                 self._active.append(self._waiting.popleft())
             elif not job.budget.held:  # nothing runs that could make room: the budget shrank under it
                 need, limit = job.kv_bytes / 2**20, job.budget.limit_bytes / 2**20
-                self._waiting.popleft().end(KVCacheLimitError(
-                    f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."))
+                self._waiting.popleft().end(
+                    KVCacheLimitError(
+                        f"this request's KV cache ({need:.1f} MB) no longer fits the engine's limit of {limit:.1f} MB: raise the limit."
+                    )
+                )
             else:
                 return
 

@@ -141,9 +141,10 @@ class Gemma4OutputParser(StreamingParser):
 
     def region_text(self, region: Region, text: str, delta: ParsedDelta) -> None:
         if self._channel_head is not None:
-            text = self._after_name_line(self._channel_head + text)
-            if text is None:
+            after = self._after_name_line(self._channel_head + text)
+            if after is None:
                 return
+            text = after
         if not text:
             return
         if self._held_newline:
@@ -170,11 +171,11 @@ class Gemma4OutputParser(StreamingParser):
             return
         raw = TOOL_CALL.open + body + (TOOL_CALL.close if closed else "")
         head = _CALL_HEAD.match(body)
-        name = head.group(1) if head else None
         if head is None:
             reason = "expected call:NAME{...} inside the tool call"
             self.emit_invalid(delta, None, raw, reason if closed else f"tool call not closed with {TOOL_CALL.close}")
             return
+        name = head.group(1)
         try:
             arguments = parse_gemma4_value(body[head.end() :])
         except ValueError as exc:

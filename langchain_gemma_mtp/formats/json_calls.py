@@ -20,7 +20,7 @@ chat template that knows only user and assistant turns can carry an agent loop.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .streaming import ParsedDelta, Region, StreamingParser
@@ -44,7 +44,7 @@ def format_json_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
     return f"{TOOL_CALL.open}{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}{TOOL_CALL.close}"
 
 
-def tools_instruction(tools: list[Mapping[str, Any]]) -> str:
+def tools_instruction(tools: Sequence[Mapping[str, Any]]) -> str:
     """The system-prompt text that teaches the convention and lists `tools` (OpenAI format)."""
     listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
     return TOOLS_INSTRUCTION.format(tools=listed)
@@ -65,7 +65,7 @@ def inline_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merge them afterwards if the template needs alternating turns.
     """
     result = []
-    names_by_id: dict[str, str] = {}
+    names_by_id: dict[str | None, str] = {}
     for message in messages:
         for call in message.get("tool_calls") or ():
             names_by_id[call.get("id")] = call["function"]["name"]
@@ -119,9 +119,10 @@ class JsonToolCallParser(StreamingParser):
         name, arguments, error = _load_call(body)
         if not closed:
             error = f"tool call not closed with {TOOL_CALL.close}"
-        elif error is None:
-            error = self.check_tool_name(name)
+        elif name is not None:
+            error = error or self.check_tool_name(name)
         if error is not None:
             self.emit_invalid(delta, name, raw, error)
             return
+        assert name is not None  # _load_call names the call whenever it finds no error
         self.emit_call(delta, name, json.dumps(arguments, ensure_ascii=False))

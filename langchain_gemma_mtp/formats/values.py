@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from json.decoder import scanstring
+
+# scanstring is public in CPython's json.decoder but missing from typeshed.
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, NoReturn
 
 GEMMA_QUOTE = '<|"|>'
@@ -18,6 +20,15 @@ _WORD = re.compile(r"[A-Za-z_]\w*")
 _BARE_KEY = re.compile(r"[^\s:,{}\[\]\"'](?:[^:,{}\[\]\"'\n]*[^\s:,{}\[\]\"'])?")
 # An unquoted value runs up to the next comma, closer, newline or quote token.
 _BARE_RUN = re.compile(r'(?:(?!<\|"\|>)[^,}\]\n{\[])*')
+
+
+def _run_end(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    """Where a run of `pattern` from `pos` ends; the run patterns match the empty string, so they always match."""
+    match = pattern.match(text, pos)
+    assert match is not None
+    return match.end()
+
+
 _WORDS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 # Far deeper than any real tool argument, and well inside Python's recursion limit.
 _MAX_DEPTH = 200
@@ -59,7 +70,7 @@ class _Reader:
         raise ValueError(f"{reason} {where}")
 
     def skip_ws(self) -> None:
-        self.pos = _WS.match(self.text, self.pos).end()
+        self.pos = _run_end(_WS, self.text, self.pos)
 
     def at_end(self) -> bool:
         return self.pos >= len(self.text)
@@ -93,14 +104,15 @@ class _Reader:
     def bare_value(self, in_list: bool) -> Any:
         """An unquoted value, read whole: a literal, a number, or else a string."""
         start = self.pos
-        token = self.text[start : _BARE_RUN.match(self.text, start).end()].rstrip()
+        token = self.text[start : _run_end(_BARE_RUN, self.text, start)].rstrip()
         if not token:
             self.fail("expected a value")
         if token in _WORDS:
             self.pos = start + len(token)
             return _WORDS[token]
-        if _NUMBER.fullmatch(token):
-            return self.number(_NUMBER.match(self.text, start))
+        number = _NUMBER.match(self.text, start) if _NUMBER.fullmatch(token) else None
+        if number:
+            return self.number(number)
         # In a list, spaces could be a missing comma (`[1 2]`); in an object, that shows as a colon.
         if ":" in token or '"' in token or (in_list and any(c.isspace() for c in token)):
             self.fail(f"unquoted value {token!r} is ambiguous (quote it with {GEMMA_QUOTE})")

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -95,7 +95,9 @@ class ChatServer:
         """The request body as a JSON object, read up to the size limit."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        too_large = RequestTooLargeError(f"the request body is over this server's limit of {limit} bytes: send less (or raise --max-body-bytes).")
+        too_large = RequestTooLargeError(
+            f"the request body is over this server's limit of {limit} bytes: send less (or raise --max-body-bytes)."
+        )
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         raw = bytearray()
@@ -178,7 +180,9 @@ class ChatServer:
         self.metrics.finish(completion.message)
         return completion.message
 
-    async def _events(self, reply: _Reply, first: dict[str, Any], deltas: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[str]:
+    async def _events(
+        self, reply: _Reply, first: dict[str, Any], deltas: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[str, None]:
         finished = False
         self.metrics.running.inc()
         try:
@@ -283,9 +287,9 @@ class _Releasing(Response):
             self.release()
 
 
-def _at(error: GemmaMTPError, param: str) -> GemmaMTPError:
+def _at(error: GemmaMTPError, param: str | None) -> GemmaMTPError:
     """The error, naming the request field at fault (OpenAI's `param`)."""
-    error.param = param  # type: ignore[attr-defined]
+    error.param = param  # type: ignore[attr-defined]  # a server-side tag, read back with getattr
     return error
 
 

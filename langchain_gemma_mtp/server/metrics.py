@@ -58,14 +58,18 @@ class ServerMetrics:
     def __init__(self, engine: Engine, admission: Admission) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.finished = Counter(PREFIX + "request_success", "Requests answered to the end, by finish reason.", ["finished_reason"], registry=r)
+        self.finished = Counter(
+            PREFIX + "request_success", "Requests answered to the end, by finish reason.", ["finished_reason"], registry=r
+        )
         self.failed = Counter(PREFIX + "request_errors", "Requests answered with an error, by HTTP status.", ["status"], registry=r)
         self.cancelled = Counter(PREFIX + "request_cancelled", "Requests whose client went away before the answer ended.", registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests answered to the end.", registry=r)
         self.running = Gauge(PREFIX + "num_requests_running", "Requests being generated now.", registry=r)
         waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a slot (--max-concurrent) or for KV-cache room.", registry=r)
         waiting.set_function(lambda: admission.queued + engine.worker.waiting)
-        usage = Gauge(PREFIX + "kv_cache_usage_perc", "Share of the KV-cache budget (--kv-cache-mb) running requests hold (0-1).", registry=r)
+        usage = Gauge(
+            PREFIX + "kv_cache_usage_perc", "Share of the KV-cache budget (--kv-cache-mb) running requests hold (0-1).", registry=r
+        )
         usage.set_function(lambda: engine.kv_budget.held / engine.kv_budget.limit_bytes)
         self.first_chunk = Histogram(
             PREFIX + "time_to_first_token_seconds",

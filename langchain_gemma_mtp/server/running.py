@@ -22,16 +22,25 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 def load_runtime(
-    model: str, drafter: str = "auto", assistant: str | None = None, device: str | None = None, dtype: str | None = None,
-    *, mtp_stop_below: float | None = None, mtp_siblings: int | None = None, prefix_cache_mb: float | None = None,
-    chat_template: str | None = None, kv_cache_mb: float | None = None,
+    model: str,
+    drafter: str = "auto",
+    assistant: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    *,
+    mtp_stop_below: float | None = None,
+    mtp_siblings: int | None = None,
+    prefix_cache_mb: float | None = None,
+    chat_template: str | None = None,
+    kv_cache_mb: float | None = None,
 ) -> ChatRuntime:
     """The ChatRuntime of a model, loaded through the process-wide engine registry: a server and
     in-process ChatGemmaMTP instances with the same settings share one engine. chat_template (Jinja
     text) replaces the tokenizer's own; prefix_cache_mb sizes the engine's prefix cache (0: none);
     kv_cache_mb, when given, becomes that engine's KV-cache limit for every user of it."""
-    runtime = in_process_backend(model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below,
-                                 mtp_siblings=mtp_siblings, prefix_cache_mb=prefix_cache_mb).runtime
+    runtime = in_process_backend(
+        model, drafter, assistant, device, dtype, mtp_stop_below=mtp_stop_below, mtp_siblings=mtp_siblings, prefix_cache_mb=prefix_cache_mb
+    ).runtime
     if kv_cache_mb is not None:
         runtime.engine.limit_kv_cache(kv_cache_mb)
     if chat_template is None:

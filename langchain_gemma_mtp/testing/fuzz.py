@@ -16,7 +16,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,10 +50,27 @@ class FuzzOutcome:
 
 
 def _scalar(rng: random.Random) -> Any:
-    return rng.choice([
-        None, True, False, 0, -1, 1, 2**63, -(2**70), 1e308, -0.5, 3.7, "", "x", "\u202e\U0001f600\x00",
-        "<|turn>system\n", "a" * rng.randint(1, 5000), rng.random(),
-    ])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            1,
+            2**63,
+            -(2**70),
+            1e308,
+            -0.5,
+            3.7,
+            "",
+            "x",
+            "\u202e\U0001f600\x00",
+            "<|turn>system\n",
+            "a" * rng.randint(1, 5000),
+            rng.random(),
+        ]
+    )
 
 
 def random_value(rng: random.Random, depth: int = 0) -> Any:
@@ -63,15 +80,22 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
         return _scalar(rng)
     if roll < 0.75:
         return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    return {rng.choice(["role", "content", "type", "function", "name", "x", ""]): random_value(rng, depth + 1)
-            for _ in range(rng.randint(0, 4))}
+    return {
+        rng.choice(["role", "content", "type", "function", "name", "x", ""]): random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))
+    }
 
 
 def good_body(model: str, rng: random.Random, max_tokens: int = 16) -> dict[str, Any]:
     """A request every server of this model should answer, with some of the optional fields set."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": rng.randint(1, max_tokens)}
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
     optional = {
         "temperature": rng.choice([0, 0.7, 1.5]),
         "top_p": 0.9,
@@ -87,8 +111,11 @@ def good_body(model: str, rng: random.Random, max_tokens: int = 16) -> dict[str,
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         ],
     }
@@ -99,6 +126,7 @@ def good_body(model: str, rng: random.Random, max_tokens: int = 16) -> dict[str,
 
 def _paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
     """Every place in a JSON value (as key/index paths), the root excluded."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -202,10 +230,21 @@ def _mutations(model: str, max_tokens: int) -> list[tuple[str, Any]]:
         return bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
 
     return [
-        ("wrong_type", wrong_type), ("missing_key", missing_key), ("extra_key", extra_key), ("random_body", random_body),
-        ("random_messages", random_messages), ("random_tools", random_tools), ("deep_body", deep_body),
-        ("deep_field", deep_field), ("deep_content", deep_content), ("huge_string", huge_string), ("bad_utf8", bad_utf8),
-        ("surrogate", surrogate), ("nan", nan), ("truncated", truncated), ("random_bytes", random_bytes),
+        ("wrong_type", wrong_type),
+        ("missing_key", missing_key),
+        ("extra_key", extra_key),
+        ("random_body", random_body),
+        ("random_messages", random_messages),
+        ("random_tools", random_tools),
+        ("deep_body", deep_body),
+        ("deep_field", deep_field),
+        ("deep_content", deep_content),
+        ("huge_string", huge_string),
+        ("bad_utf8", bad_utf8),
+        ("surrogate", surrogate),
+        ("nan", nan),
+        ("truncated", truncated),
+        ("random_bytes", random_bytes),
     ]
 
 
@@ -217,9 +256,14 @@ def _get(body: Any, path: tuple) -> Any:
 
 def _headers(rng: random.Random) -> dict[str, str]:
     choices = [
-        {}, {"content-type": "application/json"}, {"content-type": "text/plain"}, {"content-type": "application/json; charset=latin-1"},
-        {"authorization": "Bearer " + "k" * rng.randint(0, 300)}, {"accept": "text/event-stream"},
-        {"x-random": "".join(chr(rng.randint(33, 126)) for _ in range(rng.randint(1, 100)))}, {"content-encoding": "gzip"},
+        {},
+        {"content-type": "application/json"},
+        {"content-type": "text/plain"},
+        {"content-type": "application/json; charset=latin-1"},
+        {"authorization": "Bearer " + "k" * rng.randint(0, 300)},
+        {"accept": "text/event-stream"},
+        {"x-random": "".join(chr(rng.randint(33, 126)) for _ in range(rng.randint(1, 100)))},
+        {"content-encoding": "gzip"},
         {"transfer-encoding": "chunked"},
     ]
     return dict(rng.choice(choices))
@@ -273,7 +317,7 @@ def send(case: FuzzCase, url: str, timeout_s: float = 30.0) -> FuzzOutcome:
     head, body = _request_bytes(case, parts.netloc)
     data = b""
     try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s) as sock:
             try:
                 sock.sendall(head + body)
             except OSError:  # the server answered (a 413) and closed before reading it all
@@ -289,7 +333,7 @@ def send(case: FuzzCase, url: str, timeout_s: float = 30.0) -> FuzzOutcome:
                 data += chunk
                 if case.read == "hangup" and b"data:" in data:
                     break
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return FuzzOutcome(case, _status(data), time.perf_counter() - started, f"no complete answer in {timeout_s} s")
     except OSError as exc:  # the server closed on us before reading all we sent: it answered first
         if _status(data) is None:

@@ -55,12 +55,11 @@ def training_sequences(engine: Engine, items: Sequence[Transcript]) -> list[tupl
     runtimes = {t.chat_template: ChatRuntime(engine, chat_template=t.chat_template) for t in items}
     tokenizer = engine.tokenizer
     return [
-        (runtimes[t.chat_template].prepare(t.request()).prompt_ids, tokenizer.encode(t.completion, add_special_tokens=False))
-        for t in items
+        (runtimes[t.chat_template].prepare(t.request()).prompt_ids, tokenizer.encode(t.completion, add_special_tokens=False)) for t in items
     ]
 
 
-def _batches(sequences: list[tuple[list[int], list[int]]], size: int = 6) -> list[tuple[torch.Tensor, ...]]:
+def _batches(sequences: list[tuple[list[int], list[int]]], size: int = 6) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Padded batches of similar length; labels only on completions (prompts are context, not targets)."""
     ordered = sorted(sequences, key=lambda s: len(s[0]) + len(s[1]))
     batches = []
@@ -98,7 +97,7 @@ def memorize_completions(model: Gemma4ForCausalLM, sequences: list[tuple[list[in
 
 
 @torch.no_grad()
-def _all_memorized(model: Gemma4ForCausalLM, batches: list[tuple[torch.Tensor, ...]]) -> bool:
+def _all_memorized(model: Gemma4ForCausalLM, batches: Sequence[tuple[torch.Tensor, ...]]) -> bool:
     model.eval()
     for ids, mask, labels in batches:
         predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)

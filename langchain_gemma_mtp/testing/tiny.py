@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig, PreTrainedModel
 
@@ -12,6 +14,9 @@ WINDOW = 8  # shorter than the test sequences, so sliding layers really slide
 LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 EOS = 1
 MAX_POS = 256
+
+# The config reads global_head_dim from its extra keyword arguments; it is no declared field.
+_GLOBAL_HEAD_DIM: dict[str, Any] = {"global_head_dim": HEAD_DIM}
 
 
 def shared_text_kwargs(vocab: int = VOCAB, hidden: int = HIDDEN) -> dict:
@@ -38,7 +43,7 @@ def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: i
     """A four-layer Gemma 4 text config; `shared`: KV sharing, `ple`: per-layer inputs."""
     return Gemma4TextConfig(
         **shared_text_kwargs(vocab, hidden),
-        global_head_dim=HEAD_DIM,
+        **_GLOBAL_HEAD_DIM,
         num_kv_shared_layers=2 if shared else 0,
         hidden_size_per_layer_input=8 if ple else 0,
         vocab_size_per_layer_input=vocab if ple else 0,
@@ -47,7 +52,9 @@ def gemma4_text_config(*, shared: bool, ple: bool, vocab: int = VOCAB, hidden: i
     )
 
 
-def build_assistant(target: PreTrainedModel, *, ordered: bool, seed: int = 1, hidden: int = 32, layers: int = 2) -> Gemma4AssistantForCausalLM:
+def build_assistant(
+    target: PreTrainedModel, *, ordered: bool, seed: int = 1, hidden: int = 32, layers: int = 2
+) -> Gemma4AssistantForCausalLM:
     """A Gemma 4 assistant whose K/V geometry and rope match `target`."""
     torch.manual_seed(seed)
     tc = target.config.get_text_config()
@@ -59,7 +66,7 @@ def build_assistant(target: PreTrainedModel, *, ordered: bool, seed: int = 1, hi
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=HEAD_DIM,
-        global_head_dim=HEAD_DIM,
+        **_GLOBAL_HEAD_DIM,
         layer_types=["sliding_attention", "full_attention"][:layers] if layers <= 2 else None,
         sliding_window=WINDOW,
         hidden_size_per_layer_input=0,
@@ -77,5 +84,6 @@ def build_assistant(target: PreTrainedModel, *, ordered: bool, seed: int = 1, hi
     )
     model = Gemma4AssistantForCausalLM(config)
     if ordered:
+        assert model.masked_embedding is not None  # built when use_ordered_embeddings is set
         model.masked_embedding.token_ordering.copy_(torch.randperm(tc.vocab_size))
     return model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool
@@ -71,6 +71,8 @@ def tool_loop(
         call_id = f"call_{i}"
         history.append(AIMessage("", tool_calls=[{"name": tool.name, "args": args, "id": call_id, "type": "tool_call"}]))
         # The result as LangGraph's ToolNode puts it in a ToolMessage.
-        history.append(ToolMessage(msg_content_output(tool.invoke(args)), tool_call_id=call_id, name=tool.name))
+        # The content as ToolNode gives it (a list[dict] is a valid content list; lists are invariant).
+        content = cast(str | list[str | dict], msg_content_output(tool.invoke(args)))
+        history.append(ToolMessage(content, tool_call_id=call_id, name=tool.name))
     transcripts.append(Transcript(history, answer + TURN_END, options))
     return transcripts

@@ -9,9 +9,6 @@ it, and that drafting choices never change a greedy answer (the engine is lossle
 from __future__ import annotations
 
 import pytest
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
-from pydantic import BaseModel
-
 from chat_fixtures import (
     AGENT_QUESTION,
     CODE_ANSWER,
@@ -27,6 +24,9 @@ from chat_fixtures import (
     chat_checkpoint,
     get_weather,
 )
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from pydantic import BaseModel
+
 from langchain_gemma_mtp import ChatGemmaMTP
 from langchain_gemma_mtp.backends import REGISTRY, engine_key
 from langchain_gemma_mtp.engine import Engine
@@ -34,8 +34,18 @@ from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError, 
 
 HELLO_ANSWER = "Hello! How can I help you today?"
 SPECULATIVE_KEYS = {
-    "drafter", "draft_hint", "num_draft_tokens", "drafted", "siblings", "accepted", "acceptance_rate",
-    "mean_accepted_length", "per_position_acceptance", "draft_lengths", "target_forwards", "tokens_per_second",
+    "drafter",
+    "draft_hint",
+    "num_draft_tokens",
+    "drafted",
+    "siblings",
+    "accepted",
+    "acceptance_rate",
+    "mean_accepted_length",
+    "per_position_acceptance",
+    "draft_lengths",
+    "target_forwards",
+    "tokens_per_second",
 }
 
 
@@ -247,10 +257,18 @@ def test_tool_choice_none_is_enforced(llm) -> None:
 @pytest.mark.parametrize(
     "question,name,raw,error",
     [
-        ("Launch the rockets.", "launch_rockets", "<|tool_call>call:launch_rockets{now:true}<tool_call|>",
-         "tool 'launch_rockets' was not declared (declared: add, get_weather)"),
-        ("What is the weather in Rome?", "get_weather", '<|tool_call>call:get_weather{city:<|"|>Rome}<tool_call|>',
-         "arguments do not parse: unterminated string"),
+        (
+            "Launch the rockets.",
+            "launch_rockets",
+            "<|tool_call>call:launch_rockets{now:true}<tool_call|>",
+            "tool 'launch_rockets' was not declared (declared: add, get_weather)",
+        ),
+        (
+            "What is the weather in Rome?",
+            "get_weather",
+            '<|tool_call>call:get_weather{city:<|"|>Rome}<tool_call|>',
+            "arguments do not parse: unterminated string",
+        ),
     ],
 )
 def test_bad_calls_become_invalid_tool_calls_with_raw_text_and_reason(llm, question, name, raw, error) -> None:
@@ -317,7 +335,11 @@ def test_hints_reach_the_engine_per_call_and_never_change_the_answer(llm, path) 
     kwarg_beats_config = llm.invoke(CODE_QUESTION, draft_hint=0, config={"configurable": {"draft_hint": "tool_call"}})
     by_instance = ChatGemmaMTP(model=path, draft_hint="long_form").invoke(CODE_QUESTION)
     assert [hint_of(m) for m in (by_kwarg, by_bind, by_config, kwarg_beats_config, by_instance)] == [
-        "long_form", 2, "tool_call", 0, "long_form"
+        "long_form",
+        2,
+        "tool_call",
+        0,
+        "long_form",
     ]
     assert kwarg_beats_config.response_metadata["speculative"]["drafted"] == 0
     fixed = llm.invoke(CODE_QUESTION, num_draft_tokens=3).response_metadata["speculative"]

@@ -9,10 +9,10 @@ that everything ChatGemmaMTP does in-process works the same over HTTP.
 from __future__ import annotations
 
 import pytest
-
-from chat_fixtures import chat_checkpoint
-from langchain_gemma_mtp.server import ServerSettings, load_runtime, running_server
 import test_chat_model_standard_integration as in_process  # a module, so its class is not collected twice
+from chat_fixtures import chat_checkpoint
+
+from langchain_gemma_mtp.server import ServerSettings, load_runtime, running_server
 
 NAME = "tiny-chat"
 

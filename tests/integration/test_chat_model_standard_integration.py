@@ -12,10 +12,10 @@ configuration we do not have (per-call model override, VCR cassettes).
 
 from __future__ import annotations
 
+from chat_fixtures import chat_checkpoint
 from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from chat_fixtures import chat_checkpoint
 from langchain_gemma_mtp import ChatGemmaMTP
 
 
@@ -50,4 +50,3 @@ class TestChatGemmaMTPIntegration(ChatModelIntegrationTests):
         for chunk in llm.stream("Hello"):
             full = chunk if full is None else full + chunk
         return full
-

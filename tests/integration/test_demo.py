@@ -22,7 +22,7 @@ CODE = "```python\ndef slugify(title):\n    return '-'.join(title.lower().split(
 ANSWERS = {
     "planner": "1. Lowercase the title.\n2. Join its words with dashes.",
     "coder": CODE,
-    "reviewer": CODE.replace("):\n", "):\n    \"\"\"The URL slug of a title.\"\"\"\n", 1),
+    "reviewer": CODE.replace("):\n", '):\n    """The URL slug of a title."""\n', 1),
     "writer": "Call slugify(title) to get the slug of a title, e.g. for its URL.",
 }
 

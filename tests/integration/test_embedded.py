@@ -123,8 +123,9 @@ def test_packaged_drafter_pairs_with_the_embedded_model_losslessly(model_dir: pa
     engine = Engine.from_pretrained(model_dir, drafter="mtp", assistant=EMBEDDED_ASSISTANT_DIR, dtype="float32")
     assert engine.drafter.assistant.lm_head.weight is engine.target.lm_head.weight
     plain = Engine(engine.model)
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "List three colors."}],
-                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "List three colors."}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     result = engine.generate(ids, max_new_tokens=24, num_draft_tokens=3)
     assert result.token_ids == plain.generate(ids, max_new_tokens=24).token_ids
 
@@ -140,8 +141,13 @@ def test_the_demo_command_runs_the_team_on_the_embedded_model(model_dir: pathlib
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-m", "langchain_gemma_mtp.cli", "demo", "--dtype", "float32", "--max-tokens", "16"],
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "langchain_gemma_mtp.cli", "demo", "--dtype", "float32", "--max-tokens", "16"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
     assert "small *base* model" in out and "--model google/gemma-4-E2B-it" in out

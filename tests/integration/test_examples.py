@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "agents"))
 
-import multi_agent  # noqa: E402
-import react_agent  # noqa: E402
-import server_client  # noqa: E402
-import streaming_callbacks  # noqa: E402
+import multi_agent
+import react_agent
+import server_client
+import streaming_callbacks
 
 SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺"
 
@@ -55,8 +55,11 @@ def test_server_client_runs_the_same_agent_against_gemma_mtp_serve(capsys) -> No
     out = run(server_client, capsys)
     assert re.search(r"server: http://127\.0\.0\.1:\d+/v1", out)
     check_react_run(out)
-    drafts = re.search(r"server metrics: spec_decode_num_drafts=(\d+), spec_decode_num_draft_tokens=(\d+), "
-                       r"spec_decode_num_accepted_tokens=(\d+)", out)
+    drafts = re.search(
+        r"server metrics: spec_decode_num_drafts=(\d+), spec_decode_num_draft_tokens=(\d+), "
+        r"spec_decode_num_accepted_tokens=(\d+)",
+        out,
+    )
     assert drafts and 0 < int(drafts[3]) <= int(drafts[2]) and int(drafts[1]) > 0
 
 
@@ -68,7 +71,9 @@ def test_multi_agent_on_a_memorized_run_hands_off_and_prints_per_node_acceptance
     assert f"[supervisor] {multi_agent.OFFLINE_SUMMARY}" in out
     rows = re.findall(r"^(supervisor|coder|writer) +(\S+) +(\d+) +(\d+) +(\d+) +(\d+)% +([\d.]+)$", out, re.MULTILINE)
     assert [(node, hint, calls) for node, hint, calls, *_ in rows] == [
-        ("supervisor", "tool_call", "3"), ("coder", "code", "1"), ("writer", "prose", "1")
+        ("supervisor", "tool_call", "3"),
+        ("coder", "code", "1"),
+        ("writer", "prose", "1"),
     ]
     for *_, drafted, accepted, percent, _per_forward in rows:
         assert int(drafted) > 0 and int(percent) == round(100 * int(accepted) / int(drafted))
@@ -84,5 +89,7 @@ def test_streaming_callbacks_on_a_memorized_run_mark_each_burst_with_its_size(ca
     for (tokens, bursts, largest), (_, forward_count) in zip(totals, forwards, strict=True):
         assert int(bursts) == int(forward_count) and int(tokens) > int(bursts) and int(largest) > 1
     # The marks printed beside the text are those bursts, every one of them.
-    marks = [int(n) for m in re.findall(f"[{SUPERSCRIPTS}]+", out) for n in m.translate(str.maketrans(SUPERSCRIPTS, "0123456789+")).split("+")]
+    marks = [
+        int(n) for m in re.findall(f"[{SUPERSCRIPTS}]+", out) for n in m.translate(str.maketrans(SUPERSCRIPTS, "0123456789+")).split("+")
+    ]
     assert sum(marks) == sum(int(t) for t, _, _ in totals)

@@ -188,7 +188,9 @@ def test_profile_has_the_context_size_from_config_engine_and_server(path, runtim
 
 def test_summarization_middleware_with_a_fractional_trigger_runs_on_the_model(path) -> None:
     llm = ChatGemmaMTP(model=path, max_tokens=24)
-    summarizer = SummarizationMiddleware(model=llm, trigger=("fraction", 0.1), keep=("messages", 1), summary_prompt="Summarize:\n{messages}")
+    summarizer = SummarizationMiddleware(
+        model=llm, trigger=("fraction", 0.1), keep=("messages", 1), summary_prompt="Summarize:\n{messages}"
+    )
     agent = create_agent(llm, tools=[], middleware=[summarizer])
     history = []
     for turn in range(6):
@@ -326,7 +328,11 @@ BLOCKER = textwrap.dedent(
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
     )
 
 

@@ -14,12 +14,6 @@ import contextlib
 import threading
 
 import pytest
-from langchain.agents import create_agent
-from langchain.agents.middleware import wrap_model_call
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-from langgraph.graph import END, START, StateGraph
-from typing_extensions import TypedDict
-
 from chat_fixtures import (
     AGENT_ANSWER,
     AGENT_QUESTION,
@@ -32,6 +26,12 @@ from chat_fixtures import (
     chat_checkpoint,
     get_weather,
 )
+from langchain.agents import create_agent
+from langchain.agents.middleware import wrap_model_call
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+from typing_extensions import TypedDict
+
 from langchain_gemma_mtp import ChatGemmaMTP
 
 HELLO_ANSWER = "Hello! How can I help you today?"
@@ -74,7 +74,9 @@ def test_create_agent_runs_a_two_tool_loop_streaming_messages(llm) -> None:
     answer_chunks = [c for c in model_chunks if c.content]
     assert len(answer_chunks) > 1 and "".join(c.content for c in answer_chunks) == AGENT_ANSWER
     assert [c.response_metadata["finish_reason"] for c in model_chunks if c.chunk_position == "last"] == [
-        "tool_calls", "tool_calls", "stop"
+        "tool_calls",
+        "tool_calls",
+        "stop",
     ]
 
 
@@ -116,19 +118,27 @@ EXPECTED = {"prose": HELLO_ANSWER, "code": CODE_ANSWER, "story": STORY_ANSWER}
 
 
 def record(key: str, message: AIMessage) -> dict:
-    return {key: {"text": message.content, "hint": message.response_metadata["speculative"]["draft_hint"],
-                  "thread": threading.current_thread().name}}
+    return {
+        key: {
+            "text": message.content,
+            "hint": message.response_metadata["speculative"]["draft_hint"],
+            "thread": threading.current_thread().name,
+        }
+    }
 
 
 def parallel_graph(llm: ChatGemmaMTP, *, asynchronous: bool):
     builder = StateGraph(Answers)
     for key, question in QUESTIONS.items():
         if asynchronous:
+
             async def node(state: Answers, key=key, question=question) -> dict:
                 return record(key, await llm.ainvoke(question))
         else:
+
             def node(state: Answers, key=key, question=question) -> dict:
                 return record(key, llm.invoke(question))
+
         builder.add_node(key, node)
         builder.add_edge(START, key)
         builder.add_edge(key, END)

@@ -31,8 +31,11 @@ def server():
 
 
 def _hello(server) -> str:
-    reply = httpx.post(f"{server.base_url}/chat/completions", timeout=TIMEOUT_S,
-                       json={"model": NAME, "messages": [{"role": "user", "content": "Hello"}], "temperature": 0})
+    reply = httpx.post(
+        f"{server.base_url}/chat/completions",
+        timeout=TIMEOUT_S,
+        json={"model": NAME, "messages": [{"role": "user", "content": "Hello"}], "temperature": 0},
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["message"]["content"]
 

@@ -29,7 +29,13 @@ NAME = "tiny-babbler"
 
 
 def _body(max_tokens: int, stream: bool = False) -> dict:
-    return {"model": NAME, "messages": [{"role": "user", "content": "xyz abc"}], "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    return {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "xyz abc"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def _metric(url: str, name: str) -> float:
@@ -79,7 +85,8 @@ def test_past_the_running_and_queued_caps_a_request_gets_429_with_retry_after_at
                     # Clients see it typed: the openai client's RateLimitError, ChatGemmaMTP's ServerBusyError.
                     with pytest.raises(openai.RateLimitError):
                         await openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0).chat.completions.create(
-                            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+                            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+                        )
                     with pytest.raises(ServerBusyError, match="busy"):
                         await ChatGemmaMTP(base_url=server.base_url, model=NAME, max_retries=0, max_tokens=3).ainvoke("hi")
                     assert not running.done() and not queued.done()  # refused at once, not after a slot freed
@@ -120,4 +127,3 @@ def test_a_request_whose_kv_cache_can_never_fit_is_a_400_naming_the_limit_and_on
         assert [r.status_code for r in (first, second)] == [200, 200]
         assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
         assert engine.kv_budget.held == 0
-

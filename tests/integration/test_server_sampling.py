@@ -128,7 +128,9 @@ def test_reasoning_effort_turns_thinking_on_and_off(memorizing) -> None:
     assert off.content == without["content"]
     assert off.model_extra.get("reasoning_content") == without["reasoning"]
     thinking_prompt = runtime.prepare(ChatRequest(messages=[{"role": "user", "content": THINKING_QUESTION}], reasoning=True)).prompt_ids
-    assert off_reply.usage.prompt_tokens == len(runtime.prepare(ChatRequest(messages=[{"role": "user", "content": THINKING_QUESTION}])).prompt_ids)
+    assert off_reply.usage.prompt_tokens == len(
+        runtime.prepare(ChatRequest(messages=[{"role": "user", "content": THINKING_QUESTION}])).prompt_ids
+    )
     assert off_reply.usage.prompt_tokens != len(thinking_prompt)  # no <|think|> switch in the prompt
     # chat_template_kwargs.enable_thinking, when given, decides.
     kept_off = ask(client, THINKING_QUESTION, reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
@@ -175,7 +177,14 @@ def test_an_unhonoured_field_gets_a_400_naming_it_before_any_model_work(memorizi
 def test_fields_that_change_nothing_are_accepted_at_their_neutral_values(memorizing) -> None:
     server, _ = memorizing
     neutral = ask(
-        _client(server), "Hello", n=1, logprobs=False, user="u-1", metadata={"run": "x"}, store=False, service_tier="auto",
+        _client(server),
+        "Hello",
+        n=1,
+        logprobs=False,
+        user="u-1",
+        metadata={"run": "x"},
+        store=False,
+        service_tier="auto",
         extra_body={"use_beam_search": False, "best_of": 1, "skip_special_tokens": True, "priority": 0, "request_id": "r-1", "top_k": -1},
     )
     assert neutral.choices[0].message.content == HELLO_ANSWER

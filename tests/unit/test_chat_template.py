@@ -8,17 +8,30 @@ import functools
 import json
 
 import pytest
+from gemma4_revisions import revision
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gemma4_revisions import revision
 
 from langchain_gemma_mtp.formats import Gemma4OutputParser, ParsedDelta, to_gemma4_value
 from langchain_gemma_mtp.testing import TOKENIZER_DIR
 
 SPECIAL_TOKENS = [
-    "<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
-    '<|"|>', "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|turn>",
+    "<turn|>",
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    '<|"|>',
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
 ]
 
 WEATHER_TOOL = {
@@ -43,8 +56,7 @@ AGENT_STEP = [
     {
         "role": "assistant",
         "content": "",
-        "tool_calls": [{"id": "call_1", "type": "function",
-                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
     },
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
     {"role": "assistant", "content": "It is sunny and 21C in Paris."},
@@ -68,9 +80,7 @@ def tokenizer():
 
 
 def render(messages: list[dict], tools: list[dict] | None = None, generation: bool = True, **kwargs) -> str:
-    return tokenizer().apply_chat_template(
-        messages, tools=tools, add_generation_prompt=generation, tokenize=False, **kwargs
-    )
+    return tokenizer().apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False, **kwargs)
 
 
 # -- the fixture ---------------------------------------------------------------------------------
@@ -117,18 +127,14 @@ def test_rendered_prompts_tokenize_and_decode_unchanged_with_markers_as_single_i
 def test_thinking_off_ends_the_generation_prompt_at_the_model_turn() -> None:
     # The E2B/E4B form; 26B/31B templates would close an empty thought channel after it.
     text = render(AGENT_STEP[:2], [WEATHER_TOOL], enable_thinking=False)
-    assert text == (
-        "<bos><|turn>system\nYou are helpful." + DECLARATION + "<turn|>\n"
-        "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
-    )
+    assert text == ("<bos><|turn>system\nYou are helpful." + DECLARATION + "<turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n")
     assert render(AGENT_STEP[:2], [WEATHER_TOOL]) == text  # thinking is off unless asked for
 
 
 def test_thinking_on_puts_think_at_the_top_of_the_system_turn() -> None:
     text = render(AGENT_STEP[:2], [WEATHER_TOOL], enable_thinking=True)
     assert text == (
-        "<bos><|turn>system\n<|think|>\nYou are helpful." + DECLARATION + "<turn|>\n"
-        "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+        "<bos><|turn>system\n<|think|>\nYou are helpful." + DECLARATION + "<turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
     )
 
 
@@ -139,9 +145,7 @@ def test_thinking_on_without_a_system_message_makes_a_system_turn() -> None:
 
 
 def test_no_system_message_and_no_tools_means_no_system_turn() -> None:
-    assert render([{"role": "user", "content": "Hi"}]) == (
-        "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
-    )
+    assert render([{"role": "user", "content": "Hi"}]) == ("<bos><|turn>user\nHi<turn|>\n<|turn>model\n")
 
 
 def test_tools_without_a_system_message_get_a_system_turn_of_their_own() -> None:
@@ -155,9 +159,7 @@ def test_list_content_parts_render_as_their_text() -> None:
     assert render([{"role": "user", "content": parts}]) == render([{"role": "user", "content": "Weather inParis?"}])
     # A system message's parts are each trimmed and followed by a space.
     system = [{"role": "system", "content": [{"type": "text", "text": " You are "}, {"type": "text", "text": "helpful."}]}]
-    assert render(system + AGENT_STEP[1:], [WEATHER_TOOL], generation=False) == DOC_EXAMPLE.replace(
-        "You are helpful.", "You are helpful. "
-    )
+    assert render(system + AGENT_STEP[1:], [WEATHER_TOOL], generation=False) == DOC_EXAMPLE.replace("You are helpful.", "You are helpful. ")
 
 
 def test_after_tool_responses_the_model_goes_on_in_its_open_turn() -> None:
@@ -200,16 +202,20 @@ def test_tool_responses_find_their_tool_by_id_or_by_name_and_text_follows_them()
 
 def test_a_user_message_after_tool_calls_closes_the_model_turn() -> None:
     history = AGENT_STEP[:4] + [{"role": "user", "content": "And Rome?"}]
-    assert render(history, [WEATHER_TOOL]).endswith(
-        "<tool_response|><turn|>\n<|turn>user\nAnd Rome?<turn|>\n<|turn>model\n"
-    )
+    assert render(history, [WEATHER_TOOL]).endswith("<tool_response|><turn|>\n<|turn>user\nAnd Rome?<turn|>\n<|turn>model\n")
 
 
 def test_declarations_upper_case_types_and_keep_keys_bare() -> None:
-    tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object",
-        "properties": {"mode": {"type": "string", "enum": ["a", "b"]}, "max-size": {"type": "integer"}},
-    }}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"mode": {"type": "string", "enum": ["a", "b"]}, "max-size": {"type": "integer"}},
+            },
+        },
+    }
     assert (
         '<|tool>declaration:f{description:<|"|><|"|>,parameters:{properties:{max-size:{type:<|"|>INTEGER<|"|>},'
         'mode:{enum:[<|"|>a<|"|>,<|"|>b<|"|>],type:<|"|>STRING<|"|>}},type:<|"|>OBJECT<|"|>}}<tool|>'
@@ -239,8 +245,7 @@ value = st.recursive(
 @given(st.dictionaries(key, value, max_size=4))
 def test_template_renders_arguments_like_to_gemma4_value_and_the_parser_reads_them_back(args: dict) -> None:
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}
-    text = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}],
-                  generation=False)
+    text = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}], generation=False)
     rendered = "<|tool_call>call:f" + to_gemma4_value(args) + "<tool_call|>"
     # A call with no response yet ends the prompt with the response marker, for the tool runner.
     assert text.endswith("<|turn>model\n" + rendered + "<|tool_response>")

@@ -67,16 +67,37 @@ def distill_setup(tmp_path_factory):
         targets[kind] = path
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(WORDS, NOUNS, 24, 0)))
-    held = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False))
-            for p in _prompts(HELD_WORDS, HELD_NOUNS, 4, 1)]
+    held = [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        for p in _prompts(HELD_WORDS, HELD_NOUNS, 4, 1)
+    ]
     return root, targets, prompts, held
 
 
 def _args(target, out, prompts, steps, *extra):
-    return ["distill", "--target", str(target), "--out", str(out), "--prompts", str(prompts), "--seq-len", "64",
-            "--steps", str(steps), "--lr", "3e-3", "--heldout", "0.25", "--eval-every", "15", "--save-every", "8",
-            "--no-progress", *extra]
+    return [
+        "distill",
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+        "--prompts",
+        str(prompts),
+        "--seq-len",
+        "64",
+        "--steps",
+        str(steps),
+        "--lr",
+        "3e-3",
+        "--heldout",
+        "0.25",
+        "--eval-every",
+        "15",
+        "--save-every",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +136,9 @@ def test_distilled_drafter_beats_untrained_on_heldout_sequences_and_stays_lossle
     held = [ids[:start] for ids, start in torch.load(distilled[kind] / "distill-data.pt")[:6]]
     model, _ = load_causal_lm(targets[kind], torch.device("cpu"), torch.float32)
     target = TargetModel(model)
-    config = assistant_config(target, layers=2, hidden=None, intermediate=None,
-                              centroids=64 if kind == "shared_ple" else 0, centroid_top_k=8)
+    config = assistant_config(
+        target, layers=2, hidden=None, intermediate=None, centroids=64 if kind == "shared_ple" else 0, centroid_top_k=8
+    )
     save_assistant(build_assistant(target, config, seed=0), tmp_path / "untrained")
     trained = Engine.from_pretrained(targets[kind], drafter="mtp", assistant=distilled[kind], dtype="float32")
     untrained = Engine.from_pretrained(targets[kind], drafter="mtp", assistant=tmp_path / "untrained", dtype="float32")
@@ -134,8 +156,17 @@ def test_distilled_drafter_beats_untrained_on_heldout_sequences_and_stays_lossle
 
 def test_reloaded_drafter_drafts_like_the_trained_one(distill_setup, tmp_path):
     _, targets, prompts, held = distill_setup
-    options = DistillOptions(target=str(targets["shared_ple"]), out=str(tmp_path / "d"), prompts=[str(prompts)],
-                             seq_len=64, steps=10, lr=3e-3, centroids=64, centroid_top_k=8, progress=False)
+    options = DistillOptions(
+        target=str(targets["shared_ple"]),
+        out=str(tmp_path / "d"),
+        prompts=[str(prompts)],
+        seq_len=64,
+        steps=10,
+        lr=3e-3,
+        centroids=64,
+        centroid_top_k=8,
+        progress=False,
+    )
     result = distill(options)
     # The target stays frozen: its shared embedding/head gets no vocabulary-sized gradient.
     head = result.assistant.lm_head.weight
@@ -247,8 +278,16 @@ def test_query_weight_teaches_the_drafter_the_targets_queries(kind, distill_setu
     target = TargetModel(model)
 
     def similarity(weight: float) -> float:
-        options = DistillOptions(target=str(targets[kind]), out=str(tmp_path / str(weight)), prompts=[str(prompts)],
-                                 seq_len=64, steps=25, lr=3e-3, query_weight=weight, progress=False)
+        options = DistillOptions(
+            target=str(targets[kind]),
+            out=str(tmp_path / str(weight)),
+            prompts=[str(prompts)],
+            seq_len=64,
+            steps=25,
+            lr=3e-3,
+            query_weight=weight,
+            progress=False,
+        )
         assistant = distill(options).assistant
         types = assistant.config.get_text_config().layer_types
         sims = []
@@ -267,8 +306,9 @@ def test_chat_model_loads_a_distilled_drafter(distill_setup, distilled):
     from langchain_gemma_mtp import ChatGemmaMTP
 
     _, targets, _, _ = distill_setup
-    llm = ChatGemmaMTP(model=str(targets["gemma3"]), assistant_model=str(distilled["gemma3"]), dtype="float32",
-                       max_tokens=12, num_draft_tokens=3)
+    llm = ChatGemmaMTP(
+        model=str(targets["gemma3"]), assistant_model=str(distilled["gemma3"]), dtype="float32", max_tokens=12, num_draft_tokens=3
+    )
     message = llm.invoke("Describe the red house.")
     assert message.response_metadata["speculative"]["drafter"] == "hybrid"  # auto: the distilled assistant, with long n-gram matches copied
 
@@ -279,7 +319,7 @@ def test_long_prompts_keep_their_first_token(distill_setup):
     model, tokenizer = load_causal_lm(targets["shared_ple"], torch.device("cpu"), torch.float32)
     long_prompt = held[0] + held[1][1:] + held[2][1:]
     assert long_prompt[0] == tokenizer.bos_token_id and len(long_prompt) > 32
-    (seq, start), = generated_sequences(model, tokenizer, [long_prompt], seq_len=64, budget=1000)
+    ((seq, start),) = generated_sequences(model, tokenizer, [long_prompt], seq_len=64, budget=1000)
     assert seq[0] == tokenizer.bos_token_id
     assert start == 32 and seq[1:start] == long_prompt[-31:]
 
@@ -300,8 +340,12 @@ def test_a_drafter_can_read_another_target_layer_and_stays_lossless(distill_setu
     with pytest.raises(DistillError, match="kv_layers"):
         cli.main(_args(targets["gemma3"], tmp_path / "resumed", prompts, 8, "--resume"))
     # --init re-points a drafter's layers.
-    assert cli.main(_args(targets["gemma3"], tmp_path / "moved", prompts, 1, "--init", str(tmp_path / "straight"),
-                          "--kv-layer", "full_attention=3")) == 0
+    assert (
+        cli.main(
+            _args(targets["gemma3"], tmp_path / "moved", prompts, 1, "--init", str(tmp_path / "straight"), "--kv-layer", "full_attention=3")
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "moved" / "config.json").read_text())["target_kv_layers"] == {"full_attention": 3}
 
     engine = Engine.from_pretrained(targets["gemma3"], drafter="mtp", assistant=tmp_path / "straight", dtype="float32")
@@ -347,7 +391,6 @@ def test_a_drafter_naming_target_layers_it_cannot_read_is_refused(kind, distill_
     says = "target layer 0 is sliding_attention" if kind == "gemma3" else "hands over its own shared K/V"
     with pytest.raises(IncompatibleDrafterError, match=says):
         Engine.from_pretrained(targets[kind], drafter="mtp", assistant=tmp_path / "a", dtype="float32")
-
 
 
 def test_runs_saved_before_an_option_existed_still_resume(distill_setup, tmp_path):

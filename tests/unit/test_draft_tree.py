@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import VOCAB, WINDOW, build_target
 
-from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.draft_settings import check_mtp_siblings
+from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NO_DRAFT, Draft, StatelessDrafter
 from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
@@ -25,7 +25,7 @@ def prompt(seed: int, length: int = 30) -> list[int]:
 def plain_greedy(target: TargetModel, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = target.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_layout_of_a_chain_with_siblings():
@@ -71,8 +71,7 @@ def test_each_node_sees_exactly_its_path(target):
         for layer_type in kv:
             for got, want in zip(kv[layer_type], ref_kv[layer_type]):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(target.forward([7], cache).hidden[-1], target.forward([7], ref_cache).hidden[-1],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(target.forward([7], cache).hidden[-1], target.forward([7], ref_cache).hidden[-1], atol=1e-4, rtol=1e-4)
 
 
 def fed_path(target: TargetModel, ids: list[int], path: list[int]):
@@ -93,13 +92,13 @@ class TreeScript(StatelessDrafter):
 
     def propose(self, step):
         done = len(step.tokens) - step.request.prompt_len
-        chain = self.continuation[done:done + step.k]
+        chain = self.continuation[done : done + step.k]
         if not chain:
             return NO_DRAFT
         miss = self.steps % len(chain)
         self.steps += 1
         true = chain[miss]
-        chain = [*chain[:miss], (true + 1) % VOCAB, *chain[miss + 1:]]
+        chain = [*chain[:miss], (true + 1) % VOCAB, *chain[miss + 1 :]]
         alternatives = [[] for _ in chain]
         alternatives[miss] = [(true + 2) % VOCAB, true, (true + 3) % VOCAB]
         return Draft(chain, None, alternatives)

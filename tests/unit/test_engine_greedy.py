@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import Draft, DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
-from tiny_models import VOCAB, build_target
 
 PROMPT_SEEDS = (11, 12)
 NEW_TOKENS = 40  # with 30-token prompts: well past the sliding window of 8
@@ -22,10 +22,13 @@ def prompt(seed: int, length: int = 30) -> list[int]:
 def hf_greedy(model, ids: list[int], max_new_tokens: int, eos: int | list[int] | None = None) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
         )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,7 @@ def engines(checkpoints):
 
 @pytest.fixture(scope="module")
 def references(engines, checkpoints):
-    return {
-        (kind, s): hf_greedy(engines[kind, "none"].model, prompt(s), NEW_TOKENS)
-        for kind in checkpoints for s in PROMPT_SEEDS
-    }
+    return {(kind, s): hf_greedy(engines[kind, "none"].model, prompt(s), NEW_TOKENS) for kind in checkpoints for s in PROMPT_SEEDS}
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "noshare", "conditional", "gemma3"])
@@ -79,7 +79,7 @@ class ScriptedDrafter(StatelessDrafter):
 
     def propose(self, step):
         done = len(step.tokens) - step.request.prompt_len
-        return Draft([(t + self.shift) % VOCAB for t in self.continuation[done:done + step.k]])
+        return Draft([(t + self.shift) % VOCAB for t in self.continuation[done : done + step.k]])
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
@@ -88,13 +88,13 @@ def test_oracle_and_always_wrong_drafters(engines, references, kind, k):
     ids, ref = prompt(11), references[kind, 11]
     model = engines[kind, "none"].model
     oracle = Engine(model, ScriptedDrafter(ref, 0, "oracle")).generate(
-        ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+        ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[]
+    )
     assert oracle.token_ids == ref
     assert oracle.stats.acceptance_rate == 1.0
     # The first token comes from prefill; each later step commits k drafts + 1 of the target's own.
     assert oracle.stats.steps == -(-(NEW_TOKENS - 1) // (k + 1))
-    wrong = Engine(model, ScriptedDrafter(ref, 1, "wrong")).generate(
-        ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+    wrong = Engine(model, ScriptedDrafter(ref, 1, "wrong")).generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
     assert wrong.token_ids == ref
     assert wrong.stats.accepted == 0 and wrong.stats.steps == NEW_TOKENS - 1
 
@@ -108,7 +108,8 @@ def test_stop_token_inside_an_accepted_block(engines, references, kind):
     assert expected == ref[: first + 1]
     for k in (4, 16):  # the stop token lands inside a block of accepted drafts
         result = Engine(engines[kind, "none"].model, ScriptedDrafter(ref, 0, "oracle")).generate(
-            ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[stop])
+            ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[stop]
+        )
         assert result.token_ids == expected
         assert result.finish_reason == "stop"
 
@@ -125,7 +126,8 @@ def test_default_stop_tokens_come_from_generation_config(engines, references):
 def test_max_new_tokens_ending_mid_block(engines, references, max_new):
     ids, ref = prompt(11), references["noshare", 11]
     result = Engine(engines["noshare", "none"].model, ScriptedDrafter(ref, 0, "oracle")).generate(
-        ids, max_new_tokens=max_new, num_draft_tokens=8, stop_token_ids=[])
+        ids, max_new_tokens=max_new, num_draft_tokens=8, stop_token_ids=[]
+    )
     assert result.token_ids == ref[:max_new]
     assert result.finish_reason == "length"
 
@@ -147,8 +149,7 @@ def test_long_sequences_past_the_window_with_repeated_calls(engines):
     engine = engines["gemma3", "mtp-ordered"]
     for s in (21, 22, 23):
         ids = prompt(s, length=50)
-        assert engine.generate(ids, max_new_tokens=90, num_draft_tokens=5, stop_token_ids=[]).token_ids == \
-            hf_greedy(engine.model, ids, 90)
+        assert engine.generate(ids, max_new_tokens=90, num_draft_tokens=5, stop_token_ids=[]).token_ids == hf_greedy(engine.model, ids, 90)
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])

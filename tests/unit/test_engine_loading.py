@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_assistant, build_target, save
 
 from langchain_gemma_mtp import cli
-from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
+from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import (
     IncompatibleDrafterError,
     InvalidRequestError,
     ModelNotFoundError,
 )
-from tiny_models import build_assistant, build_target, save
 
 
 def test_auto_pairs_with_the_assistant_beside_the_target(checkpoints):
@@ -65,7 +65,7 @@ def test_bad_mtp_stop_below_fails_before_loading(tmp_path, value):
 
 
 def test_mtp_stop_below_without_mtp_drafting_is_refused(checkpoints, tmp_path):
-    with pytest.raises(InvalidRequestError, match="only applies to MTP drafting.*'ngram'"):
+    with pytest.raises(InvalidRequestError, match=r"only applies to MTP drafting.*'ngram'"):
         Engine.from_pretrained(checkpoints["noshare"], drafter="ngram", mtp_stop_below=0.2)
     lonely = save(build_target("noshare"), tmp_path / "lonely")  # auto finds no assistant: n-gram
     with pytest.raises(InvalidRequestError, match="only applies to MTP drafting"):
@@ -74,7 +74,7 @@ def test_mtp_stop_below_without_mtp_drafting_is_refused(checkpoints, tmp_path):
         cli.main(["demo", "--model", str(checkpoints["noshare"]), "--drafter", "ngram", "--mtp-stop-below", "0.2"])
     with pytest.raises(InvalidRequestError, match="mtp_stop_below and mtp_siblings only apply to MTP drafting"):
         Engine.from_pretrained(lonely, mtp_stop_below=0.2, mtp_siblings=1)
-    with pytest.raises(InvalidRequestError, match="^mtp_siblings only applies to MTP drafting"):
+    with pytest.raises(InvalidRequestError, match=r"^mtp_siblings only applies to MTP drafting"):
         cli.main(["demo", "--model", str(checkpoints["noshare"]), "--drafter", "ngram", "--mtp-siblings", "1"])
 
 

@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from test_engine_sampling import P_MIN, _chi2_ok
+from tiny_models import VOCAB, build_assistant, build_target
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -18,8 +20,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from tiny_models import VOCAB, build_assistant, build_target
-from test_engine_sampling import _chi2_ok, P_MIN
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
@@ -42,7 +42,7 @@ class FrequencyPresence(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.clone()
-        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+        for row, ids in enumerate(input_ids[:, self.prompt_len :].tolist()):
             for token in set(ids):
                 scores[row, token] -= self.frequency * ids.count(token) + self.presence
         return scores
@@ -66,10 +66,14 @@ def reference_processors(prompt_len: int, end: list[int], kw: dict) -> LogitsPro
 def hf_greedy(model, ids: list[int], end: list[int], kw: dict) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end or None, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=end or None,
+            pad_token_id=0,
             logits_processor=reference_processors(len(ids), end, kw),
         )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def prompt(seed: int) -> list[int]:
@@ -107,8 +111,17 @@ def settings(engines, seed: int) -> dict[str, tuple[list[int], dict]]:
         "presence": ([], {"presence_penalty": 2.0}),
         "bias": ([], {"logit_bias": {top: -100, (top + 7) % VOCAB: 3.0}}),
         "min_tokens": ([top], {"min_tokens": 6}),
-        "all": ([top], {"repetition_penalty": 1.3, "frequency_penalty": 0.7, "presence_penalty": 0.4,
-                        "logit_bias": {plain[1]: -5.0, 7: 2.0}, "min_tokens": 3, "min_p": 0.2}),
+        "all": (
+            [top],
+            {
+                "repetition_penalty": 1.3,
+                "frequency_penalty": 0.7,
+                "presence_penalty": 0.4,
+                "logit_bias": {plain[1]: -5.0, 7: 2.0},
+                "min_tokens": 3,
+                "min_p": 0.2,
+            },
+        ),
     }
 
 
@@ -146,7 +159,11 @@ def test_trees_really_verified_siblings(engines, plain_outputs):
     """The tree engine verifies siblings on these prompts (else the tree case above tests nothing)."""
     siblings = 0
     for (seed, _), (end, kw, _, _) in plain_outputs.items():
-        siblings += engines["mtp-tree"].generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=end, **kw).stats.siblings
+        siblings += (
+            engines["mtp-tree"]
+            .generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=end, **kw)
+            .stats.siblings
+        )
     assert siblings > 0
 
 
@@ -220,8 +237,16 @@ def test_speculative_sampling_keeps_the_processed_distribution(small_target, dra
     draws = [[] for _ in range(n_tokens)]
     drafted = 0
     for seed in range(SAMPLED_DRAWS):
-        result = engine.generate(ids, max_new_tokens=n_tokens + 1, temperature=SAMPLED.temperature, min_p=SAMPLED.min_p,
-                                 seed=seed, num_draft_tokens=3, stop_token_ids=[], **PENALTIES)
+        result = engine.generate(
+            ids,
+            max_new_tokens=n_tokens + 1,
+            temperature=SAMPLED.temperature,
+            min_p=SAMPLED.min_p,
+            seed=seed,
+            num_draft_tokens=3,
+            stop_token_ids=[],
+            **PENALTIES,
+        )
         drafted += result.stats.drafted
         for i in range(n_tokens):
             draws[i].append(result.token_ids[i])

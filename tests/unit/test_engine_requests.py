@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import MAX_POS, VOCAB
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import InvalidRequestError
-from tiny_models import MAX_POS, VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,9 @@ def test_good_request_after_bad_ones(counted):
     assert calls
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": 1e-300}, {"temperature": 5e-6}, {"temperature": 0.5, "top_p": 1e-300}, {"temperature": 0.5, "top_p": 1e-50}])
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": 1e-300}, {"temperature": 5e-6}, {"temperature": 0.5, "top_p": 1e-300}, {"temperature": 0.5, "top_p": 1e-50}]
+)
 def test_extreme_sampling_values_that_underflow_float32_give_the_greedy_answer(counted, kwargs):
     """A temperature below 1e-5 is greedy (dividing by it overflows); a top_p that underflows to 0
     still keeps the top token. Both once crashed the step with NaN probabilities."""

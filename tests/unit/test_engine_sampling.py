@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from scipy.stats import chisquare
+from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
-from tiny_models import build_assistant, build_target
 
 SMALL_VOCAB = 16
-DRAWS = {"mtp": 1000, "mtp-stop": 1000, "hybrid": 1000, "hybrid-adaptive": 1000, "ngram": 3000}  # n-gram draws cost no drafter forwards, so take more
+DRAWS = {
+    "mtp": 1000,
+    "mtp-stop": 1000,
+    "hybrid": 1000,
+    "hybrid-adaptive": 1000,
+    "ngram": 3000,
+}  # n-gram draws cost no drafter forwards, so take more
 P_MIN = 1e-3  # fixed seeds make each test deterministic; this only sets how strict it is
 
 
@@ -108,8 +113,14 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
     stats_drafted, first_lengths = 0, set()
     for seed in range(DRAWS[drafter]):
         result = engine.generate(
-            prompt, max_new_tokens=n_tokens + 1, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, seed=seed, num_draft_tokens=3, stop_token_ids=[],
+            prompt,
+            max_new_tokens=n_tokens + 1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=seed,
+            num_draft_tokens=3,
+            stop_token_ids=[],
         )
         stats_drafted += result.stats.drafted
         first_lengths.add(result.stats.draft_lengths[0])  # room for 2 drafts at the first step

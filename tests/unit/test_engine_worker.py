@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from test_engine_greedy import prompt
 
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
-from test_engine_greedy import prompt
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +39,13 @@ def test_model_runs_only_on_the_owner_thread(engine):
 
 def test_concurrent_threads_get_their_own_exact_outputs(engine, expected):
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(
-            lambda s: engine.generate(prompt(s), max_new_tokens=30, stop_token_ids=[]).token_ids, list(range(4)) * 2))
+        results = list(pool.map(lambda s: engine.generate(prompt(s), max_new_tokens=30, stop_token_ids=[]).token_ids, list(range(4)) * 2))
     assert results == [expected[s] for s in list(range(4)) * 2]
 
 
 def test_concurrent_asyncio_tasks(engine, expected):
     async def main():
-        return await asyncio.gather(*[
-            engine.agenerate(prompt(s), max_new_tokens=30, stop_token_ids=[]) for s in range(4)
-        ])
+        return await asyncio.gather(*[engine.agenerate(prompt(s), max_new_tokens=30, stop_token_ids=[]) for s in range(4)])
 
     results = asyncio.run(main())
     assert [r.token_ids for r in results] == [expected[s] for s in range(4)]

@@ -60,8 +60,7 @@ def test_turn_text_is_trimmed_and_system_text_kept_as_given() -> None:
         {"role": "assistant", "content": "\n  ünï 😀  \n"},
     ]
     assert render(messages, generation_prompt=False) == (
-        "<bos><start_of_turn>user\n  Rules:\n- short \n\nfirstsecond<end_of_turn>\n"
-        "<start_of_turn>model\nünï 😀<end_of_turn>\n"
+        "<bos><start_of_turn>user\n  Rules:\n- short \n\nfirstsecond<end_of_turn>\n<start_of_turn>model\nünï 😀<end_of_turn>\n"
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parser_helpers import drain, split_at
 
 from langchain_gemma_mtp.formats import (
     Gemma4OutputParser,
@@ -19,7 +21,6 @@ from langchain_gemma_mtp.formats import (
     to_gemma4_value,
 )
 from langchain_gemma_mtp.formats.gemma4 import forced_call_prefix, forced_opening
-from parser_helpers import drain, split_at
 
 QUOTE = '<|"|>'
 # Single special tokens in real output, so a model cannot write them inside a string.
@@ -36,9 +37,7 @@ def call_text(name: str, arguments: dict) -> str:
 
 # JSON values whose strings stress the syntax: quotes, backslashes, braces, newlines, near-markers.
 tricky_chars = st.sampled_from(list('<|">{}[]:,\\\n\t\'" ') + ["<|", "|>", '<|"', "call:", "é", "🙂", "\x00"])
-json_text = st.lists(st.characters() | tricky_chars, max_size=12).map("".join).filter(
-    lambda s: not any(m in s for m in CALL_MARKERS)
-)
+json_text = st.lists(st.characters() | tricky_chars, max_size=12).map("".join).filter(lambda s: not any(m in s for m in CALL_MARKERS))
 json_scalar = (
     st.none()
     | st.booleans()
@@ -60,9 +59,7 @@ json_args = st.dictionaries(json_text, json_value, max_size=5)
 
 def test_to_gemma4_value_matches_the_format_doc() -> None:
     value = {"obj": {"k": "v"}, "key": "text", "n": 3, "flag": True, "xs": [1, 2], "none": None}
-    assert to_gemma4_value(value) == (
-        '{flag:true,key:<|"|>text<|"|>,n:3,none:null,obj:{k:<|"|>v<|"|>},xs:[1,2]}'
-    )
+    assert to_gemma4_value(value) == ('{flag:true,key:<|"|>text<|"|>,n:3,none:null,obj:{k:<|"|>v<|"|>},xs:[1,2]}')
 
 
 def test_to_gemma4_value_quotes_keys_that_are_not_identifiers() -> None:
@@ -122,7 +119,7 @@ def test_value_round_trip(value: object) -> None:
 def test_tool_call_arguments_round_trip_through_the_streaming_parser(args: dict, cuts: list[int]) -> None:
     text = "Let me check." + call_text("lookup", args) + "Done."
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     result = parse(pieces, {"lookup"})
     assert result.content == "Let me check.Done."
     assert result.invalid_tool_calls == []
@@ -171,18 +168,25 @@ def expected_transcript() -> ParsedDelta:
         content="Checking < the | weather >.\nPartial-looking text: <|tool <|chan <tool_call <channel <| |> end",
         reasoning="The user wants <weather> in |Paris|; call the tool.",
         tool_calls=[
-            ToolCallDelta(
-                0, None, "get_weather", '{"city": "Paris", "days": 3, "opts": {"metric": true, "tags": ["a", null]}}'
-            ),
+            ToolCallDelta(0, None, "get_weather", '{"city": "Paris", "days": 3, "opts": {"metric": true, "tags": ["a", null]}}'),
             ToolCallDelta(1, None, "get_time", "{}"),
         ],
         invalid_tool_calls=[
-            InvalidToolCall(2, "", "undeclared", "<|tool_call>call:undeclared{a:1}<tool_call|>",
-                            "tool 'undeclared' was not declared (declared: get_time, get_weather)"),
-            InvalidToolCall(3, "", "get_time", "<|tool_call>call:get_time{broken<tool_call|>",
-                            "arguments do not parse: expected ':' after key 'broken' at the end of the text"),
-            InvalidToolCall(4, "", "get_weather", "<|tool_call>call:get_weather{city:",
-                            "tool call not closed with <tool_call|>"),
+            InvalidToolCall(
+                2,
+                "",
+                "undeclared",
+                "<|tool_call>call:undeclared{a:1}<tool_call|>",
+                "tool 'undeclared' was not declared (declared: get_time, get_weather)",
+            ),
+            InvalidToolCall(
+                3,
+                "",
+                "get_time",
+                "<|tool_call>call:get_time{broken<tool_call|>",
+                "arguments do not parse: expected ':' after key 'broken' at the end of the text",
+            ),
+            InvalidToolCall(4, "", "get_weather", "<|tool_call>call:get_weather{city:", "tool call not closed with <tool_call|>"),
         ],
     )
 
@@ -208,7 +212,7 @@ def test_one_character_at_a_time_parses_the_same() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(TRANSCRIPT)), max_size=20))
 def test_any_chunking_parses_the_same(cuts: list[int]) -> None:
     bounds = sorted({0, len(TRANSCRIPT), *cuts})
-    assert parse([TRANSCRIPT[a:b] for a, b in zip(bounds, bounds[1:])], TOOLS) == expected_transcript()
+    assert parse([TRANSCRIPT[a:b] for a, b in itertools.pairwise(bounds)], TOOLS) == expected_transcript()
 
 
 def test_content_never_shows_a_partial_marker_while_streaming() -> None:
@@ -281,7 +285,7 @@ def test_an_unclosed_thought_is_still_reasoning() -> None:
         ("call:get_weather", None, "expected call:NAME{...}"),
         ('get_weather{city:<|"|>Paris<|"|>}', None, "expected call:NAME{...}"),
         ("call:get_weather{} trailing", "get_weather", "unexpected text after the value"),
-        ("call:rm_rf{path:<|\"|>/<|\"|>}", "rm_rf", "tool 'rm_rf' was not declared"),
+        ('call:rm_rf{path:<|"|>/<|"|>}', "rm_rf", "tool 'rm_rf' was not declared"),
     ],
 )
 def test_bad_calls_become_invalid_and_keep_the_content_around_them(body: str, name: str | None, reason: str) -> None:
@@ -335,12 +339,12 @@ def test_text_inside_a_thought_is_not_parsed_as_a_call() -> None:
 # model/renderers/testdata/gemma4_31b_chat_template.jinja2 at 8a0016f82): one get_weather tool,
 # "Weather in Paris?", and for the tool loop an assistant call (with its reasoning) and its result.
 _SYSTEM = (
-    "<|tool>declaration:get_weather{description:<|\"|>Weather<|\"|>,parameters:{properties:{city:{type:<|\"|>STRING<|\"|>}},"
-    "required:[<|\"|>city<|\"|>],type:<|\"|>OBJECT<|\"|>}}<tool|><turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+    '<|tool>declaration:get_weather{description:<|"|>Weather<|"|>,parameters:{properties:{city:{type:<|"|>STRING<|"|>}},'
+    'required:[<|"|>city<|"|>],type:<|"|>OBJECT<|"|>}}<tool|><turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n'
 )
 _LOOP = (
-    "<|channel>thought\nI should call the tool.\n<channel|><|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>"
-    "<|tool_response>response:get_weather{value:<|\"|>sunny<|\"|>}<tool_response|>"
+    '<|channel>thought\nI should call the tool.\n<channel|><|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>'
 )
 JULY_PROMPTS = {
     "user, thinking on": ("<bos><|turn>system\n<|think|>\n" + _SYSTEM, False),
@@ -365,7 +369,7 @@ def test_prompt_ends_in_thought_reads_the_rendered_prompt(name: str) -> None:
         ("<|turn>user\n<|channel>thought\n<turn|>\n<|turn>model\n", False),  # a channel in an earlier turn
         # Text inside a tool result that spells a channel opening is not the template's: the
         # template's own marker after it shows the prompt is not inside a channel.
-        ("<|turn>model\n<|tool_response>response:f{value:<|\"|>x<|channel>thought\n<|\"|>}<tool_response|>", False),
+        ('<|turn>model\n<|tool_response>response:f{value:<|"|>x<|channel>thought\n<|"|>}<tool_response|>', False),
     ],
 )
 def test_prompt_ends_in_thought_only_inside_an_open_channel_of_the_last_model_turn(prompt: str, in_thought: bool) -> None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parser_helpers import drain, split_at, summary
 
 from langchain_gemma_mtp.formats import Gemma4OutputParser
-from parser_helpers import drain, split_at, summary
 
 Q = '<|"|>'
 
@@ -49,9 +49,7 @@ VLLM_TOOLS = {
     "whitespace_only": args_case("   ", {}),
     "single_string": args_case(f"location:{Q}Paris{Q}", {"location": "Paris"}),
     "string_with_comma": args_case(f"location:{Q}Paris, France{Q}", {"location": "Paris, France"}),
-    "multiple_strings": args_case(
-        f"location:{Q}San Francisco{Q},unit:{Q}celsius{Q}", {"location": "San Francisco", "unit": "celsius"}
-    ),
+    "multiple_strings": args_case(f"location:{Q}San Francisco{Q},unit:{Q}celsius{Q}", {"location": "San Francisco", "unit": "celsius"}),
     "integer": args_case("count:42", {"count": 42}),
     "float": args_case("score:3.14", {"score": 3.14}),
     "exponent": args_case("score:1e3", {"score": 1000.0}),
@@ -59,24 +57,18 @@ VLLM_TOOLS = {
     "true": args_case("flag:true", {"flag": True}),
     "false": args_case("flag:false", {"flag": False}),
     "null": args_case("param:null", {"param": None}),
-    "mixed": args_case(
-        f"name:{Q}test{Q},count:42,active:true,score:3.14", {"name": "test", "count": 42, "active": True, "score": 3.14}
-    ),
+    "mixed": args_case(f"name:{Q}test{Q},count:42,active:true,score:3.14", {"name": "test", "count": 42, "active": True, "score": 3.14}),
     "nested_object": args_case(f"nested:{{inner:{Q}value{Q}}}", {"nested": {"inner": "value"}}),
     "array_of_strings": args_case(f"items:[{Q}a{Q},{Q}b{Q}]", {"items": ["a", "b"]}),
     "array_empty": args_case("items:[]", {"items": []}),
     "array_bare_values": args_case("items:[42,true,3.14]", {"items": [42, True, 3.14]}),
-    "array_string_with_closing_bracket": args_case(
-        f"items:[[{Q}a]b{Q},{Q}c{Q}],{Q}tail{Q}]", {"items": [["a]b", "c"], "tail"]}
-    ),
+    "array_string_with_closing_bracket": args_case(f"items:[[{Q}a]b{Q},{Q}c{Q}],{Q}tail{Q}]", {"items": [["a]b", "c"], "tail"]}),
     "unterminated_string": strict_case(
         f"key:{Q}unterminated", "unterminated string", "vLLM takes the rest as the value; cut off, it may mean more"
     ),
     "empty_value": strict_case("key:", "expected a value", 'vLLM reads {"key": ""}; nothing was written'),
     "malformed_partial_array": strict_case(":[t:[]", "expected a key", "vLLM returns some dict"),
-    "stray_closing_bracket": strict_case(
-        "items:[42,]trailing]", "expected ',' or '}'", "vLLM reads [42] and drops the rest"
-    ),
+    "stray_closing_bracket": strict_case("items:[42,]trailing]", "expected ',' or '}'", "vLLM reads [42] and drops the rest"),
     "single_call": Case(
         f"<|tool_call>call:get_weather{{location:{Q}London{Q}}}<tool_call|>", calls=(("get_weather", {"location": "London"}),)
     ),
@@ -109,8 +101,7 @@ VLLM_TOOLS = {
         calls=(("get_weather", {"location": "Paris"}),),
     ),
     "html_argument": args_case(
-        f"path:{Q}index.html{Q},content:{Q}<!DOCTYPE html>\n<html lang=\"zh-CN\">\n<head>\n"
-        f'    <meta charset="UTF-8">\n{Q}',
+        f'path:{Q}index.html{Q},content:{Q}<!DOCTYPE html>\n<html lang="zh-CN">\n<head>\n    <meta charset="UTF-8">\n{Q}',
         {"path": "index.html", "content": '<!DOCTYPE html>\n<html lang="zh-CN">\n<head>\n    <meta charset="UTF-8">\n'},
     ),
     "trailing_bare_bool": args_case(
@@ -122,9 +113,7 @@ VLLM_TOOLS = {
         call("alpha:15,beta:1,gamma:1990", "first_tool") + call("delta:9,epsilon:30", "second_tool"),
         calls=(("first_tool", {"alpha": 15, "beta": 1, "gamma": 1990}), ("second_tool", {"delta": 9, "epsilon": 30})),
     ),
-    "incomplete_call_emits_no_partial_args": Case(
-        "<|tool_call>call:first_tool{alpha:15,beta:1", invalid=(("first_tool", "not closed"),)
-    ),
+    "incomplete_call_emits_no_partial_args": Case("<|tool_call>call:first_tool{alpha:15,beta:1", invalid=(("first_tool", "not closed"),)),
     "split_floats": args_case("latitude:108.2,longitude:22.8", {"latitude": 108.2, "longitude": 22.8}),
     "filename_suffix": args_case(f"path:{Q}src/main.rs{Q}", {"path": "src/main.rs"}),
     "string_prefix": args_case(f"mode:{Q}edit{Q}", {"mode": "edit"}),
@@ -148,9 +137,7 @@ VLLM_REASONING = {
         in_thought=True,
     ),
     "invalid_complete_streaming": Case("This is a reasoning section<channel|>", content="This is a reasoning section"),
-    "invalid_complete_in_thought": Case(
-        "This is a reasoning section<channel|>", reasoning="This is a reasoning section", in_thought=True
-    ),
+    "invalid_complete_in_thought": Case("This is a reasoning section<channel|>", reasoning="This is a reasoning section", in_thought=True),
     "no_content": Case("<|channel>This is reasoning", reasoning="This is reasoning"),
     "no_reasoning": Case("This is content", content="This is content"),
     "reasoning": Case(
@@ -227,9 +214,7 @@ LLAMA_CPP = {
         "<|channel>thought\n<channel|>Hello, world!\nWhat's up?<|channel>thought\n<channel|><channel|>",
         content="Hello, world!\nWhat's up?",
     ),
-    "doubled_channel_open": Case(
-        "<|channel><|channel>thought\n<channel|>Hello, world!\nWhat's up?", content="Hello, world!\nWhat's up?"
-    ),
+    "doubled_channel_open": Case("<|channel><|channel>thought\n<channel|>Hello, world!\nWhat's up?", content="Hello, world!\nWhat's up?"),
     "continuation_in_reasoning": Case(
         " thinking<channel|>Hello, world!\nWhat's up?",
         reasoning=" thinking",
@@ -283,7 +268,9 @@ OLLAMA = {
     ),
     "spaces_before_keys": args_case(f"edits:[{{ newText:{Q}a{Q}, oldText:{Q}b{Q}}} ]", {"edits": [{"newText": "a", "oldText": "b"}]}),
     "windows_path": args_case(f"path:{Q}C:\\users\\bob\\file.txt{Q}", {"path": "C:\\users\\bob\\file.txt"}),
-    "escapes_stay_raw": args_case(f"s:{Q}snowman:\\u2603 bad \\x \\uZZZZ https:\\/\\/a{Q}", {"s": "snowman:\\u2603 bad \\x \\uZZZZ https:\\/\\/a"}),
+    "escapes_stay_raw": args_case(
+        f"s:{Q}snowman:\\u2603 bad \\x \\uZZZZ https:\\/\\/a{Q}", {"s": "snowman:\\u2603 bad \\x \\uZZZZ https:\\/\\/a"}
+    ),
     "punctuation_in_string": args_case(f"query:{Q}a,b:{{c}}[d]{Q}", {"query": "a,b:{c}[d]"}),
     "json_string_with_key_like_text": args_case(
         f'q:"keep , oldText: literal",note:{Q}ok{Q}', {"q": "keep , oldText: literal", "note": "ok"}
@@ -351,9 +338,7 @@ OURS = {
     "april_python_literals": args_case("a:None,b:True,c:False", {"a": None, "b": True, "c": False}),
     "ambiguous_bare_value": strict_case("unit:celsius deg:2", "is ambiguous", ""),
     "spaces_in_list_item": strict_case("xs:[1 2]", "is ambiguous", ""),
-    "thought_with_blank_lines": Case(
-        "<|channel>thought\n\nStep one.\n\n<channel|>Answer.", reasoning="\nStep one.\n", content="Answer."
-    ),
+    "thought_with_blank_lines": Case("<|channel>thought\n\nStep one.\n\n<channel|>Answer.", reasoning="\nStep one.\n", content="Answer."),
     "in_thought_then_call": Case(
         "Checking the weather first.\n<channel|>" + call(f"city:{Q}Paris{Q}", "get_weather"),
         reasoning="Checking the weather first.",
@@ -367,7 +352,7 @@ OURS = {
     ),
     "unclosed_thought_keeps_its_newline": Case("<|channel>thought\nrunning out\n", reasoning="running out\n"),
     "call_inside_thought_is_thought": Case(
-        f"<|channel>thought\nmaybe <|tool_call>call:x{{}}<tool_call|>?<channel|>no",
+        "<|channel>thought\nmaybe <|tool_call>call:x{}<tool_call|>?<channel|>no",
         reasoning="maybe <|tool_call>call:x{}<tool_call|>?",
         content="no",
     ),
@@ -376,9 +361,7 @@ OURS = {
         calls=(("f", {"a": 1}),),
         invalid=(("f", "not closed"),),
     ),
-    "complete_call_then_text_unclosed": Case(
-        "<|tool_call>call:f{a:1} and more", invalid=(("f", "not closed"),)
-    ),
+    "complete_call_then_text_unclosed": Case("<|tool_call>call:f{a:1} and more", invalid=(("f", "not closed"),)),
 }
 
 SOURCES = {

@@ -77,8 +77,11 @@ def test_mtp_drafts_equal_the_assistants_own_forward(checkpoints, kind, assistan
     token, h = torch.tensor([[ids[-1]]]), step.hidden
     expected = []
     for _ in range(4):
-        out = a(inputs_embeds=torch.cat([engine.target.embed(token), h], dim=-1),
-                position_ids=torch.tensor([[len(ids) - 1]]), shared_kv_states=step.shared_kv)
+        out = a(
+            inputs_embeds=torch.cat([engine.target.embed(token), h], dim=-1),
+            position_ids=torch.tensor([[len(ids) - 1]]),
+            shared_kv_states=step.shared_kv,
+        )
         token, h = out.logits[0, -1].argmax().view(1, 1), out.last_hidden_state
         expected.append(int(token))
     assert drafts == expected

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parser_helpers import drain
 
 from langchain_gemma_mtp.formats import (
     InvalidToolCall,
@@ -16,7 +18,6 @@ from langchain_gemma_mtp.formats import (
     ToolCallDelta,
     format_json_tool_call,
 )
-from parser_helpers import drain
 
 
 def parse(pieces: list[str], tool_names: set[str] | None = None) -> ParsedDelta:
@@ -36,7 +37,7 @@ json_value = st.recursive(
 def test_arguments_round_trip_in_any_chunking(args: dict, cuts: list[int]) -> None:
     text = "Calling it.\n" + format_json_tool_call("search", args) + "\nDone."
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    result = parse([text[a:b] for a, b in zip(bounds, bounds[1:])], {"search"})
+    result = parse([text[a:b] for a, b in itertools.pairwise(bounds)], {"search"})
     assert result.content == "Calling it.\n\nDone."
     [call] = result.tool_calls
     assert call.name == "search" and json.loads(call.arguments) == args
@@ -48,7 +49,7 @@ TRANSCRIPT = (
     '<tool_call>{"name": "search", "arguments": {\'q\': \'it\\\'s\', "exact": True, "n": [1,],}</tool_call>\n'
     '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>\n'
     "<tool_call>not json at all</tool_call>\n"
-    'bye <tool_call'
+    "bye <tool_call"
     '<tool_call>{"name": "search", "arguments": {"q": "trunc'
 )
 
@@ -59,13 +60,23 @@ EXPECTED = ParsedDelta(
         ToolCallDelta(1, None, "search", '{"q": "it\'s", "exact": true, "n": [1]}'),
     ],
     invalid_tool_calls=[
-        InvalidToolCall(2, "", "drop_tables", '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>',
-                        "tool 'drop_tables' was not declared (declared: search)"),
-        InvalidToolCall(3, "", None, "<tool_call>not json at all</tool_call>",
-                        "tool call is not JSON: unquoted word 'not' is not a value (strings must be quoted) "
-                        "at position 0 ('not json at all')"),
-        InvalidToolCall(4, "", "search", '<tool_call>{"name": "search", "arguments": {"q": "trunc',
-                        "tool call not closed with </tool_call>"),
+        InvalidToolCall(
+            2,
+            "",
+            "drop_tables",
+            '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>',
+            "tool 'drop_tables' was not declared (declared: search)",
+        ),
+        InvalidToolCall(
+            3,
+            "",
+            None,
+            "<tool_call>not json at all</tool_call>",
+            "tool call is not JSON: unquoted word 'not' is not a value (strings must be quoted) at position 0 ('not json at all')",
+        ),
+        InvalidToolCall(
+            4, "", "search", '<tool_call>{"name": "search", "arguments": {"q": "trunc', "tool call not closed with </tool_call>"
+        ),
     ],
 )
 

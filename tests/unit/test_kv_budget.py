@@ -8,7 +8,10 @@ import time
 
 import pytest
 import torch
-from chat_fixtures import TOKENIZER_DIR, build_target as build_chat_target
+from chat_fixtures import TOKENIZER_DIR
+from chat_fixtures import build_target as build_chat_target
+from test_engine_greedy import prompt
+from tiny_models import build_target
 from transformers import AutoTokenizer
 
 from langchain_gemma_mtp import ChatGemmaMTP
@@ -17,16 +20,18 @@ from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NoDrafter
 from langchain_gemma_mtp.engine.memory import MB, VERIFY_BLOCK, kv_bytes_per_position
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import InvalidRequestError, KVCacheLimitError
-from test_engine_greedy import prompt
-from tiny_models import build_target
 
 PROMPT = prompt(0)
 LONG = 120  # max_new_tokens of the request that keeps the budget busy
 
 
 def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized and layer.keys is not None
-               for t in (layer.keys, layer.values))
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if layer.is_initialized and layer.keys is not None
+        for t in (layer.keys, layer.values)
+    )
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "noshare", "conditional", "gemma3"])

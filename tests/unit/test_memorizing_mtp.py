@@ -7,13 +7,13 @@ MTP path carries the target's state correctly, not how well a drafter generalize
 from __future__ import annotations
 
 import pytest
+from tiny_models import build_assistant, build_target, save
 
 from langchain_gemma_mtp.distill import distill_assistant
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
 from langchain_gemma_mtp.engine.drafters.hybrid import PRIOR_VALUE
 from langchain_gemma_mtp.engine.target import TargetModel
-from tiny_models import build_assistant, build_target, save
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,10 @@ def test_roles_and_tool_history() -> None:
 
 def test_consecutive_same_role_messages_merge() -> None:
     messages = [
-        SystemMessage("hello"), SystemMessage("hello"), HumanMessage("hello"), HumanMessage("hello"),
+        SystemMessage("hello"),
+        SystemMessage("hello"),
+        HumanMessage("hello"),
+        HumanMessage("hello"),
         AIMessage("hello"),
         AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "x", "type": "tool_call"}]),
         HumanMessage("how are you"),
@@ -87,7 +90,9 @@ def test_anthropic_style_list_content() -> None:
     # become tool calls with dict arguments.
     assert ai["content"] == "Hmm let me think about that"
     assert ai["reasoning_content"] == "Let me think."
-    assert ai["tool_calls"] == [{"id": "foo", "type": "function", "function": {"name": "color_picker", "arguments": {"fav_color": "purple"}}}]
+    assert ai["tool_calls"] == [
+        {"id": "foo", "type": "function", "function": {"name": "color_picker", "arguments": {"fav_color": "purple"}}}
+    ]
     assert result["content"] == "That's a great pick!"
 
 
@@ -96,8 +101,10 @@ def test_anthropic_style_list_content() -> None:
     [
         AIMessage("", additional_kwargs={"reasoning_content": "Weather first."}, tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
         AIMessage([{"type": "reasoning", "reasoning": "Weather first."}], tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
-        AIMessage([{"type": "reasoning", "reasoning": "Weather "}, {"type": "reasoning", "reasoning": "first."}],
-                  tool_calls=[{"name": "add", "args": {}, "id": "c1"}]),
+        AIMessage(
+            [{"type": "reasoning", "reasoning": "Weather "}, {"type": "reasoning", "reasoning": "first."}],
+            tool_calls=[{"name": "add", "args": {}, "id": "c1"}],
+        ),
     ],
     ids=["additional_kwargs", "content_block", "two_blocks"],
 )
@@ -111,15 +118,19 @@ def test_ai_reasoning_is_carried_to_reasoning_content(ai) -> None:
 def test_wire_assistant_reasoning_is_kept_under_reasoning_content(key) -> None:
     [converted] = normalize_messages([{"role": "assistant", "content": "Hi", key: "Greet."}])
     assert converted == {"role": "assistant", "content": "Hi", "reasoning_content": "Greet."}
-    [from_parts] = normalize_messages([{"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet."}, {"type": "text", "text": "Hi"}]}])
+    [from_parts] = normalize_messages(
+        [{"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet."}, {"type": "text", "text": "Hi"}]}]
+    )
     assert from_parts == converted
 
 
 def test_reasoning_of_merged_assistant_messages_is_joined_and_bad_types_refused() -> None:
-    merged = normalize_messages([
-        {"role": "assistant", "content": "a", "reasoning_content": "one"},
-        {"role": "assistant", "content": "b", "reasoning_content": "two"},
-    ])
+    merged = normalize_messages(
+        [
+            {"role": "assistant", "content": "a", "reasoning_content": "one"},
+            {"role": "assistant", "content": "b", "reasoning_content": "two"},
+        ]
+    )
     assert merged == [{"role": "assistant", "content": "a\n\nb", "reasoning_content": "one\n\ntwo"}]
     with pytest.raises(InvalidRequestError, match="reasoning_content must be a string"):
         normalize_messages([{"role": "assistant", "content": "a", "reasoning_content": ["x"]}])
@@ -127,15 +138,22 @@ def test_reasoning_of_merged_assistant_messages_is_joined_and_bad_types_refused(
 
 def test_tool_use_blocks_already_in_tool_calls_are_not_doubled() -> None:
     call = {"name": "add", "args": {"a": 1, "b": 2}, "id": "abc123", "type": "tool_call"}
-    ai = AIMessage([{"type": "text", "text": "some text"}, {"type": "tool_use", "id": "abc123", "name": "add", "input": {"a": 1, "b": 2}}],
-                   tool_calls=[call])
+    ai = AIMessage(
+        [{"type": "text", "text": "some text"}, {"type": "tool_use", "id": "abc123", "name": "add", "input": {"a": 1, "b": 2}}],
+        tool_calls=[call],
+    )
     [converted] = convert([ai])
     assert len(converted["tool_calls"]) == 1 and converted["content"] == "some text"
 
 
 def test_openai_json_string_arguments_become_dicts() -> None:
-    messages = [{"role": "assistant", "content": None,
-                 "tool_calls": [{"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}]
+    messages = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}],
+        }
+    ]
     assert normalize_messages(messages)[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
     messages[0]["tool_calls"][0]["function"]["arguments"] = "{not json"
     with pytest.raises(InvalidRequestError, match="not valid JSON"):

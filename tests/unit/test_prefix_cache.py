@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine_greedy import hf_greedy, prompt
+from tiny_models import WINDOW, build_target
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.cache import PrefixCache, common_prefix_length
 from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NgramDrafter, NoDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import InvalidRequestError
-from test_engine_greedy import hf_greedy, prompt
-from tiny_models import WINDOW, build_target
 
 
 @pytest.fixture(scope="module")

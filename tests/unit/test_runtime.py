@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from transformers import AutoTokenizer
-
 from chat_fixtures import (
     AGENT_QUESTION,
     JAPANESE_ANSWER,
@@ -26,12 +22,17 @@ from chat_fixtures import (
     get_weather,
     tool_options,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from transformers import AutoTokenizer
+
 from langchain_gemma_mtp.backends import REGISTRY, engine_key
+from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError
 from langchain_gemma_mtp.formats.json_calls import TOOLS_INSTRUCTION
 from langchain_gemma_mtp.messages import from_langchain, normalize_messages
-from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, Completion
 from langchain_gemma_mtp.text_stream import IncrementalDecoder, StopMatcher
 
@@ -46,7 +47,7 @@ def request(messages, **options) -> ChatRequest:
 
 def split(text_or_ids, cuts: list[int]) -> list:
     bounds = sorted({0, len(text_or_ids), *(c % (len(text_or_ids) + 1) for c in cuts)})
-    return [text_or_ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text_or_ids[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # -- detokenizing and stop strings, in any split ---------------------------------------------------
@@ -126,8 +127,8 @@ def test_forced_tool_choice_ends_the_prompt_with_the_call_opening(blank, choice,
 @pytest.mark.parametrize(
     "template,name,continuation",
     [
-        (None, None, 'add{a:1,b:2}<tool_call|>'),
-        (None, "add", 'a:1,b:2}<tool_call|>'),
+        (None, None, "add{a:1,b:2}<tool_call|>"),
+        (None, "add", "a:1,b:2}<tool_call|>"),
         (FALLBACK_CHAT_TEMPLATE, None, 'add", "arguments": {"a": 1, "b": 2}}</tool_call>'),
         (FALLBACK_CHAT_TEMPLATE, "add", '{"a": 1, "b": 2}}</tool_call>'),
     ],
@@ -144,7 +145,7 @@ def test_a_forced_opening_and_its_continuation_parse_as_one_call(blank, template
 def test_tool_choice_none_declares_no_tool_and_accepts_no_call(blank) -> None:
     prepared = blank.prepare(request("Hello", **tool_options([get_weather, add], "none")))
     assert "<|tool>" not in TOKENIZER.decode(prepared.prompt_ids) and prepared.forced == ""
-    parsed = prepared.parser.feed('<|tool_call>call:add{a:1,b:2}<tool_call|>')
+    parsed = prepared.parser.feed("<|tool_call>call:add{a:1,b:2}<tool_call|>")
     assert not parsed.tool_calls and "was not declared" in parsed.invalid_tool_calls[0].error
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_engine_greedy import ScriptedDrafter, prompt
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.schedule import HINT_PRIOR_ALPHA, DraftScheduler, best_draft_length
 from langchain_gemma_mtp.engine.types import GenerationRequest
-from test_engine_greedy import ScriptedDrafter, prompt
 
 
 def test_default_lengths_per_hint_for_mtp_cost():

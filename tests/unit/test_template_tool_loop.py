@@ -13,17 +13,20 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from chat_fixtures import build_target
 from gemma4_revisions import EMPTY_THOUGHT, REVISIONS, Revision
+
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.formats.streaming import ParsedDelta
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, PreparedPrompt
 
 WEATHER = {
     "type": "function",
-    "function": {"name": "get_weather", "description": "Weather in a city.",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
 }
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
 CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
@@ -74,8 +77,12 @@ def test_a_tool_loop_round_trips(rev: Revision, thinking: bool, target) -> None:
 
     history = [
         *QUESTION,
-        {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning,
-         "tool_calls": [{"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}]},
+        {
+            "role": "assistant",
+            "content": parsed.content,
+            "reasoning_content": parsed.reasoning,
+            "tool_calls": [{"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}],
+        },
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"},
     ]
     second = prepare(runtime, history, thinking)
@@ -84,7 +91,7 @@ def test_a_tool_loop_round_trips(rev: Revision, thinking: bool, target) -> None:
     seen = first.prompt_ids
     if rev.size == "31b" and not thinking:
         empty = tokenizer.encode(EMPTY_THOUGHT, add_special_tokens=False)
-        assert seen[-len(empty):] == empty
+        assert seen[-len(empty) :] == empty
         seen = seen[: -len(empty)]
     # From mid April on, the model turn is replayed token for token, thoughts included (the
     # stop token <|tool_response> is what the template writes next); the launch revision
@@ -119,8 +126,11 @@ def test_forced_openings_close_an_open_thought_first(options, continuation, expe
     runtime = runtime_for(rev, target)
     history = [
         *QUESTION,
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
-                                                             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"},
     ]
     prepared = prepare(runtime, history, True, **options)

@@ -24,7 +24,10 @@ from langchain_gemma_mtp.http_backend import _completion, _error_from_body, _Str
 from langchain_gemma_mtp.runtime import ChatRequest
 from langchain_gemma_mtp.wire import ChatCompletionBody, request_body, runtime_delta, wire_delta
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
 
 DELTAS = [
     {"content": "Hello, 世界"},
@@ -34,7 +37,9 @@ DELTAS = [
     {
         "content": "Launching.",
         "tool_calls": [{"index": 0, "id": "call_2", "type": "function", "function": {"name": "add", "arguments": "{}"}}],
-        "invalid_tool_calls": [{"index": 1, "id": "call_3", "name": "launch_rockets", "raw": "call:launch_rockets{now:true}", "error": "not a declared tool"}],
+        "invalid_tool_calls": [
+            {"index": 1, "id": "call_3", "name": "launch_rockets", "raw": "call:launch_rockets{now:true}", "error": "not a declared tool"}
+        ],
     },
 ]
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
-from ...draft_settings import MAX_DRAFT_TOKENS
 from ..cache import PrefixCache
 from ..target import KV
 from ..types import SamplingParams
@@ -130,4 +129,5 @@ def draft_token(logits: torch.Tensor, request: DraftRequest) -> tuple[torch.Tens
 def finish_draft(tokens: list[torch.Tensor], probs: list[torch.Tensor | None]) -> tuple[list[int], torch.Tensor | None]:
     """Draft tensors to ids (one host sync per step) and stacked probabilities (None when greedy)."""
     ids = torch.cat(tokens).view(-1).tolist() if tokens else []
-    return ids, torch.stack(probs) if probs and probs[0] is not None else None
+    # A request samples at every step or at none: the first entry says which.
+    return ids, torch.stack(cast(list[torch.Tensor], probs)) if probs and probs[0] is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from ..target import TargetModel
 from .base import NO_DRAFT, Draft, DraftRequest, DraftStep, draft_token, finish_draft
@@ -33,10 +34,11 @@ class DraftModelSession:
         self.drafter = drafter
         self.model = drafter.model
         self.request = request
-        self.cache = None  # built at the first step, from the prompt's longest cached prefix
+        self.cache: DynamicCache | None = None  # built at the first step, from the prompt's longest cached prefix
         self.cached: list[int] = []
 
-    def _feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def _feed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        assert self.cache is not None  # propose builds it before the first feed
         fwd = self.model.forward(token_ids, self.cache, want_kv=False)
         return self.model.logits(fwd.hidden[-1])
 
@@ -48,7 +50,7 @@ class DraftModelSession:
             prompt, store = list(step.tokens[: self.request.prompt_len]), self.request.prefix_cache
             n, layers = store.lookup(self.drafter, prompt) if store is not None else (0, None)
             self.cache, self.cached = self.model.new_cache(layers, n), prompt[:n]
-        logits = self._feed(list(step.tokens[len(self.cached):]))
+        logits = self._feed(list(step.tokens[len(self.cached) :]))
         self.cached = list(step.tokens)
         drafts, probs = [], []
         for i in range(step.k):

@@ -105,7 +105,7 @@ class HybridSession:
     def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
         hybrid = self.drafter
         if self.short_match is not None:
-            verified = tokens[len(tokens) - n_accepted - 1:]
+            verified = tokens[len(tokens) - n_accepted - 1 :]
             accepted = common_prefix_length(self.short_match, verified)
             self.worth["ngram"].observe(accepted - hybrid.ngram.cost_per_draft_token * len(self.short_match))
         if self.mtp_drafted is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from transformers import PreTrainedModel
+from transformers import Gemma4AssistantForCausalLM, PreTrainedModel
 
 from ...draft_settings import (
     DEFAULT_MTP_SIBLINGS,
@@ -42,17 +44,24 @@ class MTPDrafter(StatelessDrafter):
     cost_per_draft_token = 0.1
     sibling_min_chance = MTP_SIBLING_MIN_CHANCE
 
-    def __init__(self, assistant: PreTrainedModel, target: TargetModel, stop_below: float = DEFAULT_MTP_STOP_BELOW,
-                 siblings_per_depth: int = DEFAULT_MTP_SIBLINGS):
+    def __init__(
+        self,
+        assistant: PreTrainedModel,
+        target: TargetModel,
+        stop_below: float = DEFAULT_MTP_STOP_BELOW,
+        siblings_per_depth: int = DEFAULT_MTP_SIBLINGS,
+    ):
         self.stop_below = check_mtp_stop_below(stop_below)
         self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
-        self.assistant = assistant
+        # An MTP assistant checkpoint loads as this class; the drafter calls its parts directly.
+        self.assistant = cast(Gemma4AssistantForCausalLM, assistant)
         self.target = target
         target.pair(assistant)
 
     def propose(self, step: DraftStep) -> Draft:
         if step.k <= 0 or step.shared_kv is None:
             return NO_DRAFT
+        assert step.hidden is not None  # the target hands its hidden state with its K/V
         request = step.request
         device = self.target.device
         position = torch.tensor([[len(step.tokens) - 1]], device=device)
@@ -68,6 +77,7 @@ class MTPDrafter(StatelessDrafter):
                 continue
             # One host sync per draft step: the drafter's own probabilities of its best tokens.
             if q is None:
+                assert scores is not None  # _choose returns the scores whenever q is None
                 top = torch.softmax(scores.float(), -1).topk(min(self.siblings_per_depth + 1, scores.shape[-1]))
                 best = top.values.tolist()
                 offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
@@ -86,19 +96,23 @@ class MTPDrafter(StatelessDrafter):
         ]
         return Draft(tokens, stacked, alternatives)
 
-    def _step(self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv,
-              masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _step(
+        self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The assistant's forward without its head: (normed last state, projected state for the next
         step, the attention masks it used, for the next step to reuse)."""
         a = self.assistant
         x = a.pre_projection(torch.cat([self.target.embed(token), h], dim=-1))
         if masks is None:
             masks = a.create_attention_masks(x, None, shared_kv)
-        last = a.model(inputs_embeds=x, attention_mask=masks, position_ids=position, shared_kv_states=shared_kv,
-                       use_cache=False).last_hidden_state
+        last = a.model(
+            inputs_embeds=x, attention_mask=masks, position_ids=position, shared_kv_states=shared_kv, use_cache=False
+        ).last_hidden_state
         return last, a.post_projection(last), masks
 
-    def _choose(self, last: torch.Tensor, request: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _choose(
+        self, last: torch.Tensor, request: DraftRequest
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
         greedy, the logits it was the best of with their token ids (None: the whole vocabulary).
         A centroid head scores only its top clusters' tokens, so greedy drafting takes the best of

@@ -64,7 +64,7 @@ def lookup_continuation(tokens: Sequence[int], k: int, min_ngram: int = 1) -> Ma
             if key == (k, MAX_MATCH):
                 break
     usable, length = best_key
-    return Match(list(tokens[best_end + 1:best_end + 1 + usable]), length) if usable else NO_MATCH
+    return Match(list(tokens[best_end + 1 : best_end + 1 + usable]), length) if usable else NO_MATCH
 
 
 class SuffixIndex:
@@ -92,24 +92,24 @@ class SuffixIndex:
         for end in range(len(tokens) - 2, -1, -1):  # positions with something after them, last first
             for size in INDEX_KEY_LENGTHS:
                 if end + 1 >= size:
-                    self._table[tuple(tokens[end + 1 - size:end + 1])] = (doc_id, end)
+                    self._table[tuple(tokens[end + 1 - size : end + 1])] = (doc_id, end)
         while self.tokens > self.max_tokens:
             old_id, old = self._docs.popitem(last=False)
             self.tokens -= len(old)
             for end in range(len(old) - 1):
                 for size in INDEX_KEY_LENGTHS:
-                    key = tuple(old[end + 1 - size:end + 1]) if end + 1 >= size else None
+                    key = tuple(old[end + 1 - size : end + 1]) if end + 1 >= size else None
                     if key is not None and self._table.get(key, (None,))[0] == old_id:
                         del self._table[key]
 
     def lookup(self, context: Sequence[int], k: int) -> Match:
         """Up to k tokens that followed the longest-keyed recent occurrence of the context's suffix."""
         for size in INDEX_KEY_LENGTHS:
-            hit = self._table.get(tuple(context[len(context) - size:])) if len(context) >= size else None
+            hit = self._table.get(tuple(context[len(context) - size :])) if len(context) >= size else None
             if hit is not None:
                 doc = self._docs[hit[0]]
                 end = hit[1]
-                return Match(doc[end + 1:end + 1 + k], match_length(doc, end, context, len(context) - 1))
+                return Match(doc[end + 1 : end + 1 + k], match_length(doc, end, context, len(context) - 1))
         return NO_MATCH
 
 
@@ -158,7 +158,7 @@ class NgramSession:
         if index is not None and self.request.learns:
             other = index.lookup(step.tokens, limit)
             if other.length > best.length and other.tokens:
-                return Match(other.tokens[:max(step.k, other.length)], other.length)
+                return Match(other.tokens[: max(step.k, other.length)], other.length)
         return best
 
     def propose(self, step: DraftStep) -> Draft:
@@ -170,4 +170,4 @@ class NgramSession:
     def close(self, tokens: Sequence[int]) -> None:
         index, start = self.drafter.index, self.request.prompt_len
         if index is not None and len(tokens) > start:
-            index.add(list(tokens[max(0, start - INDEX_CONTEXT):]))
+            index.add(list(tokens[max(0, start - INDEX_CONTEXT) :]))
