@@ -12,7 +12,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import EOS, VOCAB, build_assistant, build_target, memorize, save
+from tiny_models import EOS, SMALL_VOCAB, VOCAB, build_assistant, build_target, memorize, save
 
 torch.set_num_threads(2)
 # Loading defaults to bf16 on CPUs with native bf16; tests compare against plain greedy token for
@@ -50,3 +50,10 @@ def memorizing_target(memorized_sequences):
     loss = memorize(target, memorized_sequences, steps=240, lr=5e-3)
     assert loss < 0.1, f"the fixture failed to memorize its transcripts (loss {loss:.3f})"
     return target
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    """A tiny Gemma 4 target of SMALL_VOCAB tokens and an untrained assistant: exact marginals are cheap."""
+    target = build_target("shared_ple", seed=5, vocab=SMALL_VOCAB)
+    return target, build_assistant(target, ordered=False, seed=6)

@@ -28,6 +28,8 @@ from langchain_gemma_mtp.testing.tiny import (  # noqa: F401 (re-exported for th
     shared_text_kwargs,
 )
 
+SMALL_VOCAB = 16  # small enough for exact sampling marginals over every prefix (the statistical tests)
+
 
 def gemma3_text_config(vocab: int = VOCAB) -> Gemma3TextConfig:
     return Gemma3TextConfig(**shared_text_kwargs(vocab))

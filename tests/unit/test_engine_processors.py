@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from test_engine_sampling import P_MIN, _chi2_ok
+from test_engine_sampling import P_MIN, _chi2_ok, exact_marginals
 from tiny_models import VOCAB, build_assistant, build_target
 from transformers import (
     LogitsProcessor,
@@ -192,39 +192,19 @@ def test_min_p_is_transformers_min_p(sampling):
 
 # -- sampling: the processed distribution is kept ----------------------------------------------------
 
-SMALL_VOCAB = 16
 PENALTIES = {"repetition_penalty": 1.6, "frequency_penalty": 0.8, "presence_penalty": 0.5, "logit_bias": {3: 1.5, 4: -100.0}}
 SAMPLED = SamplingParams(1.0, 1.0, 0, 0.05)
 SAMPLED_DRAWS = 1200
 
 
-@pytest.fixture(scope="module")
-def small_target():
-    target = build_target("shared_ple", seed=5, vocab=SMALL_VOCAB)
-    return target, build_assistant(target, ordered=False, seed=6)
-
-
 def exact_processed_marginals(model, ids: list[int], n: int) -> list[torch.Tensor]:
     """Exact marginals of the first n sampled tokens under plain decoding with transformers' processors."""
-    marginals, joint = [], {(): 1.0}
     warp = LogitsProcessorList([TemperatureLogitsWarper(SAMPLED.temperature), MinPLogitsWarper(SAMPLED.min_p)])
-    with torch.no_grad():
-        for _ in range(n):
-            prefixes = list(joint)
-            batch = torch.tensor([ids + list(pre) for pre in prefixes])
-            scores = model(input_ids=batch).logits[:, -1].float()
-            scores = warp(batch, reference_processors(len(ids), [], PENALTIES)(batch, scores))
-            probs = scores.softmax(-1)
-            new, marginal = {}, torch.zeros(SMALL_VOCAB, dtype=torch.float64)
-            for row, pre in enumerate(prefixes):
-                for tok in range(SMALL_VOCAB):
-                    mass = joint[pre] * float(probs[row, tok])
-                    if mass > 1e-7:
-                        new[pre + (tok,)] = mass
-                        marginal[tok] += mass
-            joint = new
-            marginals.append(marginal)
-    return marginals
+
+    def probs_of(batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return warp(batch, reference_processors(len(ids), [], PENALTIES)(batch, logits.float())).softmax(-1)
+
+    return exact_marginals(model, ids, n, probs_of)
 
 
 @pytest.mark.parametrize("drafter", ["mtp", "ngram"])

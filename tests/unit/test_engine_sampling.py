@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny_models import build_assistant, build_target
+from tiny_models import SMALL_VOCAB
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
@@ -13,7 +15,6 @@ from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import process_logits, verify_sampled
 
-SMALL_VOCAB = 16
 DRAWS = {
     "mtp": 1000,
     "mtp-stop": 1000,
@@ -65,21 +66,15 @@ def test_process_logits_top_k_top_p():
     assert (probs[0, 2:] == 0).all() and torch.isclose(probs.sum(), torch.tensor(1.0))
 
 
-@pytest.fixture(scope="module")
-def small_target():
-    target = build_target("shared_ple", seed=5, vocab=SMALL_VOCAB)
-    return target, build_assistant(target, ordered=False, seed=6)
-
-
-def exact_marginals(model, prompt: list[int], sampling: SamplingParams, n: int) -> list[torch.Tensor]:
-    """Exact marginals of the first n sampled tokens under the target alone (all prefixes enumerated)."""
+def exact_marginals(model, prompt: list[int], n: int, probs_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Exact marginals of the first n sampled tokens under the target alone (all prefixes enumerated);
+    `probs_of(ids, logits)` turns each prefix's last logits into the distribution sampled from."""
     marginals, joint = [], {(): 1.0}
     with torch.no_grad():
         for _ in range(n):
             prefixes = list(joint)
             ids = torch.tensor([prompt + list(pre) for pre in prefixes])
-            logits = model(input_ids=ids).logits[:, -1]
-            probs = process_logits(logits, sampling)
+            probs = probs_of(ids, model(input_ids=ids).logits[:, -1])
             new, marginal = {}, torch.zeros(SMALL_VOCAB, dtype=torch.float64)
             for row, pre in enumerate(prefixes):
                 for tok in range(SMALL_VOCAB):
@@ -108,7 +103,7 @@ def test_speculative_sampling_keeps_target_distribution(small_target, drafter, s
     engine = Engine(model, drafter_of(drafter, model, assistant))
     prompt = [2, 5, 9, 5, 9, 3, 7]  # repeats, so n-gram lookup always proposes something
     n_tokens = 3
-    exact = exact_marginals(model, prompt, sampling, n_tokens)
+    exact = exact_marginals(model, prompt, n_tokens, lambda ids, logits: process_logits(logits, sampling))
     draws = [[] for _ in range(n_tokens)]
     stats_drafted, first_lengths = 0, set()
     for seed in range(DRAWS[drafter]):
