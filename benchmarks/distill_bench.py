@@ -155,7 +155,7 @@ def main() -> None:
                     sibling_min=least,
                     centroid_top_k=top,
                     drafted=result.stats.drafted,
-                    verified=result.stats.drafted + result.stats.siblings,
+                    verified=result.stats.drafted + result.stats.sibling_tokens,
                     tokens=len(result.token_ids),
                     secs=secs,
                     plain_secs=base_s,

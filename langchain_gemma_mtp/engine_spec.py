@@ -79,7 +79,7 @@ class EngineSpec:
         return DEFAULT_MTP_STOP_BELOW if self.mtp_stop_below is None else self.mtp_stop_below
 
     @property
-    def siblings(self) -> int:
+    def siblings_per_depth(self) -> int:
         return DEFAULT_MTP_SIBLINGS if self.mtp_siblings is None else self.mtp_siblings
 
     @property

@@ -349,7 +349,7 @@ class _Decoding:
             "draft_hint": self.prepared.draft_hint,
             "num_draft_tokens": self.request.num_draft_tokens,
             "drafted": stats.drafted,
-            "siblings": stats.siblings,
+            "sibling_tokens": stats.sibling_tokens,
             "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,

@@ -290,7 +290,7 @@ def build_drafter(spec: EngineSpec, target: TargetModel) -> Drafter:
         assert assistant is not None
         helper, _ = load_causal_lm(assistant, target.device, dtype, options=options)
         validate_mtp_pair(target, helper)
-        mtp = MTPDrafter(helper, target, spec.stop_below, spec.siblings)
+        mtp = MTPDrafter(helper, target, spec.stop_below, spec.siblings_per_depth)
         return HybridDrafter(mtp, NgramDrafter()) if spec.drafter == "hybrid" else mtp
     if spec.drafter == "draft_model":
         assert assistant is not None

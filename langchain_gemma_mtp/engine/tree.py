@@ -17,25 +17,25 @@ import torch
 @dataclass(frozen=True)
 class DraftTree:
     """Block layout: slot 0 the pending token, slots 1..len(chain) the chain, then the siblings
-    depth by depth. `siblings[i]` holds the alternatives to `chain[i]`."""
+    depth by depth (the siblings). `alternatives[i]` holds the siblings of `chain[i]`."""
 
     chain: list[int]
-    siblings: list[list[int]]
+    alternatives: list[list[int]]
 
     def tokens(self, pending: int) -> list[int]:
-        return [pending, *self.chain, *(t for alts in self.siblings for t in alts)]
+        return [pending, *self.chain, *(t for alts in self.alternatives for t in alts)]
 
     @property
     def width(self) -> int:
-        return 1 + len(self.chain) + sum(map(len, self.siblings))
+        return 1 + len(self.chain) + sum(map(len, self.alternatives))
 
     def depths(self) -> list[int]:
-        return [0, *range(1, len(self.chain) + 1), *(i + 1 for i, alts in enumerate(self.siblings) for _ in alts)]
+        return [0, *range(1, len(self.chain) + 1), *(i + 1 for i, alts in enumerate(self.alternatives) for _ in alts)]
 
     def parents(self) -> list[int]:
         """Each slot's parent slot (-1 for the pending token): a chain node's is the slot before it,
         a sibling's is its chain node's parent."""
-        return [-1, *range(len(self.chain)), *(i for i, alts in enumerate(self.siblings) for _ in alts)]
+        return [-1, *range(len(self.chain)), *(i for i, alts in enumerate(self.alternatives) for _ in alts)]
 
     def ancestry(self) -> torch.Tensor:
         """(width, width) bool: row i marks slot i and its ancestors, the block tokens it attends to."""
@@ -50,6 +50,6 @@ class DraftTree:
 
     def sibling_slot(self, depth: int, token: int) -> int | None:
         """The slot of `token` among the siblings at `depth` (1-based), if it is one."""
-        if depth > len(self.siblings) or token not in self.siblings[depth - 1]:
+        if depth > len(self.alternatives) or token not in self.alternatives[depth - 1]:
             return None
-        return 1 + len(self.chain) + sum(map(len, self.siblings[: depth - 1])) + self.siblings[depth - 1].index(token)
+        return 1 + len(self.chain) + sum(map(len, self.alternatives[: depth - 1])) + self.alternatives[depth - 1].index(token)

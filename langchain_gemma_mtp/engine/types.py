@@ -97,21 +97,21 @@ class SpeculativeStats:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     drafted: int = 0
     accepted: int = 0
-    siblings: int = 0  # tokens verified beside the chain (greedy draft trees)
+    sibling_tokens: int = 0  # tokens verified beside the chain (greedy draft trees)
     target_forwards: int = 0
     steps: int = 0
     draft_lengths: list[int] = field(default_factory=list)
     drafted_at: list[int] = field(default_factory=list)  # per draft position: how often it was verified
     accepted_at: list[int] = field(default_factory=list)  # per draft position: how often it was accepted
 
-    def record_step(self, drafted: int, accepted: int, siblings: int = 0) -> None:
+    def record_step(self, drafted: int, accepted: int, sibling_tokens: int = 0) -> None:
         """One verify forward: a chain of `drafted` tokens, of which the first `accepted` positions
-        were kept (the last may have been a sibling in the chain token's place), and `siblings`
+        were kept (the last may have been a sibling in the chain token's place), and `sibling_tokens`
         verified beside the chain."""
         self.steps += 1
         self.target_forwards += 1
         self.drafted += drafted
-        self.siblings += siblings
+        self.sibling_tokens += sibling_tokens
         self.accepted += accepted
         self.draft_lengths.append(drafted)
         while len(self.drafted_at) < drafted:
@@ -144,7 +144,7 @@ class Burst:
     drafted: int  # the draft chain's length
     accepted: int  # draft positions kept (the last may be a sibling kept in the chain token's place)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" on the last burst
-    siblings: int = 0  # tokens verified beside the chain (greedy draft trees)
+    sibling_tokens: int = 0  # tokens verified beside the chain (greedy draft trees)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class EngineCounters:
             self.drafts += 1
         self.draft_tokens += burst.drafted
         self.accepted_tokens += burst.accepted
-        self.sibling_tokens += burst.siblings
+        self.sibling_tokens += burst.sibling_tokens
         while len(self.drafted_at) < burst.drafted:
             self.drafted_at.append(0)
             self.accepted_at.append(0)

@@ -38,7 +38,7 @@ SPECULATIVE_KEYS = {
     "draft_hint",
     "num_draft_tokens",
     "drafted",
-    "siblings",
+    "sibling_tokens",
     "accepted",
     "acceptance_rate",
     "mean_accepted_length",

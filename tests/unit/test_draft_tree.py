@@ -116,7 +116,7 @@ def test_accepted_siblings_keep_greedy_output_exact(target, k):
     for step, d in enumerate(d for d in result.stats.draft_lengths if d):
         expected_accepted += step % d + 1
         expected_siblings += 3
-    assert (result.stats.accepted, result.stats.siblings) == (expected_accepted, expected_siblings)
+    assert (result.stats.accepted, result.stats.sibling_tokens) == (expected_accepted, expected_siblings)
     assert (engine.counters.accepted_tokens, engine.counters.sibling_tokens) == (expected_accepted, expected_siblings)
 
 
@@ -127,7 +127,7 @@ def test_sampled_requests_verify_the_chain_alone(target):
     ref = plain_greedy(target, ids, NEW_TOKENS)
     sampling = {"temperature": 0.8, "seed": 3, "max_new_tokens": 20, "num_draft_tokens": 3, "stop_token_ids": []}
     with_tree = Engine(target.model, TreeScript(ref)).generate(ids, **sampling)
-    assert with_tree.stats.siblings == 0
+    assert with_tree.stats.sibling_tokens == 0
     assert with_tree.token_ids == Engine(target.model, ChainOf(TreeScript(ref))).generate(ids, **sampling).token_ids
 
 
@@ -149,11 +149,11 @@ def test_mtp_drafter_offers_siblings_only_when_greedy(checkpoints):
     with torch.no_grad():
         greedy = engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
         assert greedy.token_ids == plain_greedy(engine.target, ids, NEW_TOKENS)
-        assert greedy.stats.siblings == 3 * sum(greedy.stats.draft_lengths)  # every depth, 3 each
+        assert greedy.stats.sibling_tokens == 3 * sum(greedy.stats.draft_lengths)  # every depth, 3 each
         sampled = engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=4, temperature=0.7, seed=1, stop_token_ids=[])
-        assert sampled.stats.siblings == 0
+        assert sampled.stats.sibling_tokens == 0
         drafter.sibling_min_chance = 1.0  # no untrained guess is that sure
-        assert engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[]).stats.siblings == 0
+        assert engine.generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[]).stats.sibling_tokens == 0
 
 
 @pytest.mark.parametrize("value", [-1, 9, 1.5, True, "2"])

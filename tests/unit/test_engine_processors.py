@@ -162,7 +162,7 @@ def test_trees_really_verified_siblings(engines, plain_outputs):
         siblings += (
             engines["mtp-tree"]
             .generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=end, **kw)
-            .stats.siblings
+            .stats.sibling_tokens
         )
     assert siblings > 0
 
