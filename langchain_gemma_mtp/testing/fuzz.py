@@ -1,5 +1,5 @@
 """Random and malformed requests against a running chat-completions server: the fuzz run of the tests and of
-`benchmarks/server_fuzz.py`.
+`python -m benchmarks.server_fuzz`.
 
 `fuzz_cases(seed, model)` yields requests a careless or hostile client could send: JSON of every
 wrong type at every level of a good body, messages and tools of wrong shapes, deep nesting, huge

@@ -2,13 +2,12 @@
 (`langchain_gemma_mtp.testing.fuzz`: wrong types at every level, deep nesting, huge strings,
 invalid UTF-8, random headers, methods and paths, clients that hang up or stop reading mid-stream).
 No answer may be a 5xx or take longer than the timeout; the server must be healthy after, and a good
-request must still get its memorized answer. `benchmarks/server_fuzz.py` is the longer run.
+request must still get its memorized answer. `python -m benchmarks.server_fuzz` is the longer run.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 
 import httpx
 import pytest
@@ -42,7 +41,6 @@ def _hello(server) -> str:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_and_malformed_requests_get_no_5xx_and_no_hang_and_the_server_keeps_serving(server, seed) -> None:
-    started = time.monotonic()
     outcomes = [send(case, server.url, TIMEOUT_S) for case in itertools.islice(fuzz_cases(seed, NAME, max_tokens=4), CASES // 2)]
     assert not failures(outcomes), "\n".join(failures(outcomes))
     statuses = {o.status for o in outcomes}
@@ -50,4 +48,3 @@ def test_random_and_malformed_requests_get_no_5xx_and_no_hang_and_the_server_kee
     assert sum(o.status == 400 for o in outcomes) > CASES // 4
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     assert _hello(server) == HELLO_ANSWER
-    assert time.monotonic() - started < 120
