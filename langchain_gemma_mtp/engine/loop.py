@@ -1,22 +1,36 @@
 """One request's speculative loop: prefill after the longest cached prefix, then each step
-draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens per step."""
+draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens per step.
+
+The loop runs no target forward itself: it yields a Feed (the tokens it needs run after its cache)
+and is sent back the Forward, so the owner thread (engine/worker.py) can run the feeds of every
+request in flight as one batched forward (engine/batch.py). A long prompt is fed in chunks, so
+requests already streaming keep moving while it prefills.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Generator
 
 import torch
+from transformers import DynamicCache
 
+from .batch import Feed
 from .cache import PrefixCache
 from .drafters import NO_DRAFT, Draft, Drafter, DraftRequest, DraftStep
 from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
-from .target import TargetModel
+from .target import Forward, TargetModel
 from .tree import DraftTree
 from .types import Burst, GenerationRequest, SpeculativeStats
 from .verify import choose_token, judge
 
 TARGET = "target"  # the target's namespace in the prefix cache
+# Prompt tokens per prefill forward. A chunk costs the requests streaming beside it one forward of
+# this width per step (benchmarks/batch_bench.py measures the delay); longer chunks gain little.
+PREFILL_CHUNK = 256
+
+# What the loop yields: a Feed (it is sent the Forward) or a Burst of verified tokens (sent None).
+Steps = Generator[Feed | Burst, Forward | None, None]
 
 
 def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[list[int], str | None]:
@@ -45,8 +59,8 @@ def speculative_decode(
     stats: SpeculativeStats,
     generator: torch.Generator | None,
     prefix_cache: PrefixCache | None = None,
-) -> Generator[Burst, None, None]:
-    """Yield bursts of verified tokens for one request; the caller holds the model."""
+) -> Steps:
+    """Yield the feeds and bursts of one request; the caller runs each feed and sends its Forward."""
     sampling = request.sampling
     prompt = list(request.prompt_ids)
     # Reuse the longest cached prefix, but feed at least one token: its logits choose the first token.
@@ -58,8 +72,9 @@ def speculative_decode(
     processors = None
     if request.processing.active:
         processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
-    fwd = target.forward(prompt[reused:], cache, prefill=True)
-    logits = target.logits(fwd.hidden[-1])
+    fwd = yield from _prefill(target, prompt[reused:], cache)
+    assert fwd.logits is not None  # the last chunk's row
+    logits = fwd.logits[-1]
     if processors is not None:
         logits = processors.apply(logits[None], prompt, [[]])[0]
     first = int(choose_token(logits, sampling, generator)[0])
@@ -84,8 +99,9 @@ def speculative_decode(
             limit = k if policy.fixed is not None else room
             draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
             tree = _tree(draft, request, target)
-            fwd = target.forward(tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree=tree)
-            logits = target.logits(fwd.hidden)
+            verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree)
+            assert verified is not None and verified.logits is not None  # the worker sends a Forward for a Feed
+            fwd, logits = verified, verified.logits
             if processors is not None:
                 logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
             verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
@@ -105,3 +121,13 @@ def speculative_decode(
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.
         if prefix_cache is not None and cache.get_seq_length() == len(tokens) - 1:
             prefix_cache.insert(TARGET, tokens[:-1], cache)
+
+
+def _prefill(target: TargetModel, ids: list[int], cache: DynamicCache) -> Generator[Feed, Forward | None, Forward]:
+    """Feed a prompt in chunks of PREFILL_CHUNK; the last chunk's Forward (logits at its last row)."""
+    starts = range(0, len(ids), PREFILL_CHUNK)
+    fwd = None
+    for start in starts:
+        fwd = yield Feed(target, ids[start : start + PREFILL_CHUNK], cache, prefill=True, last=start == starts[-1])
+    assert fwd is not None  # a prompt feeds at least one token
+    return fwd

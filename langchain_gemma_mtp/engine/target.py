@@ -53,6 +53,7 @@ class Forward:
 
     hidden: torch.Tensor  # (L, H) final normed hidden states of the fed tokens
     shared_kv: KV | None  # keys/values the MTP drafter attends to, covering the cache
+    logits: torch.Tensor | None = None  # the rows' logits, where the caller asked for them (engine/batch.py)
 
 
 class TargetModel:
@@ -119,15 +120,21 @@ class TargetModel:
         return final hidden states of the fed tokens. With `tree`, the tokens are its block
         (`tree.tokens(pending)`), each attending to the cache and its own ancestors only."""
         ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor([token_ids], device=self.device)
-        kwargs = {self._cache_kw: cache, "use_cache": True}
-        if tree is not None:
-            kwargs["attention_mask"], kwargs["position_ids"] = self._tree_masks(cache, tree)
-        if self.returns_shared_kv:
-            kwargs["return_shared_kv_states"] = want_kv
-            kwargs["logits_to_keep"] = self._prefill_keep if prefill else None
-        out = self.decoder(input_ids=ids, **kwargs)
+        mask, positions = self._tree_masks(cache, tree) if tree is not None else (None, None)
+        out = self.run_decoder(ids, cache, mask, positions, want_kv=want_kv, keep=self._prefill_keep if prefill else None)
         kv = out.shared_kv_states if self.returns_shared_kv and want_kv else None
         return Forward(out.last_hidden_state[0], dict(kv) if kv is not None else None)
+
+    def run_decoder(self, ids: torch.Tensor, cache, attention_mask=None, position_ids=None, *, want_kv: bool = True, keep: int | None = None):
+        """The decoder's own output for (B, L) ids after `cache` (a DynamicCache, or engine/batch.py's
+        BatchCache), with explicit masks and positions where given; `keep`: Gemma 4's logits_to_keep."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"], kwargs["position_ids"] = attention_mask, position_ids
+        if self.returns_shared_kv:
+            kwargs["return_shared_kv_states"] = want_kv
+            kwargs["logits_to_keep"] = keep
+        return self.decoder(input_ids=ids, **kwargs)
 
     @property
     def verifies_trees(self) -> bool:
@@ -135,12 +142,18 @@ class TargetModel:
         return self.model.config._attn_implementation in ("sdpa", "eager")
 
     def _tree_masks(self, cache: DynamicCache, tree: DraftTree) -> tuple[dict[str, torch.Tensor] | torch.Tensor, torch.Tensor]:
-        """Per layer type, the attention mask of a tree's block over what each layer hands attention
-        (a sliding layer: only its window), and the block's positions (the cache's length + depth).
-        Past keys are masked by position as the model's own masks do; block keys by ancestry."""
-        width, past = tree.width, cache.get_seq_length()
-        positions = past + torch.tensor(tree.depths(), device=self.device)
-        ancestry = tree.ancestry().to(self.device)
+        """The attention masks and positions of a tree's block fed after what `cache` holds."""
+        positions = cache.get_seq_length() + torch.tensor(tree.depths(), device=self.device)
+        masks = {t: self.attention_mask(m[None, None]) for t, m in self.block_masks(cache, positions, tree.ancestry()).items()}
+        return (masks if self.layer_types else masks["full_attention"]), positions[None]
+
+    def block_masks(self, cache: DynamicCache, positions: torch.Tensor, ancestry: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer type, the (block, keys) bool mask of a block of tokens at `positions` fed after
+        what `cache` holds, over what each layer hands attention (a sliding layer: only its window).
+        Past keys are masked by position as the model's own masks do; block keys by `ancestry`
+        ((block, block) bool: row i marks the block tokens token i attends to)."""
+        width = len(positions)
+        ancestry = ancestry.to(self.device)
         window = getattr(self.config, "sliding_window", None)
         masks = {}
         for layer_type in set(self.layer_types) or {"full_attention"}:
@@ -151,11 +164,14 @@ class TargetModel:
             if layer_type == "sliding_attention":
                 assert window is not None  # a model with sliding layers has a sliding_window
                 mask &= seen[None, :] > positions[:, None] - window
-            mask = mask[None, None]
-            if self.model.config._attn_implementation == "eager":  # additive, in the model's dtype
-                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
             masks[layer_type] = mask
-        return (masks if self.layer_types else masks["full_attention"]), positions[None]
+        return masks
+
+    def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A bool mask in the form the model's attention takes: as is for sdpa, additive in the model's dtype for eager."""
+        if self.model.config._attn_implementation == "eager":
+            return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
+        return mask
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for the given hidden rows, with the model's final softcap."""

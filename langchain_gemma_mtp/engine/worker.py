@@ -1,5 +1,7 @@
-"""The owner thread that runs the models on one device: a round-robin queue of requests, cancellable
-per step, alive only while requests are; requests wait in arrival order until their KV cache fits."""
+"""The owner thread that runs the models on one device: each round verifies the pending step of every
+request in flight in one batched forward and feeds one chunk of prefill; requests are cancellable per
+step, the thread lives only while requests do, and requests wait in arrival order until their KV
+cache fits."""
 
 from __future__ import annotations
 
@@ -7,14 +9,17 @@ import asyncio
 import atexit
 import collections
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
 
 import torch
 
 from ..errors import KVCacheLimitError
+from .batch import Feed, run_feed, run_feeds
+from .loop import PREFILL_CHUNK, Steps
 from .memory import KVBudget
+from .target import Forward
 from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
 T = TypeVar("T")
@@ -23,16 +28,22 @@ _WORKERS: dict[str, EngineWorker] = {}  # one per device
 _WORKERS_LOCK = threading.Lock()
 
 
-class _Job:
-    """Worker-side state of one request: its step generator and its outbox."""
+# Verification rows per batched forward: more requests than fit wait for the next round, in turn.
+MAX_BATCH_ROWS = 512
 
-    def __init__(self, bursts: Generator[Burst, None, None], counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
+
+class _Job:
+    """Worker-side state of one request: its steps (engine/loop.py), the feed it waits on, its outbox."""
+
+    def __init__(self, bursts: Steps, counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
         self.bursts = bursts
+        self.feed: Feed | None = None  # what it needs run next (None: not started)
         self.counters = counters  # its engine's totals
         self.budget = budget  # its engine's KV budget, which it holds kv_bytes of while it runs
         self.kv_bytes = kv_bytes
         self.holds = False
         self.cancelled = False
+        self.done = False
         self.outbox: collections.deque = collections.deque()
         self.ready = threading.Condition()
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -194,7 +205,7 @@ class EngineWorker:
 
     def submit(
         self,
-        bursts: Generator[Burst, None, None],
+        bursts: Steps,
         stats: SpeculativeStats,
         prompt_tokens: int,
         counters: EngineCounters,
@@ -209,7 +220,7 @@ class EngineWorker:
                 raise RuntimeError(f"the {self.name} owner thread was stopped (the interpreter is exiting); nothing runs after that")
             self._waiting.append(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"gemma-mtp:{self.name}", daemon=True)
+                self._thread = threading.Thread(target=self._run_thread, name=f"gemma-mtp:{self.name}", daemon=True)
                 self._thread.start()
         return RequestHandle(job, stats, prompt_tokens)
 
@@ -245,8 +256,10 @@ class EngineWorker:
             else:
                 return
 
-    def _next_job(self) -> _Job | None:
-        """The next request to step, or None after the thread is let go (idle or stopping)."""
+    def _round(self) -> bool:
+        """Step every active request once: admit waiting ones, start new ones up to their first feed,
+        run one batched forward over the verification blocks (per target) and prefill chunks up to
+        PREFILL_CHUNK tokens, and hand each its Forward. False once the thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
                 for job in (*self._active, *self._waiting):
@@ -256,33 +269,89 @@ class EngineWorker:
             self._admit()
             if not self._active:
                 self._thread = None  # a submit from now on starts a new thread
-                return None
-            return self._active.popleft()
+                return False
+            jobs = list(self._active)
+        for job in jobs:
+            if job.cancelled:
+                self._end(job)
+        jobs = [job for job in jobs if not job.done]
+        prefilling = [job for job in jobs if job.feed is None or job.feed.prefill]
+        batch: list[tuple[_Job, Feed]] = []
+        rows = 0
+        for job in jobs:  # in turn: the active queue rotates below
+            if job.feed is None or job.feed.prefill:
+                continue
+            if batch and rows + job.feed.width > MAX_BATCH_ROWS:
+                break
+            batch.append((job, job.feed))
+            rows += job.feed.width
+        by_target: dict[int, list[tuple[_Job, Feed]]] = {}
+        for job, feed in batch:
+            by_target.setdefault(id(feed.target), []).append((job, feed))
+        for group in by_target.values():
+            self._run(group, run_feeds)
+        self._prefill(prefilling)
+        with self._lock:
+            stepped = {id(job) for job, _ in batch}
+            # Requests left out of a full batch go first next round.
+            self._active = collections.deque(
+                sorted((j for j in self._active if not j.done), key=lambda j: id(j) in stepped)
+            )
+        return True
 
-    def _run(self) -> None:
+    def _prefill(self, jobs: list[_Job]) -> None:
+        """Prompt chunks up to PREFILL_CHUNK tokens, one request at a time in arrival order: a request
+        starts (looks up the prefix cache) only once the one before it has prefilled, so requests
+        sharing a prompt prefill it once."""
+        fed = 0
+        for job in jobs:
+            if job.feed is None:
+                self._advance(job, None)  # its prefix-cache lookup, then its first chunk
+            while job.feed is not None and job.feed.prefill:
+                if fed and fed + job.feed.width > PREFILL_CHUNK:
+                    return
+                fed += job.feed.width
+                self._run([(job, job.feed)], lambda feeds: [run_feed(feeds[0])])
+
+    def _run(self, jobs: list[tuple[_Job, Feed]], forward: Callable[[list[Feed]], list[Forward]]) -> None:
+        """One forward over these jobs' feeds; each job then runs on to its next feed. A forward that
+        fails fails the requests in it (their caches are half written); the others go on."""
+        try:
+            outs = forward([feed for _, feed in jobs])
+        except BaseException as exc:
+            for job, _ in jobs:
+                self._end(job, exc)
+            return
+        for (job, _), out in zip(jobs, outs):
+            self._advance(job, out)
+
+    def _advance(self, job: _Job, forward: Forward | None) -> None:
+        """Send a job its Forward and run it on to its next feed, handing over the bursts on the way."""
+        try:
+            item = job.bursts.send(forward)
+            while isinstance(item, Burst):
+                job.counters.add(item)
+                job.put(item)
+                if item.finish_reason is not None:
+                    self._end(job)
+                    return
+                item = job.bursts.send(None)
+            job.feed = item
+        except StopIteration:
+            self._end(job)
+        except BaseException as exc:  # handed to the consumer; the worker serves the others
+            self._end(job, exc)
+
+    def _run_thread(self) -> None:
         with torch.inference_mode():
-            while (job := self._next_job()) is not None:
-                if job.cancelled:
-                    self._end(job)
-                    continue
-                try:
-                    burst = next(job.bursts)
-                except StopIteration:
-                    self._end(job)
-                    continue
-                except BaseException as exc:  # handed to the consumer; the worker serves the others
-                    self._end(job, exc)
-                    continue
-                job.counters.add(burst)
-                job.put(burst)
-                if burst.finish_reason is not None:
-                    self._end(job)
-                else:
-                    with self._lock:
-                        self._admit()  # requests that arrived during this step are stepped before this one again
-                        self._active.append(job)
+            while self._round():
+                pass
 
     def _end(self, job: _Job, last: object = _END) -> None:
+        if job.done:
+            return
+        job.feed = None
+        job.done = True
         job.bursts.close()  # runs the request's cleanup (its prefix-cache entry) outside the lock
         with self._lock:  # the budget it gives back is read by _admit under the lock
             job.end(last)
