@@ -1,9 +1,10 @@
 """One request's speculative loop: prefill after the longest cached prefix, then each step
 draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens per step.
 
-The loop runs no target forward itself: it yields a Feed (the tokens it needs run after its cache)
-and is sent back the Forward, so the owner thread (engine/worker.py) can run the feeds of every
-request in flight as one batched forward (engine/batch.py). A long prompt is fed in chunks, so
+The loop runs no forward itself: it yields a DraftAsk (sent back the Draft) and a Feed (the tokens
+it needs run after its cache; sent back the Forward), so the owner thread (engine/worker.py) can
+draft for every request in flight in one batch and verify all their drafts in one batched target
+forward (engine/batch.py). A long prompt is fed in chunks, so
 requests already streaming keep moving while it prefills.
 """
 
@@ -16,7 +17,7 @@ from transformers import DynamicCache
 
 from .batch import Feed
 from .cache import PrefixCache
-from .drafters import NO_DRAFT, Draft, Drafter, DraftRequest, DraftStep
+from .drafters import NO_DRAFT, Draft, DraftAsk, Drafter, DraftRequest, DraftStep
 from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
 from .target import Forward, TargetModel
@@ -29,8 +30,9 @@ TARGET = "target"  # the target's namespace in the prefix cache
 # this width per step (benchmarks/batch_bench.py measures the delay); longer chunks gain little.
 PREFILL_CHUNK = 256
 
-# What the loop yields: a Feed (it is sent the Forward) or a Burst of verified tokens (sent None).
-Steps = Generator[Feed | Burst, Forward | None, None]
+# What the loop yields: a DraftAsk (it is sent the Draft), a Feed (sent the Forward) or a Burst of
+# verified tokens (sent None).
+Steps = Generator[DraftAsk | Feed | Burst, Draft | Forward | None, None]
 
 
 def _finish(new: list[int], produced: int, request: GenerationRequest) -> tuple[list[int], str | None]:
@@ -60,7 +62,8 @@ def speculative_decode(
     generator: torch.Generator | None,
     prefix_cache: PrefixCache | None = None,
 ) -> Steps:
-    """Yield the feeds and bursts of one request; the caller runs each feed and sends its Forward."""
+    """Yield the draft asks, feeds and bursts of one request; the caller answers each ask with its
+    Draft and each feed with its Forward."""
     sampling = request.sampling
     prompt = list(request.prompt_ids)
     # Reuse the longest cached prefix, but feed at least one token: its logits choose the first token.
@@ -97,10 +100,14 @@ def speculative_decode(
             k = min(policy.next_length(), room)
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
             limit = k if policy.fixed is not None else room
-            draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
+            draft = NO_DRAFT
+            if k > 0:
+                drafted = yield DraftAsk(drafter, session, DraftStep(drafting, tokens, k, limit, hidden, shared_kv))
+                assert isinstance(drafted, Draft)  # the worker sends a Draft for a DraftAsk
+                draft = drafted
             tree = _tree(draft, request, target)
             verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree)
-            assert verified is not None and verified.logits is not None  # the worker sends a Forward for a Feed
+            assert isinstance(verified, Forward) and verified.logits is not None  # the worker sends a Forward for a Feed
             fwd, logits = verified, verified.logits
             if processors is not None:
                 logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
@@ -123,11 +130,11 @@ def speculative_decode(
             prefix_cache.insert(TARGET, tokens[:-1], cache)
 
 
-def _prefill(target: TargetModel, ids: list[int], cache: DynamicCache) -> Generator[Feed, Forward | None, Forward]:
+def _prefill(target: TargetModel, ids: list[int], cache: DynamicCache) -> Generator[Feed, Draft | Forward | None, Forward]:
     """Feed a prompt in chunks of PREFILL_CHUNK; the last chunk's Forward (logits at its last row)."""
     starts = range(0, len(ids), PREFILL_CHUNK)
     fwd = None
     for start in starts:
         fwd = yield Feed(target, ids[start : start + PREFILL_CHUNK], cache, prefill=True, last=start == starts[-1])
-    assert fwd is not None  # a prompt feeds at least one token
+    assert isinstance(fwd, Forward)  # a prompt feeds at least one token
     return fwd

@@ -139,7 +139,7 @@ class TargetModel:
     @property
     def verifies_trees(self) -> bool:
         """Whether `forward` can take a tree: its masks are built for these attention kernels."""
-        return self.model.config._attn_implementation in ("sdpa", "eager")
+        return self.config._attn_implementation in ("sdpa", "eager")
 
     def _tree_masks(self, cache: DynamicCache, tree: DraftTree) -> tuple[dict[str, torch.Tensor] | torch.Tensor, torch.Tensor]:
         """The attention masks and positions of a tree's block fed after what `cache` holds."""
@@ -169,7 +169,7 @@ class TargetModel:
 
     def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A bool mask in the form the model's attention takes: as is for sdpa, additive in the model's dtype for eager."""
-        if self.model.config._attn_implementation == "eager":
+        if self.config._attn_implementation == "eager":
             return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         return mask
 

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import KVCacheLimitError
 from .batch import Feed, run_feed, run_feeds
+from .drafters import Draft, DraftAsk, propose_all
 from .loop import PREFILL_CHUNK, Steps
 from .memory import KVBudget
 from .target import Forward
@@ -37,7 +38,7 @@ class _Job:
 
     def __init__(self, bursts: Steps, counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
         self.bursts = bursts
-        self.feed: Feed | None = None  # what it needs run next (None: not started)
+        self.feed: Feed | DraftAsk | None = None  # what it waits on (None: not started)
         self.counters = counters  # its engine's totals
         self.budget = budget  # its engine's KV budget, which it holds kv_bytes of while it runs
         self.kv_bytes = kv_bytes
@@ -275,11 +276,12 @@ class EngineWorker:
             if job.cancelled:
                 self._end(job)
         jobs = [job for job in jobs if not job.done]
-        prefilling = [job for job in jobs if job.feed is None or job.feed.prefill]
+        prefilling = [job for job in jobs if job.feed is None or (isinstance(job.feed, Feed) and job.feed.prefill)]
+        self._draft([job for job in jobs if isinstance(job.feed, DraftAsk)])
         batch: list[tuple[_Job, Feed]] = []
         rows = 0
         for job in jobs:  # in turn: the active queue rotates below
-            if job.feed is None or job.feed.prefill:
+            if not isinstance(job.feed, Feed) or job.feed.prefill:
                 continue
             if batch and rows + job.feed.width > MAX_BATCH_ROWS:
                 break
@@ -287,7 +289,7 @@ class EngineWorker:
             rows += job.feed.width
         by_target: dict[int, list[tuple[_Job, Feed]]] = {}
         for job, feed in batch:
-            by_target.setdefault(id(feed.target), []).append((job, feed))
+            by_target.setdefault(id(feed.target.model), []).append((job, feed))
         for group in by_target.values():
             self._run(group, run_feeds)
         self._prefill(prefilling)
@@ -307,11 +309,38 @@ class EngineWorker:
         for job in jobs:
             if job.feed is None:
                 self._advance(job, None)  # its prefix-cache lookup, then its first chunk
-            while job.feed is not None and job.feed.prefill:
+            while isinstance(job.feed, Feed) and job.feed.prefill:
                 if fed and fed + job.feed.width > PREFILL_CHUNK:
                     return
                 fed += job.feed.width
                 self._run([(job, job.feed)], lambda feeds: [run_feed(feeds[0])])
+
+    def _draft(self, jobs: list[_Job]) -> None:
+        """The drafts every waiting request asked for, one batch per drafter; a drafter that fails
+        fails the requests it drafted for alone."""
+        by_drafter: dict[int, list[tuple[_Job, DraftAsk]]] = {}
+        for job in jobs:
+            ask = cast(DraftAsk, job.feed)
+            by_drafter.setdefault(id(ask.drafter), []).append((job, ask))
+        for group in by_drafter.values():
+            drafts: list[Draft | None]
+            try:
+                drafts = list(propose_all(group[0][1].drafter, [(ask.session, ask.step) for _, ask in group]))
+            except BaseException as exc:
+                if len(group) == 1:
+                    self._end(group[0][0], exc)
+                    continue
+                # Find whose draft failed: each alone, so one request's failure ends that request only.
+                drafts = []
+                for job, ask in group:
+                    try:
+                        drafts.append(ask.session.propose(ask.step))
+                    except BaseException as alone:
+                        self._end(job, alone)
+                        drafts.append(None)
+            for (job, _), draft in zip(group, drafts):
+                if draft is not None and not job.done:
+                    self._advance(job, draft)
 
     def _run(self, jobs: list[tuple[_Job, Feed]], forward: Callable[[list[Feed]], list[Forward]]) -> None:
         """One forward over these jobs' feeds; each job then runs on to its next feed. A forward that
@@ -325,10 +354,11 @@ class EngineWorker:
         for (job, _), out in zip(jobs, outs):
             self._advance(job, out)
 
-    def _advance(self, job: _Job, forward: Forward | None) -> None:
-        """Send a job its Forward and run it on to its next feed, handing over the bursts on the way."""
+    def _advance(self, job: _Job, answer: Draft | Forward | None) -> None:
+        """Send a job the answer to what it waited on and run it on to what it waits on next (a draft
+        or a forward), handing over the bursts on the way."""
         try:
-            item = job.bursts.send(forward)
+            item = job.bursts.send(answer)
             while isinstance(item, Burst):
                 job.counters.add(item)
                 job.put(item)

@@ -1,6 +1,6 @@
 """Drafters behind one contract: Gemma 4 MTP, a draft model, n-gram lookup, hybrid, or none."""
 
-from .base import NO_DRAFT, Draft, Drafter, DraftRequest, DraftSession, DraftStep, NoDrafter, StatelessDrafter
+from .base import NO_DRAFT, Draft, DraftAsk, Drafter, DraftRequest, DraftSession, DraftStep, NoDrafter, StatelessDrafter, propose_all
 from .draft_model import DraftModelDrafter
 from .hybrid import HybridDrafter
 from .mtp import MTPDrafter
@@ -9,6 +9,7 @@ from .ngram import Match, NgramDrafter, SuffixIndex, lookup_continuation
 __all__ = [
     "NO_DRAFT",
     "Draft",
+    "DraftAsk",
     "DraftModelDrafter",
     "DraftRequest",
     "DraftSession",
@@ -22,4 +23,5 @@ __all__ = [
     "StatelessDrafter",
     "SuffixIndex",
     "lookup_continuation",
+    "propose_all",
 ]

@@ -121,6 +121,25 @@ class NoDrafter(StatelessDrafter):
         return NO_DRAFT
 
 
+@dataclass(frozen=True)
+class DraftAsk:
+    """A request's step waiting for its draft: the owner thread gathers these across requests and
+    drafts them together (`propose_all`) per drafter."""
+
+    drafter: Drafter
+    session: DraftSession
+    step: DraftStep
+
+
+def propose_all(drafter: Drafter, items: Sequence[tuple[DraftSession, DraftStep]]) -> list[Draft]:
+    """Drafts for several requests' steps on one drafter: in one batch where the drafter drafts in
+    batches (its `propose_many`: MTP, hybrid), else session by session."""
+    many = getattr(drafter, "propose_many", None)
+    if many is not None and len(items) > 1:
+        return many(items)
+    return [session.propose(step) for session, step in items]
+
+
 def draft_token(logits: torch.Tensor, request: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A draft token chosen as the request samples (see verify.choose_token)."""
     return choose_token(logits, request.sampling, request.generator)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ..cache import common_prefix_length
-from .base import Draft, DraftRequest, DraftStep
+from .base import Draft, DraftRequest, DraftSession, DraftStep
 from .mtp import MTPDrafter
 from .ngram import NgramDrafter, NgramSession
 
@@ -74,6 +75,15 @@ class HybridDrafter:
         self.ngram.forget()
         self.worth = prior_worth()
 
+    def propose_many(self, items: Sequence[tuple[DraftSession, DraftStep]]) -> list[Draft]:
+        """Copies where each request copies; the requests that need MTP draft in one batch."""
+        sessions = [cast(HybridSession, session) for session, _ in items]
+        drafts = [session.copy(step) for session, (_, step) in zip(sessions, items)]
+        need = [i for i, d in enumerate(drafts) if d is None]
+        for i, draft in zip(need, self.mtp.propose_many([(self.mtp, items[i][1]) for i in need])):
+            drafts[i] = sessions[i].drafted(draft)
+        return cast(list[Draft], drafts)
+
 
 class HybridSession:
     """One request's choice between copying and MTP, and what its last step drafted."""
@@ -86,6 +96,11 @@ class HybridSession:
         self.mtp_drafted: int | None = None  # draft tokens MTP proposed this step, None when a copy was used
 
     def propose(self, step: DraftStep) -> Draft:
+        draft = self.copy(step)
+        return draft if draft is not None else self.drafted(self.drafter.mtp.propose(step))
+
+    def copy(self, step: DraftStep) -> Draft | None:
+        """The match to copy, or None when MTP should draft this step."""
         hybrid = self.drafter
         match = self.ngram.find(step)
         self.short_match, self.mtp_drafted = None, None
@@ -97,9 +112,12 @@ class HybridSession:
             if self.worth["ngram"].mean >= self.worth["mtp"].mean:
                 hybrid.choices["short"] += 1
                 return Draft(match.tokens)
-        draft = hybrid.mtp.propose(step)
+        return None
+
+    def drafted(self, draft: Draft) -> Draft:
+        """Note the MTP draft this step used (after `copy` said MTP drafts)."""
         self.mtp_drafted = len(draft)
-        hybrid.choices["mtp" if self.short_match is None else "mtp_over_short"] += 1
+        self.drafter.choices["mtp" if self.short_match is None else "mtp_over_short"] += 1
         return draft
 
     def commit(self, tokens: Sequence[int], n_accepted: int) -> None:

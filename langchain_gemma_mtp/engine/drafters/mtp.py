@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -15,8 +16,8 @@ from ...draft_settings import (
     check_mtp_stop_below,
 )
 from ..head import centroid_candidates, project
-from ..target import TargetModel
-from .base import NO_DRAFT, Draft, DraftRequest, DraftStep, StatelessDrafter, draft_token, finish_draft
+from ..target import KV, TargetModel
+from .base import NO_DRAFT, Draft, DraftRequest, DraftSession, DraftStep, StatelessDrafter, draft_token, finish_draft
 
 
 class MTPDrafter(StatelessDrafter):
@@ -59,42 +60,54 @@ class MTPDrafter(StatelessDrafter):
         target.pair(assistant)
 
     def propose(self, step: DraftStep) -> Draft:
-        if step.k <= 0 or step.shared_kv is None:
-            return NO_DRAFT
-        assert step.hidden is not None  # the target hands its hidden state with its K/V
-        request = step.request
+        return self.propose_many([(self, step)])[0]
+
+    def propose_many(self, items: Sequence[tuple[DraftSession, DraftStep]]) -> list[Draft]:
+        """Drafts for several requests at once: each assistant step runs over all of them in one
+        batched forward (each request's K/V padded to the longest, its padding masked), until every
+        request has its k tokens or stopped early."""
+        drafts = [NO_DRAFT] * len(items)
+        live = [i for i, (_, step) in enumerate(items) if step.k > 0 and step.shared_kv is not None]
+        if not live:
+            return drafts
+        steps = [items[i][1] for i in live]
         device = self.target.device
-        position = torch.tensor([[len(step.tokens) - 1]], device=device)
-        token, h = torch.tensor([[step.tokens[-1]]], device=device), step.hidden
-        drafts, probs, chance, offered = [], [], 1.0, []
-        masks = None  # every step of a draft attends to the same K/V from the same position
-        for _ in range(step.k):
-            last, h, masks = self._step(token, h, position, step.shared_kv, masks)
-            token, q, scores, ids = self._choose(last[0, -1], request)
-            drafts.append(token)
-            probs.append(q)
-            if not (self.stop_below or (q is None and self.siblings_per_depth)):
-                continue
-            # One host sync per draft step: the drafter's own probabilities of its best tokens.
-            if q is None:
-                assert scores is not None  # _choose returns the scores whenever q is None
-                top = torch.softmax(scores.float(), -1).topk(min(self.siblings_per_depth + 1, scores.shape[-1]))
-                best = top.values.tolist()
-                offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
-                chance *= best[0]
-            else:
-                chance *= float(q[token.view(-1)[0]])
-            if chance < self.stop_below:
+        position = torch.tensor([[len(s.tokens) - 1] for s in steps], device=device)
+        token = torch.tensor([[s.tokens[-1]] for s in steps], device=device)
+        h = torch.cat([cast(torch.Tensor, s.hidden) for s in steps])  # the target hands its hidden state with its K/V
+        runs = [_Drafting(s, self) for s in steps]
+        shared_kv, masks = None, None  # every step of a draft attends to the same K/V from the same position
+        for _ in range(max(s.k for s in steps)):
+            if shared_kv is None:
+                shared_kv, masks = self._batch_kv(steps, token, h)
+            last, h, masks = self._step(token, h, position, shared_kv, masks)
+            chosen = [run.take(last[j, -1]) if run.going else None for j, run in enumerate(runs)]
+            if not any(run.going for run in runs):
                 break
-        tokens, stacked = finish_draft(drafts, probs)
-        if not (offered and self.siblings_per_depth):
-            return Draft(tokens, stacked)
-        # The candidates' ids in one more sync; a tie may put the chosen one anywhere.
-        alternatives = [
-            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings_per_depth]
-            for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
-        ]
-        return Draft(tokens, stacked, alternatives)
+            # A request that stopped keeps a row (its last token) so the batch's shapes stay fixed.
+            token = torch.cat([c if c is not None else token[j : j + 1] for j, c in enumerate(chosen)])
+        for i, run in zip(live, runs):
+            drafts[i] = run.draft()
+        return drafts
+
+    def _batch_kv(self, steps: list[DraftStep], token: torch.Tensor, h: torch.Tensor) -> tuple[KV, dict | None]:
+        """The requests' K/V as one batch and the masks of one step over it: each request's own
+        (as `create_attention_masks` builds them alone), padded at the end with masked keys."""
+        kvs = [cast(KV, s.shared_kv) for s in steps]
+        if len(steps) == 1:
+            return kvs[0], None
+        a = self.assistant
+        x = a.pre_projection(torch.cat([self.target.embed(token), h], dim=-1))
+        alone = [a.create_attention_masks(x[j : j + 1], None, kv) for j, kv in enumerate(kvs)]
+        masks = {}
+        for layer_type in alone[0]:
+            rows = [_as_bool(m[layer_type], kv[layer_type][0]) for m, kv in zip(alone, kvs)]
+            mask = _pad_keys(rows, False)
+            if a.config.get_text_config()._attn_implementation == "eager":  # additive, in the assistant's dtype
+                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+            masks[layer_type] = mask
+        shared = {t: (_pad_keys([kv[t][0] for kv in kvs], 0.0), _pad_keys([kv[t][1] for kv in kvs], 0.0)) for t in kvs[0]}
+        return shared, masks
 
     def _step(
         self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks: dict | None = None
@@ -110,7 +123,7 @@ class MTPDrafter(StatelessDrafter):
         ).last_hidden_state
         return last, a.post_projection(last), masks
 
-    def _choose(
+    def choose(
         self, last: torch.Tensor, request: DraftRequest
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The draft token, the distribution it was sampled from (None when greedy) and, when
@@ -129,3 +142,73 @@ class MTPDrafter(StatelessDrafter):
             logits = torch.full((weight.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device).scatter_(0, ids, logits)
         token, q = draft_token(logits, request)
         return token, q, logits if q is None else None, None
+
+
+class _Drafting:
+    """One request's draft as the assistant's steps come in: its tokens, their probabilities, the
+    siblings offered at each depth, and whether it goes on (k not reached, chance above stop_below)."""
+
+    def __init__(self, step: DraftStep, drafter: MTPDrafter):
+        self.step = step
+        self.drafter = drafter
+        self.tokens: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor | None] = []
+        self.chance = 1.0
+        self.offered: list[tuple[float, list[float], torch.Tensor]] = []
+        self.going = True
+
+    def take(self, last: torch.Tensor) -> torch.Tensor:
+        """The next draft token (1, 1) from the assistant's state `last`."""
+        drafter = self.drafter
+        token, q, scores, ids = drafter.choose(last, self.step.request)
+        self.tokens.append(token)
+        self.probs.append(q)
+        self.going = len(self.tokens) < self.step.k
+        if not (drafter.stop_below or (q is None and drafter.siblings_per_depth)):
+            return token
+        # One host sync per draft step: the drafter's own probabilities of its best tokens.
+        if q is None:
+            assert scores is not None  # choose returns the scores whenever q is None
+            top = torch.softmax(scores.float(), -1).topk(min(drafter.siblings_per_depth + 1, scores.shape[-1]))
+            best = top.values.tolist()
+            self.offered.append((self.chance, best, ids[top.indices] if ids is not None else top.indices))
+            self.chance *= best[0]
+        else:
+            self.chance *= float(q[token.view(-1)[0]])
+        if self.chance < drafter.stop_below:
+            self.going = False
+        return token
+
+    def draft(self) -> Draft:
+        tokens, stacked = finish_draft(self.tokens, self.probs)
+        siblings = self.drafter.siblings_per_depth
+        if not (self.offered and siblings):
+            return Draft(tokens, stacked)
+        # The candidates' ids in one more sync; a tie may put the chosen one anywhere.
+        alternatives = [
+            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.drafter.sibling_min_chance][:siblings]
+            for chosen, (before, best, _), candidates in zip(tokens, self.offered, torch.stack([o[2] for o in self.offered]).tolist())
+        ]
+        return Draft(tokens, stacked, alternatives)
+
+
+def _as_bool(mask: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """An assistant mask over one request's `keys` as (1, 1, 1, L) bool: None (all keys) or additive made plain."""
+    if mask is None:
+        return torch.ones(1, 1, 1, keys.shape[-2], dtype=torch.bool, device=keys.device)
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _pad_keys(rows: list[torch.Tensor], fill: float | bool) -> torch.Tensor:
+    """(1, ..., L_i, D_or_L) per request as one (B, ..., max L_i, ...) along the key axis (-2 for K/V, -1 for masks)."""
+    axis = -1 if rows[0].dtype == torch.bool else -2
+    longest = max(r.shape[axis] for r in rows)
+    padded = []
+    for r in rows:
+        gap = longest - r.shape[axis]
+        if gap:
+            shape = list(r.shape)
+            shape[axis] = gap
+            r = torch.cat([r, torch.full(shape, fill, dtype=r.dtype, device=r.device)], dim=axis)
+        padded.append(r)
+    return torch.cat(padded)

@@ -1,0 +1,280 @@
+"""Batched speculative decoding: requests in flight together share their forwards and stay exact (fp32)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+from test_engine_greedy import hf_greedy, prompt
+from test_engine_sampling import P_MIN, _chi2_ok, exact_marginals
+from tiny_models import VOCAB, build_target
+
+from langchain_gemma_mtp.engine import Engine, loop, worker
+from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed
+from langchain_gemma_mtp.engine.cache import kv_layers
+from langchain_gemma_mtp.engine.drafters import (
+    Draft,
+    DraftModelDrafter,
+    HybridDrafter,
+    MTPDrafter,
+    NgramDrafter,
+    NoDrafter,
+    StatelessDrafter,
+)
+from langchain_gemma_mtp.engine.drafters.base import DraftRequest, DraftStep
+from langchain_gemma_mtp.engine.target import TargetModel
+from langchain_gemma_mtp.engine.tree import DraftTree
+from langchain_gemma_mtp.engine.types import SamplingParams
+from langchain_gemma_mtp.engine.verify import process_logits
+
+KINDS = ["shared_ple", "noshare", "conditional", "gemma3"]
+
+
+def fed_shapes(model) -> list[tuple[int, int]]:
+    """(requests, tokens) of every forward of the model's decoder, recorded by a hook."""
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs, out) -> None:
+        ids = kwargs.get("input_ids")
+        fed = ids if ids is not None else kwargs["inputs_embeds"]  # transformers' generate may feed embeddings
+        shapes.append((fed.shape[0], fed.shape[1]))
+
+    model.get_decoder().register_forward_hook(record, with_kwargs=True)
+    return shapes
+
+
+def _feeds(target: TargetModel) -> list[Feed]:
+    """Verification blocks after caches of different lengths (past the sliding window): chains of
+    several widths and a draft tree."""
+    feeds = []
+    for length, block in [(5, [1, 2, 3]), (40, [4]), (17, None), (3, [5, 6, 7, 8, 9])]:
+        cache = target.new_cache()
+        target.forward(prompt(length, length), cache, prefill=True)
+        if block is None:
+            tree = DraftTree([11, 12], [[13, 14], [15]])
+            feeds.append(Feed(target, tree.tokens(10), cache, tree))
+        else:
+            feeds.append(Feed(target, block, cache))
+    return feeds
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_a_batched_forward_gives_each_request_what_it_gets_alone(kind, attention):
+    model = build_target(kind)
+    model.config.get_text_config()._attn_implementation = attention
+    target = TargetModel(model)
+    alone_feeds, batched_feeds = _feeds(target), _feeds(target)
+    alone = [run_feed(f) for f in alone_feeds]
+    together = run_batch(target, batched_feeds)
+    for a, b, fa, fb in zip(alone, together, alone_feeds, batched_feeds):
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        if a.shared_kv is not None:  # the drafter's K/V: the same rows
+            assert b.shared_kv is not None and b.shared_kv.keys() == a.shared_kv.keys()
+            for t in a.shared_kv:
+                torch.testing.assert_close(b.shared_kv[t][0], a.shared_kv[t][0], atol=1e-5, rtol=1e-5)
+        for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):  # each request's own cache got its rows, no padding
+            if la.keys is not None:
+                torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_mtp_drafts_in_a_batch_as_it_drafts_alone(checkpoints, kind):
+    engine = Engine.from_pretrained(checkpoints[kind], drafter="mtp")
+    drafter, target = engine.drafter, engine.target
+    assert isinstance(drafter, MTPDrafter)
+    sizes: list[int] = []
+    drafter.assistant.model.register_forward_hook(lambda m, a, kw, o: sizes.append(kw["inputs_embeds"].shape[0]), with_kwargs=True)
+    steps = []
+    for length, k in [(9, 3), (30, 1), (14, 5)]:
+        ids = prompt(length, length)
+        cache = target.new_cache()
+        fwd = target.forward(ids, cache, prefill=True)
+        kv = target.rollback(cache, fwd, 0)
+        steps.append(DraftStep(DraftRequest(len(ids)), ids + [7], k, k, fwd.hidden[-1:].unsqueeze(0), kv))
+    alone = [drafter.propose(s) for s in steps]
+    together = drafter.propose_many([(drafter, s) for s in steps])
+    assert max(sizes) == len(steps)  # the assistant ran the three requests as one batch
+    assert [d.tokens for d in together] == [d.tokens for d in alone]
+    assert [d.alternatives for d in together] == [d.alternatives for d in alone]
+
+
+def _engines(checkpoints, kind: str) -> dict[str, Engine]:
+    """Engines with every drafter on one target model: their requests verify in the same forwards."""
+    mtp = Engine.from_pretrained(checkpoints[kind], drafter="mtp")
+    assert isinstance(mtp.drafter, MTPDrafter)
+    return {
+        "mtp": mtp,
+        "ngram": Engine(mtp.target, NgramDrafter()),
+        "hybrid": Engine(mtp.target, HybridDrafter(mtp.drafter, NgramDrafter())),
+        "draft_model": Engine(mtp.target, DraftModelDrafter(TargetModel(build_target("noshare", seed=7)))),
+        "none": Engine(mtp.target, NoDrafter()),
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, kind):
+    """Different drafters, prompt lengths, draft lengths, hints and max_new_tokens, one request
+    joining mid-flight: each output is transformers' greedy output, and forwards were shared."""
+    engines = _engines(checkpoints, kind)
+    model = engines["mtp"].model
+    shapes = fed_shapes(model)
+    asks = [
+        ("mtp", prompt(1, 30), 24, dict(num_draft_tokens=3)),
+        ("ngram", prompt(2, 12), 16, dict(draft_hint="code")),
+        ("hybrid", prompt(3, 45), 30, {}),
+        ("draft_model", prompt(4, 20), 10, dict(num_draft_tokens=5)),
+        ("none", prompt(5, 8), 20, {}),
+        ("mtp", prompt(6, 25), 12, dict(draft_hint=2)),
+    ]
+    handles = [engines[e].submit(ids, max_new_tokens=n, stop_token_ids=[], **kw) for e, ids, n, kw in asks[:-1]]
+    first = iter(handles[0])
+    next(first), next(first)  # the last request joins while the others run
+    e, ids, n, kw = asks[-1]
+    handles.append(engines[e].submit(ids, max_new_tokens=n, stop_token_ids=[], **kw))
+    for (e, ids, n, _), handle in zip(asks, handles):
+        result = handle.result()
+        assert result.token_ids == hf_greedy(model, ids, n), f"{kind}/{e}"
+        assert result.stats.steps == len(result.stats.draft_lengths) and len(result.token_ids) == n
+    assert max(n for n, _ in shapes) >= 3, shapes  # verification blocks of several requests went through one forward
+
+
+class FailsOn(StatelessDrafter):
+    """N-gram-free drafting that raises for a request whose prompt holds `marker` (a failing drafter)."""
+
+    name = "fails-on"
+    cost_per_draft_token = 0.1
+
+    def __init__(self, marker: int):
+        self.marker = marker
+
+    def propose(self, step):
+        if self.marker in step.tokens[: step.request.prompt_len]:
+            raise RuntimeError("this drafter fails on this request")
+        return Draft([step.tokens[-1]])
+
+
+def test_a_failing_drafter_fails_its_request_alone(checkpoints):
+    engines = _engines(checkpoints, "shared_ple")
+    failing = Engine(engines["none"].target, FailsOn(marker=VOCAB - 1))
+    bad = prompt(7, 10) + [VOCAB - 1]
+    good = [prompt(8, 10), prompt(9, 14)]
+    handles = [failing.submit(bad, max_new_tokens=12, stop_token_ids=[])]
+    handles += [
+        failing.submit(good[0], max_new_tokens=12, stop_token_ids=[]),
+        engines["ngram"].submit(good[1], max_new_tokens=12, stop_token_ids=[]),
+    ]
+    with pytest.raises(RuntimeError, match="fails on this request"):
+        handles[0].result()
+    model = engines["none"].model
+    assert handles[1].result().token_ids == hf_greedy(model, good[0], 12)
+    assert handles[2].result().token_ids == hf_greedy(model, good[1], 12)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(checkpoints):
+    engines = _engines(checkpoints, "gemma3")
+    ids = [prompt(10 + i, 15 + i) for i in range(3)]
+    handles = [engines["mtp"].submit(p, max_new_tokens=30, stop_token_ids=[]) for p in ids]
+    next(iter(handles[1]))
+    handles[1].cancel()
+    left = list(handles[1])  # ends within a round: at most the bursts already verified
+    assert len(handles[1].token_ids) < 30 and all(b.finish_reason is None for b in left)
+    for i in (0, 2):
+        assert handles[i].result().token_ids == hf_greedy(engines["mtp"].model, ids[i], 30)
+
+
+class Recorder(StatelessDrafter):
+    """Drafts one wrong token and records which request (by prompt length) drafted, in order."""
+
+    name = "recorder"
+    cost_per_draft_token = 0.1
+
+    def __init__(self):
+        self.order: list[int] = []
+        self.lock = threading.Lock()
+
+    def propose(self, step):
+        with self.lock:
+            self.order.append(step.request.prompt_len)
+        return Draft([(step.tokens[-1] + 1) % VOCAB])
+
+
+def test_requests_over_the_batch_limit_take_turns(checkpoints, monkeypatch):
+    monkeypatch.setattr(worker, "MAX_BATCH_ROWS", 1)  # one request verified per forward
+    engines = _engines(checkpoints, "noshare")
+    recorder = Recorder()
+    engine = Engine(engines["none"].target, recorder)
+    shapes = fed_shapes(engine.model)
+    ids = [prompt(20 + i, 10 + i) for i in range(3)]
+    handles = [engine.submit(p, max_new_tokens=16, stop_token_ids=[], num_draft_tokens=1) for p in ids]
+    for p, h in zip(ids, handles):
+        assert h.result().token_ids == hf_greedy(engine.model, p, 16)
+    assert max(n for n, _ in shapes) == 1
+    # While all three run, every request steps once before any steps again.
+    steps = recorder.order[3:30]
+    for i in range(0, len(steps) - 2, 3):
+        assert len(set(steps[i : i + 3])) == 3, recorder.order
+
+
+def test_a_long_prompt_prefills_in_chunks_while_others_stream(checkpoints, monkeypatch):
+    monkeypatch.setattr(loop, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(worker, "PREFILL_CHUNK", 16)
+    engines = _engines(checkpoints, "conditional")
+    engine = engines["ngram"]
+    fed = fed_shapes(engine.model)
+    streaming = engine.submit(prompt(30, 10), max_new_tokens=40, stop_token_ids=[], num_draft_tokens=0)
+    next(iter(streaming))
+    long_ids = prompt(31, 120)
+    long = engine.submit(long_ids, max_new_tokens=5, stop_token_ids=[])
+    assert long.result().token_ids == hf_greedy(engine.model, long_ids, 5)
+    assert streaming.result().token_ids == hf_greedy(engine.model, prompt(30, 10), 40)
+    chunks = [i for i, shape in enumerate(fed) if shape[1] == 16]
+    assert len(chunks) >= 6  # the 120-token prompt went in 16-token chunks
+    # Between consecutive chunks the streaming request was verified: its stream kept moving.
+    assert all(any(fed[j] == (1, 1) for j in range(a + 1, b)) for a, b in itertools.pairwise(chunks)), fed
+
+
+def test_sampling_with_batch_partners_keeps_the_target_distribution(small_target):
+    model, assistant = small_target
+    engine = Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0))
+    shapes = fed_shapes(model)
+    sampling = SamplingParams(1.0, 1.0, 0)
+    target_prompt, n_tokens = [2, 5, 9, 5, 9, 3, 7], 3
+    exact = exact_marginals(model, target_prompt, n_tokens, lambda ids, logits: process_logits(logits, sampling))
+    draws: list[list[int]] = [[] for _ in range(n_tokens)]
+    for seed in range(1000):
+        measured = engine.submit(
+            target_prompt, max_new_tokens=n_tokens + 1, temperature=1.0, seed=seed, num_draft_tokens=3, stop_token_ids=[]
+        )
+        partners = [
+            engine.submit([2, 8, 4], max_new_tokens=6, stop_token_ids=[]),
+            engine.submit([2, 6, 6, 6, 1], max_new_tokens=5, temperature=0.7, seed=seed + 1, stop_token_ids=[]),
+        ]
+        result = measured.result()
+        for p in partners:
+            p.result()
+        for i in range(n_tokens):
+            draws[i].append(result.token_ids[i])
+    assert max(n for n, _ in shapes) >= 2
+    for i in range(n_tokens):
+        assert _chi2_ok(draws[i], exact[i].float()) > P_MIN, f"token {i + 1} off the target's distribution"
+
+
+def test_a_seeded_request_reproduces_whatever_else_is_in_the_batch(small_target):
+    model, assistant = small_target
+    mtp = MTPDrafter(assistant, TargetModel(model), stop_below=0.0)
+    engine = Engine(model, HybridDrafter(mtp, NgramDrafter()))
+    kwargs = dict(max_new_tokens=24, temperature=1.0, seed=123, stop_token_ids=[])
+    alone = engine.generate([2, 5, 9], **kwargs).token_ids
+    for partners in ([([2, 7], {})], [([2, 7, 7, 7], dict(temperature=0.9, seed=5)), ([3, 4], {}), ([9], dict(num_draft_tokens=1))]):
+        handles = [engine.submit([2, 5, 9], **kwargs)] + [
+            engine.submit(p, max_new_tokens=20, stop_token_ids=[], **kw) for p, kw in partners
+        ]
+        assert handles[0].result().token_ids == alone
+        for h in handles[1:]:
+            h.result()
