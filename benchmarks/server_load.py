@@ -1,13 +1,16 @@
-"""Load on `gemma-mtp serve`: N concurrent streaming clients, each with its own memorized question.
+"""Load on `gemma-mtp serve`: N concurrent streaming clients, for each N of `--clients` (a list).
 
 By default the script builds the memorizing tiny chat fixture (tests/chat_fixtures.py), serves it
-with the real console command in a separate process on a loopback port, and runs `--clients`
-concurrent streaming chat requests through httpx (SSE, `stream_options.include_usage`). Every
-answer is checked against the transcript the model memorized, so "complete" means the right
-answer, not just a closed stream. It reports aggregate throughput (completion tokens per second
-of wall time, requests per second) and first-chunk latency percentiles (request sent -> first
-chunk with output), and writes them as JSON.
+with the real console command in a separate process on a loopback port, and runs N concurrent
+streaming chat requests through httpx (SSE, `stream_options.include_usage`). Every answer is
+checked against the transcript the model memorized, so "complete" means the right answer, not
+just a closed stream. With `--embedded` it serves the real Gemma 3 270M instead (bf16), the
+clients asking the agent workloads (benchmarks/workloads.jsonl) in turn. Per N it reports
+aggregate throughput (completion tokens per second of wall time), first-chunk latency
+percentiles (request sent -> first chunk with output) and each client's own rate (its tokens over
+its request's whole time: worst and median), and aggregate over one client's.
 
+    python -m benchmarks.server_load --embedded --clients 1,4,16,32 --max-tokens 96 --out benchmarks/results/server-load-270m-bf16.json
     python -m benchmarks.server_load --clients 32 --out benchmarks/results/server-load-tiny.json
     python -m benchmarks.server_load --clients 2     # smoke run
     python -m benchmarks.server_load --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
@@ -23,7 +26,7 @@ import time
 
 import httpx
 
-from .common import REPO, parser, write_results
+from .common import REPO, parser, plain_turns, workloads, write_results
 
 # Memorized questions of the fixture with answers of different lengths; clients take them in turn.
 QUESTIONS = (
@@ -36,21 +39,39 @@ QUESTIONS = (
 )
 
 
-def served_fixture(threads: int):
-    """The memorizing fixture served by `gemma-mtp serve` in a child process."""
+def served(threads: int, embedded: bool, drafter: str, max_concurrent: int):
+    """The memorizing fixture, or the embedded 270M, served by `gemma-mtp serve` in a child process."""
     from langchain_gemma_mtp.server import serve_in_subprocess
-    from tests.chat_fixtures import chat_checkpoint
 
-    model = str(chat_checkpoint())
+    if embedded:
+        from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
+
+        model = str(embedded_model_dir())
+        extra = ["--dtype", "bfloat16", "--drafter", drafter]
+        if drafter in ("mtp", "hybrid"):
+            extra += ["--assistant", str(EMBEDDED_ASSISTANT_DIR)]
+    else:
+        from tests.chat_fixtures import chat_checkpoint
+
+        model, extra = str(chat_checkpoint()), []
     # The child serves this checkout's package, whatever is installed.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    return model, serve_in_subprocess(["--model", model, "--log-level", "warning"], env=env)
+    args = ["--model", model, "--log-level", "warning", "--max-concurrent", str(max_concurrent), *extra]
+    return model, serve_in_subprocess(args, env=env)
 
 
-async def one_client(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
+def questions(embedded: bool) -> list[tuple[str, list[dict]]]:
+    """(name, messages) the clients ask in turn: the fixture's memorized questions, or the workloads as plain turns."""
+    if embedded:
+        return [(w["id"], plain_turns(w["messages"], w.get("tools"))) for w in workloads() if w.get("messages")]
+    return [(q, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+async def one_client(client: httpx.AsyncClient, model: str, asked: tuple[str, list[dict]], max_tokens: int) -> dict:
+    question, messages = asked
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": question}],
+        "messages": messages,
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream": True,
@@ -90,13 +111,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]  # nearest rank
 
 
-async def run(base_url: str, model: str, clients: int, max_tokens: int, api_key: str | None) -> tuple[list[dict], float]:
+async def run(
+    base_url: str, model: str, clients: int, max_tokens: int, api_key: str | None, asked: list[tuple[str, list[dict]]]
+) -> tuple[list[dict], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
-        await one_client(client, model, QUESTIONS[0], max_tokens)  # warm up: first-call costs stay out of the numbers
+        await one_client(client, model, asked[0], max_tokens)  # warm up: first-call costs stay out of the numbers
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, model, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(clients)))
+        results = await asyncio.gather(*(one_client(client, model, asked[i % len(asked)], max_tokens) for i in range(clients)))
         return list(results), time.perf_counter() - started
 
 
@@ -115,38 +138,21 @@ def expected_answers() -> dict[str, str] | None:
     return answers
 
 
-def main() -> int:
-    ap = parser(__doc__, threads=False)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
-    ap.add_argument("--model", help="the served model name (with --base-url)")
-    ap.add_argument("--api-key", default=None, help="the server's API key (never written to the results)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
-    args = ap.parse_args()
-
-    if args.base_url:
-        if not args.model:
-            ap.error("--base-url needs --model")
-        results, wall = asyncio.run(run(args.base_url, args.model, args.clients, args.max_tokens, args.api_key))
-        expected = None
-    else:
-        model, served = served_fixture(args.threads)
-        with served as server:
-            results, wall = asyncio.run(run(server.base_url, model, args.clients, args.max_tokens, args.api_key))
-        expected = expected_answers()
-
+def summarize(clients: int, results: list[dict], wall: float, expected: dict[str, str] | None) -> dict:
+    """One load level's numbers (and its problems: errors, wrong answers, unfinished streams)."""
     errors = [r for r in results if "error" in r]
     wrong = [r for r in results if "error" not in r and expected and r["answer"] != expected.get(r["question"], r["answer"])]
     unfinished = [r for r in results if "error" not in r and r["finish_reason"] is None]
     done = [r for r in results if "error" not in r]
     tokens = sum(r["completion_tokens"] for r in done)
     firsts = [r["first_chunk_s"] for r in done if r["first_chunk_s"] is not None]
-    summary = {
-        "clients": args.clients,
+    rates = sorted(r["completion_tokens"] / r["total_s"] for r in done if r["total_s"] > 0)
+    return {
+        "clients": clients,
         "completed": len(done) - len(unfinished),
         "errors": len(errors),
         "wrong_answers": len(wrong),
+        "problems": [{k: bad.get(k) for k in ("question", "error", "answer")} for bad in errors + wrong],
         "wall_s": round(wall, 3),
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
@@ -154,16 +160,54 @@ def main() -> int:
         "first_chunk_s": {
             name: round(percentile(firsts, q), 4) if firsts else None for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
         },
+        "client_tokens_per_s": {"worst": round(rates[0], 2), "median": round(percentile(rates, 50), 2)} if rates else None,
     }
-    print(
-        f"{summary['completed']}/{args.clients} streams completed, {len(errors)} errors, {len(wrong)} wrong answers in {wall:.2f}s\n"
-        f"throughput: {summary['tokens_per_s']} completion tokens/s, {summary['requests_per_s']} requests/s\n"
-        "first chunk latency (s): " + ", ".join(f"{k} {v}" for k, v in summary["first_chunk_s"].items())
+
+
+def main() -> int:
+    ap = parser(__doc__, threads=False)
+    ap.add_argument("--clients", default="32", help="concurrent clients, or a comma list of levels run one after another (1,4,16,32)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--embedded", action="store_true", help="serve the real Gemma 3 270M (bf16) and ask the agent workloads")
+    ap.add_argument(
+        "--drafter", default="hybrid", help="with --embedded: the server's drafter (hybrid: the distilled MTP drafter and n-gram)"
     )
-    for bad in errors + wrong:
-        print("  problem:", {k: bad.get(k) for k in ("question", "error", "answer")})
-    write_results(args.out, args, summary=summary, requests=results)
-    ok = not errors and not wrong and not unfinished
+    ap.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
+    ap.add_argument("--model", help="the served model name (with --base-url)")
+    ap.add_argument("--api-key", default=None, help="the server's API key (never written to the results)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server this script starts")
+    args = ap.parse_args()
+    levels = [int(n) for n in str(args.clients).split(",")]
+    asked = questions(args.embedded)
+
+    def sweep(base_url: str, model: str) -> list[tuple[int, list[dict], float]]:
+        return [(n, *asyncio.run(run(base_url, model, n, args.max_tokens, args.api_key, asked))) for n in levels]
+
+    if args.base_url:
+        if not args.model:
+            ap.error("--base-url needs --model")
+        runs, expected = sweep(args.base_url, args.model), None
+    else:
+        model, server_cm = served(args.threads, args.embedded, args.drafter, max(levels))
+        with server_cm as server:
+            runs = sweep(server.base_url, model)
+        expected = None if args.embedded else expected_answers()
+
+    summaries = [summarize(n, results, wall, expected) for n, results, wall in runs]
+    one = next((s for s in summaries if s["clients"] == 1), None)
+    for s in summaries:
+        if one:
+            s["aggregate_over_one_client"] = round(s["tokens_per_s"] / one["tokens_per_s"], 2)
+        rates = s["client_tokens_per_s"] or {}
+        print(
+            f"{s['clients']:>3} clients: {s['completed']}/{s['clients']} completed, {s['errors']} errors, {s['wrong_answers']} wrong; "
+            f"{s['tokens_per_s']} tok/s ({s.get('aggregate_over_one_client', '-')}x one client); first chunk p50 "
+            f"{s['first_chunk_s']['p50']} s p99 {s['first_chunk_s']['p99']} s; per client worst {rates.get('worst')} median {rates.get('median')} tok/s"
+        )
+        for bad in s["problems"]:
+            print("  problem:", bad)
+    write_results(args.out, args, summary=summaries, requests=[r for _, results, _ in runs for r in results])
+    ok = all(not s["errors"] and not s["wrong_answers"] and s["completed"] == s["clients"] for s in summaries)
     return 0 if ok else 1
 
 

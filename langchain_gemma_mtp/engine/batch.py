@@ -53,7 +53,8 @@ class BatchCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [
-            cache.update(keys[i : i + 1, :, :w], values[i : i + 1, :, :w], layer_idx) for i, (cache, w) in enumerate(zip(self.caches, self.widths))
+            cache.update(keys[i : i + 1, :, :w], values[i : i + 1, :, :w], layer_idx)
+            for i, (cache, w) in enumerate(zip(self.caches, self.widths))
         ]
         self.lengths[layer_idx] = [k.shape[-2] for k, _ in parts]
         return _pad([k for k, _ in parts]), _pad([v for _, v in parts])
@@ -95,7 +96,10 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
     batched = {t: target.attention_mask(_pad_masks(m, longest)) for t, m in masks.items()}
     cache = BatchCache([f.cache for f in feeds], widths)
     out = target.run_decoder(
-        ids.to(device), cache, attention_mask=batched if target.layer_types else batched["full_attention"], position_ids=positions.to(device)
+        ids.to(device),
+        cache,
+        attention_mask=batched if target.layer_types else batched["full_attention"],
+        position_ids=positions.to(device),
     )
     hidden = [out.last_hidden_state[i, :w] for i, w in enumerate(widths)]
     logits = target.logits(torch.cat(hidden)).split(widths)
@@ -104,7 +108,10 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
         shared = None
         if target.returns_shared_kv:
             # The storing layer's K/V as the batch saw them: this request's visible rows only.
-            shared = {t: (k[i : i + 1, :, : _visible(cache, target, t, i)], v[i : i + 1, :, : _visible(cache, target, t, i)]) for t, (k, v) in out.shared_kv_states.items()}
+            shared = {
+                t: (k[i : i + 1, :, : _visible(cache, target, t, i)], v[i : i + 1, :, : _visible(cache, target, t, i)])
+                for t, (k, v) in out.shared_kv_states.items()
+            }
         forwards.append(Forward(h, shared, logits[i]))
     return forwards
 

@@ -125,7 +125,9 @@ class TargetModel:
         kv = out.shared_kv_states if self.returns_shared_kv and want_kv else None
         return Forward(out.last_hidden_state[0], dict(kv) if kv is not None else None)
 
-    def run_decoder(self, ids: torch.Tensor, cache, attention_mask=None, position_ids=None, *, want_kv: bool = True, keep: int | None = None):
+    def run_decoder(
+        self, ids: torch.Tensor, cache, attention_mask=None, position_ids=None, *, want_kv: bool = True, keep: int | None = None
+    ):
         """The decoder's own output for (B, L) ids after `cache` (a DynamicCache, or engine/batch.py's
         BatchCache), with explicit masks and positions where given; `keep`: Gemma 4's logits_to_keep."""
         kwargs = {self._cache_kw: cache, "use_cache": True}

@@ -172,9 +172,12 @@ class RequestHandle:
 class EngineWorker:
     """Runs every forward on one device, on one thread, under inference mode.
 
-    Active requests (of every engine on the device) take turns one verification step at a time, so
-    a new request's first burst does not wait for a long one to finish and every stream keeps
-    moving. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
+    Active requests (of every engine on the device) step together, round by round: each round drafts
+    for every request waiting on a draft (one batch per drafter), verifies every pending draft in one
+    batched target forward per model (engine/batch.py; past MAX_BATCH_ROWS rows the rest go first
+    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests, one request at a time,
+    so a new request's first burst does not wait for a long one to finish, every stream keeps moving,
+    and requests sharing a prompt prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
     (benchmarks/owner_thread_bench.py measures it; docs/research-notes.md, "Owner thread"). So engines share their device's thread, and it
@@ -296,9 +299,7 @@ class EngineWorker:
         with self._lock:
             stepped = {id(job) for job, _ in batch}
             # Requests left out of a full batch go first next round.
-            self._active = collections.deque(
-                sorted((j for j in self._active if not j.done), key=lambda j: id(j) in stepped)
-            )
+            self._active = collections.deque(sorted((j for j in self._active if not j.done), key=lambda j: id(j) in stepped))
         return True
 
     def _prefill(self, jobs: list[_Job]) -> None:
