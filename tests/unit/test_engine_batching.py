@@ -104,6 +104,39 @@ def test_mtp_drafts_in_a_batch_as_it_drafts_alone(checkpoints, kind):
     assert [d.alternatives for d in together] == [d.alternatives for d in alone]
 
 
+@torch.inference_mode()
+def test_a_draft_model_drafts_in_a_batch_as_it_drafts_alone():
+    draft = TargetModel(build_target("noshare", seed=7))
+    drafter = DraftModelDrafter(draft)
+    shapes = fed_shapes(draft.model)
+
+    def steps() -> list[tuple[object, DraftStep]]:
+        out = []
+        for length, k in [(9, 3), (30, 1), (14, 5)]:
+            request = DraftRequest(length)
+            out.append((drafter.open(request), DraftStep(request, prompt(length, length) + [7], k, k)))
+        return out
+
+    alone = [session.propose(step) for session, step in steps()]
+    batched_items = steps()
+    together = drafter.propose_many(batched_items)
+    assert [d.tokens for d in together] == [d.tokens for d in alone]
+    assert max(n for n, _ in shapes) >= 2  # later draft steps of several requests went through one forward
+    # The next step catches up after a partial accept, as after verification.
+    for (session, step), d in zip(batched_items, together):
+        session.commit([*step.tokens, *d.tokens[:1], 3], 1)
+    again = drafter.propose_many(
+        [(s, DraftStep(st.request, [*st.tokens, *d.tokens[:1], 3], 2, 2)) for (s, st), d in zip(batched_items, together)]
+    )
+    reference = steps()
+    for (session, step), d in zip(reference, alone):
+        session.propose(step)
+        session.commit([*step.tokens, *d.tokens[:1], 3], 1)
+    assert [d.tokens for d in again] == [
+        s.propose(DraftStep(st.request, [*st.tokens, *d.tokens[:1], 3], 2, 2)).tokens for (s, st), d in zip(reference, alone)
+    ]
+
+
 def _engines(checkpoints, kind: str) -> dict[str, Engine]:
     """Engines with every drafter on one target model: their requests verify in the same forwards."""
     mtp = Engine.from_pretrained(checkpoints[kind], drafter="mtp")
@@ -129,6 +162,7 @@ def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, kind)
         ("ngram", prompt(2, 12), 16, dict(draft_hint="code")),
         ("hybrid", prompt(3, 45), 30, {}),
         ("draft_model", prompt(4, 20), 10, dict(num_draft_tokens=5)),
+        ("draft_model", prompt(7, 16), 14, {}),
         ("none", prompt(5, 8), 20, {}),
         ("mtp", prompt(6, 25), 12, dict(draft_hint=2)),
     ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers import DynamicCache
 
+from ..batch import Feed, run_feed, run_feeds
 from ..target import TargetModel
-from .base import NO_DRAFT, Draft, DraftRequest, DraftStep, draft_token, finish_draft
+from .base import NO_DRAFT, Draft, DraftRequest, DraftSession, DraftStep, draft_token, finish_draft
 
 
 class DraftModelDrafter:
@@ -26,6 +28,33 @@ class DraftModelDrafter:
     def forget(self) -> None:
         pass  # its caches live in the engine's prefix cache
 
+    def propose_many(self, items: Sequence[tuple[DraftSession, DraftStep]]) -> list[Draft]:
+        """Drafts for several requests at once: each draft step of the small model runs over all the
+        requests still drafting in one batched forward (engine/batch.py), as the target verifies."""
+        sessions = [cast(DraftModelSession, session) for session, _ in items]
+        steps = [step for _, step in items]
+        live = [i for i, step in enumerate(steps) if step.k > 0]
+        feeds = {i: sessions[i].catch_up(steps[i]) for i in live}
+        drafted: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {i: ([], []) for i in live}
+        for depth in range(max((steps[i].k for i in live), default=0)):
+            going = [i for i in live if depth < steps[i].k]
+            # A request's first step feeds its whole prompt: alone, with logits of its last row only.
+            first = [i for i in going if feeds[i].prefill]
+            outs = {i: run_feed(feeds[i]) for i in first}
+            rest = [i for i in going if not feeds[i].prefill]
+            outs.update(zip(rest, run_feeds([feeds[i] for i in rest])))
+            for i in going:
+                logits = outs[i].logits
+                assert logits is not None  # run_feed and run_feeds return the rows' logits
+                token, q = draft_token(logits[-1], sessions[i].request)
+                drafted[i][0].append(token)
+                drafted[i][1].append(q)
+                feeds[i] = Feed(self.model, [int(token)], sessions[i].live_cache)
+        drafts = [NO_DRAFT] * len(items)
+        for i in live:
+            drafts[i] = sessions[i].drafted(*drafted[i])
+        return drafts
+
 
 class DraftModelSession:
     """One request's draft-model KV cache and the token ids it holds."""
@@ -37,31 +66,32 @@ class DraftModelSession:
         self.cache: DynamicCache | None = None  # built at the first step, from the prompt's longest cached prefix
         self.cached: list[int] = []
 
-    def _feed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        assert self.cache is not None  # propose builds it before the first feed
-        fwd = self.model.forward(token_ids, self.cache, want_kv=False)
-        return self.model.logits(fwd.hidden[-1])
+    @property
+    def live_cache(self) -> DynamicCache:
+        assert self.cache is not None  # catch_up builds it before the first feed
+        return self.cache
 
-    def propose(self, step: DraftStep) -> Draft:
-        if step.k <= 0:
-            return NO_DRAFT
+    def catch_up(self, step: DraftStep) -> Feed:
+        """What the small model must run before drafting: the tokens its cache lacks (at the first
+        step, the prompt after its longest cached prefix)."""
+        first = self.cache is None
         if self.cache is None:
             # The prompt's longest cached prefix in this draft model's own namespace of the prefix cache.
             prompt, store = list(step.tokens[: self.request.prompt_len]), self.request.prefix_cache
             n, layers = store.lookup(self.drafter, prompt) if store is not None else (0, None)
             self.cache, self.cached = self.model.new_cache(layers, n), prompt[:n]
-        logits = self._feed(list(step.tokens[len(self.cached) :]))
+        feed = Feed(self.model, list(step.tokens[len(self.cached) :]), self.cache, prefill=first)
         self.cached = list(step.tokens)
-        drafts, probs = [], []
-        for i in range(step.k):
-            token, q = draft_token(logits, self.request)
-            drafts.append(token)
-            probs.append(q)
-            if i < step.k - 1:
-                logits = self._feed(token)
-        ids, stacked = finish_draft(drafts, probs)
+        return feed
+
+    def drafted(self, tokens: list[torch.Tensor], probs: list[torch.Tensor | None]) -> Draft:
+        """The draft of the tokens drawn (all but the last were fed to the small model)."""
+        ids, stacked = finish_draft(tokens, probs)
         self.cached.extend(ids[:-1])
         return Draft(ids, stacked)
+
+    def propose(self, step: DraftStep) -> Draft:
+        return self.drafter.propose_many([(self, step)])[0]
 
     def commit(self, tokens: Sequence[int], n_accepted: int) -> None:
         if self.cache is None:
