@@ -4,6 +4,7 @@ one thread per device shared by engines, and no thread (nor its OpenMP team) whi
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -339,3 +340,29 @@ def test_callers_on_the_main_thread_threads_and_asyncio_that_ran_torch_all_get_t
         assert threaded(0) == expected[0]  # the main thread, beside the others
         assert [f.result(timeout=120) for f in threads] == [expected[1], expected[2]]
         assert loop.result(timeout=120) == expected[3]
+
+
+EXIT_SCRIPT = """
+import sys, threading, torch
+from langchain_gemma_mtp.engine import Engine
+torch.randn(384, 384) @ torch.randn(384, 384)  # the main thread holds a team, as a notebook's does
+engine = Engine.from_pretrained(sys.argv[1])
+ids = [2] + list(range(3, 32))
+long = engine.submit(ids, max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+threading.Thread(target=lambda: [None for _ in long], daemon=True).start()  # still streaming at exit
+print(len(engine.generate(ids, max_new_tokens=5, stop_token_ids=[]).token_ids), flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_while_a_request_is_in_flight(checkpoints):
+    # The owner thread is stopped at exit (a thread inside torch then would abort the process), the
+    # main thread having handed its team back meanwhile.
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(checkpoints["shared_ple"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5"]
