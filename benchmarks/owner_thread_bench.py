@@ -1,16 +1,19 @@
-"""What a second thread that has run PyTorch CPU work costs the engine, and that two engines no longer pay it.
+"""The engine beside torch work of the user's own: transformers on the main thread, then our engine.
 
 Every thread that runs a parallel PyTorch CPU op keeps a team of OpenMP threads; once the teams
 outnumber the cores, libgomp stops spinning between ops and each op waits for its threads to wake.
-Before engines shared one owner thread per device that lived only while requests did, a second
-engine's idle owner thread was such a thread. In one run, interleaved rounds (the fastest kept):
+A user's main thread that ran a model (transformers' `generate`, an embedding model) holds such a
+team; a thread that calls the engine now hands its own back (engine/openmp.py). In one run,
+interleaved rounds, every `ours` call made on the main thread right after transformers ran there
+(so the main thread holds a team each time it calls the engine), the fastest of each kept:
 
-- `alone`: plain decoding (no drafter) on the embedded 270M, nothing else in the process holding
-  a team;
-- `beside a parked thread`: the same while another thread that ran one matmul stays alive (what
-  an idle second engine's thread was, or a caller's own torch thread);
-- `second engine`: the same request on a second Engine over the same model, run after the first
-  (with the shared, idle-ending owner thread this should equal `alone`);
+- `hf greedy` / `ours none`: transformers' greedy `generate` on the main thread, then plain decoding
+  (no drafter) on the embedded 270M (goal: ours at least x0.97 of it);
+- `hf prompt lookup` / `ours ngram`: `generate(prompt_lookup_num_tokens=k)` on the main thread,
+  then our n-gram drafter at the same k (goal: at least level);
+- `ours none beside a parked thread`: plain decoding while another thread that ran one matmul
+  stays alive and never calls the engine (a team the engine cannot hand back: the cost that remains);
+- `second engine`: the same request on a second Engine over the same model (one shared owner thread);
 - `micro`: one 640x640 bf16 matmul on one row, alone and beside the parked thread.
 
     python -m benchmarks.owner_thread_bench --out benchmarks/results/owner-thread-270m-bf16.json
@@ -26,7 +29,7 @@ import torch
 
 from langchain_gemma_mtp.embedded import embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
-from langchain_gemma_mtp.engine.drafters import NoDrafter
+from langchain_gemma_mtp.engine.drafters import NgramDrafter, NoDrafter
 
 from .common import parser, set_threads, timed_rounds, workload_prompts, write_results
 
@@ -68,17 +71,26 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4, help="draft length of the n-gram drafter and of prompt lookup")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     set_threads(args.threads)
     first = Engine.from_pretrained(embedded_model_dir(), drafter="none", dtype=args.dtype)
     second = Engine(first.model, NoDrafter(), first.tokenizer)
+    ngram = Engine(first.model, NgramDrafter(), first.tokenizer)
     ids = workload_prompts(first.tokenizer, {"code"})[0][2]
 
-    def decode(engine: Engine) -> tuple[None, float]:
-        engine.forget()
+    def hf(**kw) -> tuple[None, float]:
+        """transformers' generate on the calling (main) thread, which keeps its OpenMP team after it."""
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = first.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=args.max_new, **kw)
+        return None, (time.perf_counter() - start) / (out.shape[1] - len(ids))
+
+    def decode(engine: Engine, **kw) -> tuple[None, float]:
+        engine.forget()  # a cold call, like transformers'
         start = time.perf_counter()
-        result = engine.generate(ids, max_new_tokens=args.max_new)
+        result = engine.generate(ids, max_new_tokens=args.max_new, **kw)
         return None, (time.perf_counter() - start) / len(result.token_ids)
 
     def parked(fn):
@@ -88,25 +100,37 @@ def main() -> None:
         finally:
             thread.release()
 
-    decode(first)  # warm up kernels outside the timings
-    calls = {
-        "alone": lambda: decode(first),
-        "beside a parked thread": lambda: parked(lambda: decode(first)),
+    hf(), decode(first), decode(ngram, num_draft_tokens=args.k)  # warm up kernels outside the timings
+    calls = {  # in this order in every round: each `ours` right after transformers ran on this thread
+        "hf greedy": lambda: hf(),
+        "ours none": lambda: decode(first),
+        "hf prompt lookup": lambda: hf(prompt_lookup_num_tokens=args.k),
+        "ours ngram": lambda: decode(ngram, num_draft_tokens=args.k),
+        "ours none beside a parked thread": lambda: parked(lambda: decode(first)),
         "second engine": lambda: decode(second),
         "micro alone": lambda: (None, on_short_lived_thread(micro_seconds)),
         "micro beside a parked thread": lambda: (None, parked(lambda: on_short_lived_thread(micro_seconds))),
     }
     best = dict(zip(calls, (min(secs) for _, secs in timed_rounds(list(calls.values()), args.repeats))))
-    rows = {
-        name: dict(seconds=secs, vs_alone=secs / best["micro alone" if name.startswith("micro") else "alone"])
-        for name, secs in best.items()
+    baseline = {  # each row's speed as a ratio to this row's (speed, not time: above 1 is faster)
+        "ours none": "hf greedy",
+        "hf prompt lookup": "hf greedy",
+        "ours ngram": "hf prompt lookup",
+        "ours none beside a parked thread": "ours none",
+        "second engine": "ours none",
+        "micro beside a parked thread": "micro alone",
     }
-    print(f"\n## Owner thread, Gemma 3 270M (embedded), {args.dtype}, {args.threads} threads, {args.max_new} new tokens\n")
-    print("| setting | time | vs alone |\n|---|---|---|")
+    rows = {
+        name: dict(seconds=secs, vs=baseline.get(name), speed_ratio=best[baseline.get(name, name)] / secs) for name, secs in best.items()
+    }
+    print(
+        f"\n## Beside the user's torch work, Gemma 3 270M (embedded), {args.dtype}, {args.threads} threads, {args.max_new} new tokens, k={args.k}\n"
+    )
+    print("| setting | time | speed vs |\n|---|---|---|")
     for name, row in rows.items():
-        unit = "us/op" if name.startswith("micro") else "ms/token"
-        scale = 1e6 if name.startswith("micro") else 1e3
-        print(f"| {name} | {row['seconds'] * scale:.1f} {unit} | x{row['vs_alone']:.2f} |")
+        unit, scale = ("us/op", 1e6) if name.startswith("micro") else ("ms/token", 1e3)
+        vs = f"x{row['speed_ratio']:.2f} of {row['vs']}" if row["vs"] else ""
+        print(f"| {name} | {row['seconds'] * scale:.1f} {unit} | {vs} |")
     write_results(args.out, args, rows=rows)
 
 

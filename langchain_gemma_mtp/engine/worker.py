@@ -20,6 +20,7 @@ from .batch import Feed, run_feed, run_feeds
 from .drafters import Draft, DraftAsk, propose_all
 from .loop import PREFILL_CHUNK, Steps
 from .memory import KVBudget
+from .openmp import release_thread_team
 from .target import Forward
 from .types import Burst, EngineCounters, GenerationResult, SpeculativeStats
 
@@ -113,6 +114,8 @@ class RequestHandle:
         if self._done:
             raise StopIteration
         job = self._job
+        if not job.outbox:  # about to wait: the team of any torch work this thread did meanwhile goes
+            release_thread_team()
         with job.ready:
             job.ready.wait_for(lambda: job.outbox)
             item = job.outbox.popleft()
@@ -126,6 +129,8 @@ class RequestHandle:
             raise StopAsyncIteration
         job = self._job
         loop = asyncio.get_running_loop()
+        if not job.outbox:  # as in __next__
+            release_thread_team()
         while True:
             with job.ready:
                 if job.outbox:
@@ -181,7 +186,9 @@ class EngineWorker:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
     (benchmarks/owner_thread_bench.py measures it; docs/research-notes.md, "Owner thread"). So engines share their device's thread, and it
-    ends when its queue empties.
+    ends when its queue empties; and a thread that submits or waits for a burst hands back the team of
+    its own earlier torch work (engine/openmp.py), so a notebook's or an agent's main thread that ran
+    a model costs the engine nothing. A team held by a thread that never calls the engine still does.
     """
 
     def __init__(self, name: str):
@@ -217,7 +224,9 @@ class EngineWorker:
         kv_bytes: int = 0,
     ) -> RequestHandle:
         """Queue a request's steps; `counters` (its engine's) get every burst it yields. With a
-        `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order)."""
+        `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order).
+        The calling thread hands back its own idle OpenMP team first (engine/openmp.py says why)."""
+        release_thread_team()
         job = _Job(bursts, counters, budget, kv_bytes)
         with self._lock:
             if self._stopping:
@@ -391,8 +400,9 @@ class EngineWorker:
 def on_short_lived_thread(fn: Callable[[], T]) -> T:
     """`fn()` run on a thread that ends with it; its result or exception comes back here.
 
-    For torch work outside the engine (a conversion, a baseline, a measurement): run on a thread
-    that stays alive, it would keep an OpenMP team beside the owner thread's (see EngineWorker)."""
+    For torch work outside the engine (a conversion, a baseline, a measurement) on a thread that
+    never calls the engine: run there, it would keep an OpenMP team beside the owner thread's (see
+    EngineWorker); the threads that call the engine hand theirs back by themselves."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn).result()
 

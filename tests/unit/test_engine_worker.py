@@ -4,6 +4,7 @@ one thread per device shared by engines, and no thread (nor its OpenMP team) whi
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -11,10 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from test_engine_greedy import prompt
 
-from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
+from langchain_gemma_mtp.engine import Engine, on_short_lived_thread, release_thread_team
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
+from langchain_gemma_mtp.engine.openmp import _pause_all
+from langchain_gemma_mtp.engine.types import Burst, EngineCounters, SpeculativeStats
+from langchain_gemma_mtp.engine.worker import EngineWorker
+
+
+def _uses_libgomp() -> bool:
+    return _pause_all() is not None
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +206,163 @@ def test_on_short_lived_thread_returns_the_result_raises_the_error_and_leaves_no
     assert ran_on[0] is not caller and not ran_on[0].is_alive()
     with pytest.raises(ZeroDivisionError):
         on_short_lived_thread(lambda: 1 / 0)
+
+
+# -- the callers' own OpenMP teams (engine/openmp.py) ----------------------------------------------
+
+needs_teams = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not _uses_libgomp(),
+    reason="counts the GNU libgomp pool threads a parallel op leaves behind (Linux, 2+ torch threads)",
+)
+
+
+def parallel_op() -> None:
+    """A torch op big enough to run on every torch thread: the calling thread keeps an OpenMP team after it."""
+    x = torch.randn(384, 384)
+    x @ x
+
+
+def pool_size() -> int:
+    return torch.get_num_threads() - 1  # the team's threads beside the calling one
+
+
+@needs_teams
+def test_release_thread_team_frees_only_the_calling_threads_pool():
+    out: dict[str, object] = {}
+    go_on = threading.Event()
+
+    def other():
+        parallel_op()  # a team that is not the caller's: it must stay
+        out["ready"] = True
+        go_on.wait()
+
+    helper = threading.Thread(target=other)
+    helper.start()
+    assert wait_until(lambda: out.get("ready"))
+    parallel_op()
+    with_teams = settled_threads()
+    assert release_thread_team() is True
+    assert settled_threads() == with_teams - pool_size()
+    assert release_thread_team() is True  # no team: nothing to do, no error
+    assert settled_threads() == with_teams - pool_size()
+    parallel_op()  # the thread's next parallel op starts its pool again
+    assert settled_threads() == with_teams
+    go_on.set()
+    helper.join()
+
+
+@needs_teams
+def test_a_caller_that_ran_torch_work_hands_its_team_back_before_the_engine_runs(engine, expected):
+    # A notebook's or an agent's main thread runs a model, then calls the engine: its idle team beside
+    # the owner thread's would make libgomp throttle every op (benchmarks/owner_thread_bench.py).
+    during: list[int] = []
+    hook = engine.target.decoder.register_forward_pre_hook(lambda *a: during.append(os_threads()))
+    try:
+        assert wait_until(lambda: not engine.worker.running)
+        release_thread_team()
+        without_team = settled_threads()
+        parallel_op()
+        assert settled_threads() == without_team + pool_size()
+        assert engine.generate(prompt(0), max_new_tokens=30, stop_token_ids=[]).token_ids == expected[0]
+        # Every forward ran beside no team of this thread: only the owner thread and its own team were added.
+        assert during and max(during) <= without_team + 1 + pool_size()
+
+        async def main():
+            parallel_op()  # the event loop's thread: the same hand-back on `await`
+            return await engine.agenerate(prompt(1), max_new_tokens=30, stop_token_ids=[])
+
+        during.clear()
+        assert asyncio.run(main()).token_ids == expected[1]
+        assert during and max(during) <= without_team + 1 + pool_size()
+    finally:
+        hook.remove()
+
+
+def gated_bursts(gate: threading.Event, count: int):
+    """A request's steps that each wait for `gate`: the consumer then has to wait for every burst."""
+    for i in range(count):
+        gate.wait()
+        gate.clear()
+        yield Burst([i], drafted=0, accepted=0, finish_reason="length" if i == count - 1 else None)
+
+
+def open_when(condition, gate: threading.Event) -> threading.Thread:
+    """Set `gate` once `condition()` holds (or after 10 s, so that a failing test ends)."""
+    thread = threading.Thread(target=lambda: (wait_until(condition), gate.set()))
+    thread.start()
+    return thread
+
+
+@needs_teams
+def test_a_consumer_hands_back_its_team_on_submit_and_before_each_wait_for_a_burst():
+    # A stream consumer that runs torch between bursts (embedding the text so far, say) gets a team
+    # again each time; it must be gone whenever the consumer waits for the owner thread.
+    worker = EngineWorker("openmp-test")  # its own owner thread, running no torch: only the caller has a team
+    gate = threading.Event()
+    release_thread_team()
+    base = settled_threads()
+    parallel_op()
+    handle = worker.submit(gated_bursts(gate, 3), SpeculativeStats(drafter="none"), 0, EngineCounters())
+    assert settled_threads() == base + 1  # the owner thread, and no team of the caller's any more
+    parallel_op()
+    opener = open_when(lambda: os_threads() == base + 1, gate)
+    assert next(handle).token_ids == [0]
+    opener.join()
+    assert os_threads() == base + 1, "the consumer waited beside its own team"
+
+    async def consume():
+        parallel_op()  # on the event loop's thread
+        opener = open_when(lambda: os_threads() == base + 1, gate)
+        burst = await handle.__anext__()
+        opener.join()
+        return burst, os_threads()
+
+    burst, threads = asyncio.run(consume())
+    assert burst.token_ids == [1] and threads == base + 1
+    gate.set()
+    assert handle.result().token_ids == [0, 1, 2]
+
+
+@needs_teams
+def test_callers_on_the_main_thread_threads_and_asyncio_that_ran_torch_all_get_their_outputs(engine, expected):
+    def threaded(seed: int) -> list[int]:
+        parallel_op()
+        return engine.generate(prompt(seed), max_new_tokens=30, stop_token_ids=[]).token_ids
+
+    async def asynchronous(seed: int) -> list[int]:
+        parallel_op()
+        return (await engine.agenerate(prompt(seed), max_new_tokens=30, stop_token_ids=[])).token_ids
+
+    with ThreadPoolExecutor(3) as pool:
+        threads = [pool.submit(threaded, s) for s in (1, 2)]
+        loop = pool.submit(lambda: asyncio.run(asynchronous(3)))
+        parallel_op()
+        assert threaded(0) == expected[0]  # the main thread, beside the others
+        assert [f.result(timeout=120) for f in threads] == [expected[1], expected[2]]
+        assert loop.result(timeout=120) == expected[3]
+
+
+EXIT_SCRIPT = """
+import sys, threading, torch
+from langchain_gemma_mtp.engine import Engine
+torch.randn(384, 384) @ torch.randn(384, 384)  # the main thread holds a team, as a notebook's does
+engine = Engine.from_pretrained(sys.argv[1])
+ids = [2] + list(range(3, 32))
+long = engine.submit(ids, max_new_tokens=200, num_draft_tokens=1, stop_token_ids=[])
+threading.Thread(target=lambda: [None for _ in long], daemon=True).start()  # still streaming at exit
+print(len(engine.generate(ids, max_new_tokens=5, stop_token_ids=[]).token_ids), flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_while_a_request_is_in_flight(checkpoints):
+    # The owner thread is stopped at exit (a thread inside torch then would abort the process), the
+    # main thread having handed its team back meanwhile.
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(checkpoints["shared_ple"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5"]
