@@ -3,6 +3,7 @@ draft -> forward -> verdict -> rollback -> commit, one burst of verified tokens 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 
 import torch
@@ -79,16 +80,24 @@ def speculative_decode(
         while finish is None:
             # Never draft past max_new_tokens: the target adds one token of its own each step.
             room = request.max_new_tokens - produced - 1
-            k = min(policy.next_length(), room)
+            plan = policy.next_plan()
+            k = min(plan.k, room)
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
             limit = k if policy.fixed is not None else room
-            draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
+            step_mtp = (plan.stop_below, plan.siblings, plan.sibling_min_chance)
+            started = time.perf_counter()
+            draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv, *step_mtp)) if k > 0 else NO_DRAFT
+            drafted = time.perf_counter()
             tree = _tree(draft, request, target)
-            fwd = target.forward(tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree=tree)
+            rows = tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens]
+            fwd = target.forward(rows, cache, tree=tree)
             logits = target.logits(fwd.hidden)
             if processors is not None:
                 logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
             verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
+            # Measured costs (costs.py): the verdict's host copy waited for the forward, so both clocks are honest.
+            policy.costs.observe_draft(len(draft), drafted - started)
+            policy.costs.observe_forward(len(rows), time.perf_counter() - drafted)
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
 
@@ -102,6 +111,7 @@ def speculative_decode(
             yield Burst(new, len(draft), len(verdict.accepted), finish, verdict.siblings_verified)
     finally:
         session.close(tokens)
+        stats.costs = policy.costs.snapshot()
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.
         if prefix_cache is not None and cache.get_seq_length() == len(tokens) - 1:
             prefix_cache.insert(TARGET, tokens[:-1], cache)

@@ -48,6 +48,10 @@ class DraftStep:
     limit: int  # most draft tokens this step may verify (room left, or the caller's fixed length)
     hidden: torch.Tensor | None = None  # (1, 1, H)
     shared_kv: KV | None = None
+    # The schedule's MTP settings for this step (schedule.DraftPlan; None: the drafter's own).
+    stop_below: float | None = None
+    siblings: int | None = None
+    sibling_min_chance: float | None = None
 
 
 @dataclass(frozen=True)

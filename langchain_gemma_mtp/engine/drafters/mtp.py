@@ -36,23 +36,27 @@ class MTPDrafter(StatelessDrafter):
     the loop verifies beside the chain as a tree: where the target rejects a draft token but chose
     a sibling, that step keeps one more token. Sampled requests verify the chain alone.
 
+    `stop_below`, `siblings_per_depth` and `sibling_min_chance` given here are kept; left None, each
+    step takes the schedule's choice from the engine's measured costs (`DraftStep`), or the tuned
+    defaults (DEFAULT_MTP_STOP_BELOW, DEFAULT_MTP_SIBLINGS, MTP_SIBLING_MIN_CHANCE) when it has none.
+
     Building one pairs the assistant with the target (`TargetModel.pair`): the target hands it the
     K/V layers it reads and, where it shares it, its LM head.
     """
 
     name = "mtp"
     cost_per_draft_token = 0.1
-    sibling_min_chance = MTP_SIBLING_MIN_CHANCE
+    sibling_min_chance: float | None = None
 
     def __init__(
         self,
         assistant: PreTrainedModel,
         target: TargetModel,
-        stop_below: float = DEFAULT_MTP_STOP_BELOW,
-        siblings_per_depth: int = DEFAULT_MTP_SIBLINGS,
+        stop_below: float | None = None,
+        siblings_per_depth: int | None = None,
     ):
-        self.stop_below = check_mtp_stop_below(stop_below)
-        self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
+        self.stop_below = None if stop_below is None else check_mtp_stop_below(stop_below)
+        self.siblings_per_depth = None if siblings_per_depth is None else check_mtp_siblings(siblings_per_depth)
         # An MTP assistant checkpoint loads as this class; the drafter calls its parts directly.
         self.assistant = cast(Gemma4AssistantForCausalLM, assistant)
         self.target = target
@@ -66,6 +70,7 @@ class MTPDrafter(StatelessDrafter):
         device = self.target.device
         position = torch.tensor([[len(step.tokens) - 1]], device=device)
         token, h = torch.tensor([[step.tokens[-1]]], device=device), step.hidden
+        stop_below, siblings, least = self._settings(step)
         drafts, probs, chance, offered = [], [], 1.0, []
         masks = None  # every step of a draft attends to the same K/V from the same position
         for _ in range(step.k):
@@ -73,28 +78,41 @@ class MTPDrafter(StatelessDrafter):
             token, q, scores, ids = self._choose(last[0, -1], request)
             drafts.append(token)
             probs.append(q)
-            if not (self.stop_below or (q is None and self.siblings_per_depth)):
+            if not (stop_below or (q is None and siblings)):
                 continue
             # One host sync per draft step: the drafter's own probabilities of its best tokens.
             if q is None:
                 assert scores is not None  # _choose returns the scores whenever q is None
-                top = torch.softmax(scores.float(), -1).topk(min(self.siblings_per_depth + 1, scores.shape[-1]))
+                top = torch.softmax(scores.float(), -1).topk(min(siblings + 1, scores.shape[-1]))
                 best = top.values.tolist()
                 offered.append((chance, best, ids[top.indices] if ids is not None else top.indices))
                 chance *= best[0]
             else:
                 chance *= float(q[token.view(-1)[0]])
-            if chance < self.stop_below:
+            if chance < stop_below:
                 break
         tokens, stacked = finish_draft(drafts, probs)
-        if not (offered and self.siblings_per_depth):
+        if not (offered and siblings):
             return Draft(tokens, stacked)
         # The candidates' ids in one more sync; a tie may put the chosen one anywhere.
         alternatives = [
-            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.sibling_min_chance][: self.siblings_per_depth]
+            [t for t, p in zip(candidates, best) if t != chosen and before * p >= least][:siblings]
             for chosen, (before, best, _), candidates in zip(tokens, offered, torch.stack([o[2] for o in offered]).tolist())
         ]
         return Draft(tokens, stacked, alternatives)
+
+    def _settings(self, step: DraftStep) -> tuple[float, int, float]:
+        """(stop_below, siblings per depth, a sibling's least chance): this drafter's own where given,
+        else the step's (the schedule's), else the defaults."""
+
+        def pick(own, planned, default):
+            return own if own is not None else planned if planned is not None else default
+
+        return (
+            pick(self.stop_below, step.stop_below, DEFAULT_MTP_STOP_BELOW),
+            pick(self.siblings_per_depth, step.siblings, DEFAULT_MTP_SIBLINGS),
+            pick(self.sibling_min_chance, step.sibling_min_chance, MTP_SIBLING_MIN_CHANCE),
+        )
 
     def _step(
         self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks: dict | None = None
