@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine.drafters import Draft, DraftStep, StatelessDrafter
+from ..errors import InvalidRequestError
 
 
 class ReplayDrafter(StatelessDrafter):
@@ -40,7 +41,7 @@ class ReplayDrafter(StatelessDrafter):
         cost_per_draft_token: float = 0.1,  # priced like the MTP drafter by the constant-cost prior
     ):
         if not 0.0 <= accept <= 1.0:
-            raise ValueError(f"accept must be a probability in [0, 1], got {accept!r}")
+            raise InvalidRequestError(f"accept must be a probability in [0, 1] (the share of draft positions kept), got {accept!r}.")
         self.continuation = list(continuation)
         self.vocab_size = vocab_size
         self.name = name

@@ -17,6 +17,7 @@ from langchain_gemma_mtp.engine.schedule import DraftScheduler, plan_for
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import GenerationRequest, SamplingParams, SpeculativeStats
 from langchain_gemma_mtp.engine.verify import process_logits
+from langchain_gemma_mtp.errors import InvalidRequestError
 from langchain_gemma_mtp.testing.replay import ReplayDrafter
 
 CHEAP = StepCosts(0.002, 0.001, measured=True)  # rows and drafts almost free: long drafts, wide trees
@@ -182,6 +183,11 @@ def test_replay_drafter_accepts_what_it_keeps(checkpoints):
         accepted, done = accepted + run, done + run + 1
     assert result.stats.accepted == accepted and 0 < accepted < result.stats.drafted
     assert 0.5 < sum(drafter.kept) / len(ref) < 0.9
+
+
+def test_replay_drafter_refuses_a_bad_acceptance():
+    with pytest.raises(InvalidRequestError, match=r"accept must be a probability in \[0, 1\]"):
+        ReplayDrafter([5, 6], 1.5, VOCAB)
 
 
 def test_costs_show_in_stats_and_repr(checkpoints):
