@@ -34,6 +34,8 @@ from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError, 
 
 HELLO_ANSWER = "Hello! How can I help you today?"
 SPECULATIVE_KEYS = {
+    "verify_widths",
+    "step_costs",
     "drafter",
     "draft_hint",
     "num_draft_tokens",
