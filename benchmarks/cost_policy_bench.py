@@ -55,9 +55,10 @@ def e2b_config(layers: int) -> Gemma4TextConfig:
         num_key_value_heads=1,
         head_dim=256,
         global_head_dim=512,
-        layer_types=["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(layers)],
+        layer_types=["full_attention" if i % 5 == 4 or i == layers - 1 else "sliding_attention" for i in range(layers)],
         sliding_window=512,
-        num_kv_shared_layers=round(layers * E2B_SHARED / E2B_LAYERS),
+        # The layers that keep K/V must include a full-attention one (the fifth): shallow copies share fewer.
+        num_kv_shared_layers=min(round(layers * E2B_SHARED / E2B_LAYERS), max(0, layers - 5)),
         hidden_size_per_layer_input=256,
         vocab_size_per_layer_input=262144,
         use_double_wide_mlp=True,
