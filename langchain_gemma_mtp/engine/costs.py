@@ -10,7 +10,8 @@ remembered), and a line base + slope * width is fitted through the bucket means 
 squares, with a ridge prior that pulls the slope towards the prior's relative row cost: while every
 step verifies about the same width (a fixed chain), the data cannot tell the slope and the prior
 holds it. Draft seconds are a decayed mean per draft token. An observation over OUTLIER times the
-current estimate is clipped to that (a step descheduled by another process must not swing the fit).
+current estimate is clipped to that (a step descheduled by another process must not swing the fit),
+and a first observation or two over OUTLIER times the next are dropped (warm-up).
 
 Before MIN_FORWARDS forwards and MIN_DRAFTS draft tokens were seen, or when `learning` is off, the
 prior applies: the drafter's constant cost per draft token split into PRIOR_ROW_COST of wider
@@ -38,7 +39,7 @@ OUTLIER = 4.0
 SLOPE_PRIOR_WEIGHT = 64.0
 """What the slope prior weighs, in forwards x rows^2: as much as one forward 8 rows from the mean
 width tells about the slope. Forwards at one width tell nothing, and then the prior decides."""
-MAX_WIDTH = 1024  # wider forwards (prefill chunks) are not verification and are not fitted
+MAX_WIDTH = 4096  # wider forwards are prefill, not verification (a packed forward of many requests' drafts stays under it)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class _Mean:
     y: float = 0.0
 
     def add(self, x: float, y: float) -> None:
-        if self.weight >= 3 and y > OUTLIER * self.y / self.weight:
-            y = OUTLIER * self.y / self.weight
+        if self.weight >= 3:
+            y = min(y, OUTLIER * self.y / self.weight)
+        elif self.weight and y * OUTLIER < self.y / self.weight:
+            self.weight = self.x = self.y = 0.0  # what came before was a warm-up (a first call's kernel choice)
         self.weight = DECAY * self.weight + 1.0
         self.x = DECAY * self.x + x
         self.y = DECAY * self.y + y

@@ -52,11 +52,10 @@ def best_length(alphas: Sequence[float], costs: StepCosts) -> tuple[int, float]:
     """(k, rate): the k in [1, len(alphas)] with the most expected tokens per unit of time, and that
     rate in tokens per single-row forward; alphas[i] is position i's conditional acceptance."""
     best, best_rate, expected, chance = 1, 0.0, 1.0, 1.0
-    per_token = costs.row + costs.draft
     for k, alpha in enumerate(alphas, start=1):
         chance *= min(max(alpha, ALPHA_RANGE[0]), ALPHA_RANGE[1])
         expected += chance
-        rate = expected / (1.0 + per_token * k)
+        rate = expected / costs.time(k + 1, k)
         if rate > best_rate:
             best, best_rate = k, rate
     return best, best_rate

@@ -56,8 +56,11 @@ def test_one_width_only_keeps_the_prior_slope():
     assert costs.relative().row == pytest.approx(0.05, rel=0.3)
 
 
-def test_outliers_and_noise_barely_move_the_fit():
+def test_warm_up_outliers_and_noise_barely_move_the_fit():
     costs = CostModel(0.1)
+    for w in [1, 2, 5, 9, 17]:
+        costs.observe_forward(w, 20.0)  # the first call at each width: kernels chosen, caches cold
+    costs.observe_draft(3, 3.0)
     g = torch.Generator().manual_seed(0)
     for i in range(400):
         w = [1, 2, 5, 9, 17][i % 5]
@@ -67,6 +70,15 @@ def test_outliers_and_noise_barely_move_the_fit():
     relative = costs.relative()
     assert relative.row == pytest.approx(0.0025 / 0.2825, abs=0.01)
     assert relative.draft == pytest.approx(0.004 / 0.2825, rel=0.5)
+
+
+def test_a_warm_up_forward_is_dropped():
+    costs = CostModel(0.1)
+    for w in (1, 17):
+        costs.observe_forward(w, 5.0)  # the first forward at a width: fifty times the rest
+        for _ in range(10):
+            costs.observe_forward(w, 0.1 + 0.001 * w)
+    assert costs.snapshot()["forward_s"] == pytest.approx(0.101, rel=0.05)
 
 
 def test_faster_width_is_read_as_flat():
