@@ -25,10 +25,10 @@ from collections import defaultdict
 
 import torch
 
+from langchain_gemma_mtp.draft_settings import MTP_SIBLING_MIN_CHANCE
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine, on_short_lived_thread
 from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep, NoDrafter
-from langchain_gemma_mtp.engine.drafters.mtp import MTPDrafter
 
 from .common import median_seconds, parser, set_threads, timed_rounds, workload_prompts, write_results
 
@@ -85,7 +85,7 @@ def main() -> None:
         "--sibling-min",
         type=float,
         nargs="+",
-        default=[MTPDrafter.sibling_min_chance],
+        default=[MTP_SIBLING_MIN_CHANCE],
         help="least drafter-estimated chance for a sibling to be verified, tried at every setting",
     )
     ap.add_argument(

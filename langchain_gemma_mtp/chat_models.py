@@ -149,7 +149,8 @@ class ChatGemmaMTP(BaseChatModel):
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
     drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, draft_lengths,
-    target_forwards, tokens_per_second).
+    verify_widths, step_costs (the engine's fitted costs, `CostModel.snapshot`), target_forwards,
+    tokens_per_second).
     """
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
@@ -188,12 +189,12 @@ class ChatGemmaMTP(BaseChatModel):
     $HF_TOKEN), `attn_implementation` ("eager", "sdpa", ...), `trust_remote_code`."""
     mtp_stop_below: float | None = None
     """In-process MTP drafting stops a draft once the product of the drafter's own probabilities
-    falls below this (None: the engine's default, DEFAULT_MTP_STOP_BELOW; 0: always draft the full length). Lower it
-    where verifying wide drafts is cheap (GPUs); a server sets its own (`--mtp-stop-below`)."""
+    falls below this (None: the engine's draft schedule picks it from measured costs, DEFAULT_MTP_STOP_BELOW until it
+    has measured; 0: always draft the full length). Set it to pin it; a server sets its own (`--mtp-stop-below`)."""
     mtp_siblings: int | None = None
     """In-process MTP drafting: runners-up per draft position that greedy calls verify beside the
-    draft, as a tree (None: the engine's default, DEFAULT_MTP_SIBLINGS; 0: the draft alone). Raise it where verifying
-    wide drafts is cheap (GPUs); a server sets its own (`--mtp-siblings`)."""
+    draft, as a tree (None: the engine's draft schedule picks it from measured costs, DEFAULT_MTP_SIBLINGS
+    until it has measured; 0: the draft alone). Set it to pin it; a server sets its own (`--mtp-siblings`)."""
     streaming: bool = False
     """Make `invoke` stream under the hood (callbacks then see every burst)."""
     engine: Any = Field(default=None, exclude=True)

@@ -28,13 +28,13 @@ DTYPE_HELP = (
 
 STOP_HELP = (
     "MTP drafting stops a draft once the product of the drafter's own probabilities falls below this "
-    f"(default {DEFAULT_MTP_STOP_BELOW}; 0: always draft the full length; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
+    f"(default: chosen per step from measured costs, {DEFAULT_MTP_STOP_BELOW} until measured; 0: always draft the full length; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 
 SIBLINGS_HELP = (
     "greedy requests verify up to this many runners-up per MTP draft position beside the draft, as a tree "
-    f"(default {DEFAULT_MTP_SIBLINGS}; 0: the draft alone; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
+    f"(default: chosen per step from measured costs, {DEFAULT_MTP_SIBLINGS} until measured; 0: the draft alone; only with the {' or '.join(MTP_DRAFTERS)} drafter)"
 )
 
 

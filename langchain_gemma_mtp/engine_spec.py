@@ -1,8 +1,9 @@
 """EngineSpec: what decides which engine serves a model, both how it is built and its registry key.
 
 Torch-free, so the LangChain class and the server can name an engine (and share it) before
-anything loads. Settings equal to their default are stored as None: `mtp_stop_below=0.3` spelled
-out is the default engine, not a second copy of the model.
+anything loads. Settings equal to their default are stored as None: `prefix_cache_mb` spelled
+out at its default is the default engine, not a second copy of the model. The MTP settings have no
+fixed default to spell out: left None, the draft schedule sets them per step from measured costs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW, MTP_DRAFTERS, check_drafter_name, mtp_settings
+from .draft_settings import MTP_DRAFTERS, check_drafter_name, mtp_settings
 from .errors import InvalidRequestError
 
 DEFAULT_PREFIX_CACHE_MB = 1024
@@ -31,8 +32,8 @@ class EngineSpec:
     device: str | None = None
     dtype: str | None = None
     gguf_file: str | None = None
-    mtp_stop_below: float | None = None  # None: DEFAULT_MTP_STOP_BELOW
-    mtp_siblings: int | None = None  # None: DEFAULT_MTP_SIBLINGS
+    mtp_stop_below: float | None = None  # None: the schedule's per step (schedule.DraftPlan)
+    mtp_siblings: int | None = None  # None: the schedule's per step
     load_options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs of LOAD_OPTIONS
     prefix_cache_mb: float | None = None  # None: DEFAULT_PREFIX_CACHE_MB
 
@@ -60,7 +61,6 @@ class EngineSpec:
             raise InvalidRequestError("drafter='draft_model' needs assistant=<a smaller model of the same family>.")
         if prefix_cache_mb is not None and (isinstance(prefix_cache_mb, bool) or not prefix_cache_mb >= 0):
             raise InvalidRequestError(f"prefix_cache_mb must be a number >= 0 (0 turns the prefix cache off), got {prefix_cache_mb!r}.")
-        stop_below, siblings = given.get("mtp_stop_below"), given.get("mtp_siblings")
         return cls(
             model=str(model),
             drafter=drafter,
@@ -68,19 +68,11 @@ class EngineSpec:
             device=None if device is None else str(device),
             dtype=None if dtype is None else str(dtype).removeprefix("torch."),
             gguf_file=gguf_file,
-            mtp_stop_below=None if stop_below == DEFAULT_MTP_STOP_BELOW else stop_below,
-            mtp_siblings=None if siblings == DEFAULT_MTP_SIBLINGS else siblings,
+            mtp_stop_below=given.get("mtp_stop_below"),
+            mtp_siblings=given.get("mtp_siblings"),
             load_options=check_load_options(load_options),
             prefix_cache_mb=None if prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB else prefix_cache_mb,
         )
-
-    @property
-    def stop_below(self) -> float:
-        return DEFAULT_MTP_STOP_BELOW if self.mtp_stop_below is None else self.mtp_stop_below
-
-    @property
-    def siblings_per_depth(self) -> int:
-        return DEFAULT_MTP_SIBLINGS if self.mtp_siblings is None else self.mtp_siblings
 
     @property
     def cache_mb(self) -> float:

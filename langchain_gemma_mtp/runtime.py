@@ -355,6 +355,8 @@ class _Decoding:
             "mean_accepted_length": stats.mean_accepted_length,
             "per_position_acceptance": stats.per_position_acceptance,
             "draft_lengths": list(stats.draft_lengths),
+            "verify_widths": list(stats.verify_widths),
+            "step_costs": dict(stats.costs),
             "target_forwards": stats.target_forwards,
             "tokens_per_second": len(self.handle.token_ids) / elapsed if elapsed > 0 else 0.0,
         }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .costs import CostModel
 from .target import Forward, TargetModel
 from .tree import DraftTree
 
@@ -36,6 +37,7 @@ class Feed:
     tree: DraftTree | None = None
     prefill: bool = False
     last: bool = True
+    costs: CostModel | None = None  # where the time of a verification forward is measured (its engine's)
 
     @property
     def width(self) -> int:

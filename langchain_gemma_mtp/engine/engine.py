@@ -96,9 +96,9 @@ class Engine:
         free after loading, less prefix_cache_mb); a request that could never fit is refused with
         KVCacheLimitError, one that does not fit now waits for running requests to finish.
         mtp_stop_below: the MTP drafter stops a draft once the product of its own probabilities falls
-        below this (`MTPDrafter`; None: DEFAULT_MTP_STOP_BELOW, 0: always draft k).
+        below this (`MTPDrafter`; None: the draft schedule's choice from measured costs, 0: always draft k).
         mtp_siblings: runners-up per draft depth that greedy requests verify beside the MTP draft
-        as a tree (None: DEFAULT_MTP_SIBLINGS, 0: the chain alone).
+        as a tree (None: the draft schedule's choice from measured costs, 0: the chain alone).
         load_options: passed on to `from_pretrained` (`revision`, `token`, `attn_implementation`,
         `trust_remote_code`); the drafter gets all but `revision`, which names the target's version.
         """
@@ -129,6 +129,15 @@ class Engine:
         engine = cls(target, chosen, tokenizer, name=spec.model, prefix_cache_mb=spec.cache_mb, kv_cache_mb=kv_cache_mb)
         engine.spec = spec
         return engine
+
+    def __repr__(self) -> str:
+        c = self.scheduler.costs.snapshot()
+        source = "measured" if c["measured"] else "prior"
+        return (
+            f"Engine({self.name!r}, drafter={self.drafter.name!r}, device={self.device.type}, "
+            f"forward={c['forward_s'] * 1e3:.1f} ms, row=+{c['row_s'] * 1e3:.2f} ms, draft_token={c['draft_token_s'] * 1e3:.2f} ms, "
+            f"costs={source}: row {c['row_cost']:.3f} draft {c['draft_cost']:.3f} of a forward)"
+        )
 
     def limit_kv_cache(self, mb: float) -> None:
         """Let running requests hold at most `mb` MB of KV cache together, from their next admission on."""
@@ -290,7 +299,7 @@ def build_drafter(spec: EngineSpec, target: TargetModel) -> Drafter:
         assert assistant is not None
         helper, _ = load_causal_lm(assistant, target.device, dtype, options=options)
         validate_mtp_pair(target, helper)
-        mtp = MTPDrafter(helper, target, spec.stop_below, spec.siblings_per_depth)
+        mtp = MTPDrafter(helper, target, spec.mtp_stop_below, spec.mtp_siblings)
         return HybridDrafter(mtp, NgramDrafter()) if spec.drafter == "hybrid" else mtp
     if spec.drafter == "draft_model":
         assert assistant is not None

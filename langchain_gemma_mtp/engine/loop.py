@@ -97,16 +97,19 @@ def speculative_decode(
         while finish is None:
             # Never draft past max_new_tokens: the target adds one token of its own each step.
             room = request.max_new_tokens - produced - 1
-            k = min(policy.next_length(), room)
+            plan = policy.next_plan()
+            k = min(plan.k, room)
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
             limit = k if policy.fixed is not None else room
+            step_mtp = (plan.stop_below, plan.siblings, plan.sibling_min_chance)
             draft = NO_DRAFT
             if k > 0:
-                drafted = yield DraftAsk(drafter, session, DraftStep(drafting, tokens, k, limit, hidden, shared_kv))
+                step = DraftStep(drafting, tokens, k, limit, hidden, shared_kv, *step_mtp)
+                drafted = yield DraftAsk(drafter, session, step, policy.costs)
                 assert isinstance(drafted, Draft)  # the worker sends a Draft for a DraftAsk
                 draft = drafted
             tree = _tree(draft, request, target)
-            verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree)
+            verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree, costs=policy.costs)
             assert isinstance(verified, Forward) and verified.logits is not None  # the worker sends a Forward for a Feed
             fwd, logits = verified, verified.logits
             if processors is not None:
@@ -115,16 +118,17 @@ def speculative_decode(
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
 
-            step = [*verdict.accepted, verdict.next_token]
-            tokens.extend(step)
+            kept = [*verdict.accepted, verdict.next_token]
+            tokens.extend(kept)
             session.commit(tokens, len(verdict.accepted))
             stats.record_step(len(draft), len(verdict.accepted), verdict.siblings_verified)
             policy.observe(len(draft), verdict.chain)
-            new, finish = _finish(step, produced, request)
+            new, finish = _finish(kept, produced, request)
             produced += len(new)
             yield Burst(new, len(draft), len(verdict.accepted), finish, verdict.siblings_verified)
     finally:
         session.close(tokens)
+        stats.costs = policy.costs.snapshot()
         # Keep what the cache holds (all but the pending token) unless a step failed halfway.
         if prefix_cache is not None and cache.get_seq_length() == len(tokens) - 1:
             prefix_cache.insert(TARGET, tokens[:-1], cache)

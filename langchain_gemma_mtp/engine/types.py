@@ -101,6 +101,9 @@ class SpeculativeStats:
     target_forwards: int = 0
     steps: int = 0
     draft_lengths: list[int] = field(default_factory=list)
+    verify_widths: list[int] = field(default_factory=list)  # rows per verify forward: pending token, chain, siblings
+    # The engine's fitted step costs when the request ended (costs.CostModel.snapshot).
+    costs: dict[str, float | int | bool] = field(default_factory=dict)
     drafted_at: list[int] = field(default_factory=list)  # per draft position: how often it was verified
     accepted_at: list[int] = field(default_factory=list)  # per draft position: how often it was accepted
 
@@ -114,6 +117,7 @@ class SpeculativeStats:
         self.sibling_tokens += sibling_tokens
         self.accepted += accepted
         self.draft_lengths.append(drafted)
+        self.verify_widths.append(1 + drafted + sibling_tokens)
         while len(self.drafted_at) < drafted:
             self.drafted_at.append(0)
             self.accepted_at.append(0)

@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import collections
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import KVCacheLimitError
 from .batch import Feed, run_feed, run_feeds
+from .costs import CostModel
 from .drafters import Draft, DraftAsk, propose_all
 from .loop import PREFILL_CHUNK, Steps
 from .memory import KVBudget
@@ -335,7 +337,12 @@ class EngineWorker:
         for group in by_drafter.values():
             drafts: list[Draft | None]
             try:
+                started = time.perf_counter()
                 drafts = list(propose_all(group[0][1].drafter, [(ask.session, ask.step) for _, ask in group]))
+                # Every drafter copies its tokens to the host, so the clock includes its device work.
+                seconds, drafted = time.perf_counter() - started, sum(len(d) for d in drafts if d)
+                for costs in _each([ask.costs for _, ask in group]):
+                    costs.observe_draft(drafted, seconds)
             except BaseException as exc:
                 if len(group) == 1:
                     self._end(group[0][0], exc)
@@ -356,7 +363,14 @@ class EngineWorker:
         """One forward over these jobs' feeds; each job then runs on to its next feed. A forward that
         fails fails the requests in it (their caches are half written); the others go on."""
         try:
-            outs = forward([feed for _, feed in jobs])
+            feeds = [feed for _, feed in jobs]
+            started = time.perf_counter()
+            outs = forward(feeds)
+            if any(f.costs for f in feeds) and feeds[0].target.device.type == "cuda":
+                torch.cuda.synchronize(feeds[0].target.device)  # the clock must include the device's work
+            seconds = time.perf_counter() - started
+            for costs in _each([f.costs for f in feeds]):
+                costs.observe_forward(sum(f.width for f in feeds), seconds)
         except BaseException as exc:
             for job, _ in jobs:
                 self._end(job, exc)
@@ -395,6 +409,12 @@ class EngineWorker:
         job.bursts.close()  # runs the request's cleanup (its prefix-cache entry) outside the lock
         with self._lock:  # the budget it gives back is read by _admit under the lock
             job.end(last)
+
+
+def _each(costs: list[CostModel | None]) -> list[CostModel]:
+    """The distinct engines' cost models among `costs`: a batch may span engines, and each records a
+    measurement once."""
+    return list({id(c): c for c in costs if c is not None}.values())
 
 
 def on_short_lived_thread(fn: Callable[[], T]) -> T:

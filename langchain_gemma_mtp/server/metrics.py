@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -50,6 +50,32 @@ class _EngineCollector(Collector):
             for position, value in enumerate(list(values)):
                 family.add_metric([str(position)], value)
             yield family
+        yield from _cost_gauges(self.engine)
+
+
+def _cost_gauges(engine: Engine) -> Iterator[Metric]:
+    """The engine's fitted step costs (engine/costs.py) and the draft plan each hint kind gets now."""
+    c = engine.scheduler.costs.snapshot()
+    gauges = (
+        ("step_cost_forward_seconds", "Fitted seconds of a one-row target forward (0 before any was timed).", c["forward_s"]),
+        ("step_cost_row_seconds", "Fitted seconds each further verified row adds to a target forward.", c["row_s"]),
+        ("step_cost_draft_token_seconds", "Measured seconds of the drafter per draft token (0 before any).", c["draft_token_s"]),
+        ("step_cost_row_relative", "Cost of a verified row relative to a one-row forward, as the draft schedule prices it.", c["row_cost"]),
+        (
+            "step_cost_draft_relative",
+            "Cost of a draft token relative to a one-row forward, as the draft schedule prices it.",
+            c["draft_cost"],
+        ),
+        ("step_cost_measured", "1 once the draft schedule prices with measured costs, 0 while it uses the prior.", float(c["measured"])),
+    )
+    for name, doc, value in gauges:
+        yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+    lengths = GaugeMetricFamily(
+        PREFIX + "draft_schedule_length", "Draft length a learning request of each hint kind gets now.", labels=["hint"]
+    )
+    for hint, plan in engine.scheduler.snapshot().items():
+        lengths.add_metric([hint], plan["draft_length"])
+    yield lengths
 
 
 class ServerMetrics:

@@ -34,6 +34,8 @@ from langchain_gemma_mtp.errors import ContextLengthError, InvalidRequestError, 
 
 HELLO_ANSWER = "Hello! How can I help you today?"
 SPECULATIVE_KEYS = {
+    "verify_widths",
+    "step_costs",
     "drafter",
     "draft_hint",
     "num_draft_tokens",
@@ -88,8 +90,8 @@ def test_mtp_stop_below_loads_its_own_engine(path) -> None:
     assert engine.drafter.stop_below == 0.0
     assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, 0.0))
     default = ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine
-    assert default.drafter.stop_below == 0.3 and default is not engine
-    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_stop_below=0.3)._backend_for_calls().runtime.engine is default
+    assert default.drafter.stop_below is None and default is not engine  # the schedule picks it per step
+    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_stop_below=0.3)._backend_for_calls().runtime.engine is not default
     assert llm._identifying_params["mtp_stop_below"] == 0.0
     assert llm.invoke("Hello").content == HELLO_ANSWER  # drafting settings never change a greedy answer
 
@@ -100,8 +102,8 @@ def test_mtp_siblings_load_their_own_engine(path) -> None:
     assert engine.drafter.siblings_per_depth == 0
     assert engine is REGISTRY.engine(engine_key(path, "mtp", None, None, None, None, 0))
     default = ChatGemmaMTP(model=path, drafter="mtp")._backend_for_calls().runtime.engine
-    assert default.drafter.siblings_per_depth == 3 and default is not engine
-    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=3)._backend_for_calls().runtime.engine is default
+    assert default.drafter.siblings_per_depth is None and default is not engine  # the schedule picks it per step
+    assert ChatGemmaMTP(model=path, drafter="mtp", mtp_siblings=3)._backend_for_calls().runtime.engine is not default
     assert llm._identifying_params["mtp_siblings"] == 0
     assert llm.invoke("Hello").content == HELLO_ANSWER
 

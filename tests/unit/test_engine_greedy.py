@@ -7,8 +7,9 @@ import torch
 from tiny_models import VOCAB, build_target
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.drafters import Draft, DraftModelDrafter, NgramDrafter, NoDrafter, StatelessDrafter
+from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NgramDrafter, NoDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
+from langchain_gemma_mtp.testing.replay import ReplayDrafter
 
 PROMPT_SEEDS = (11, 12)
 NEW_TOKENS = 40  # with 30-token prompts: well past the sliding window of 8
@@ -69,17 +70,13 @@ def test_greedy_identity_every_drafter(engines, references, kind, drafter, k):
         assert result.stats.target_forwards == 1 + result.stats.steps
 
 
-class ScriptedDrafter(StatelessDrafter):
-    """Proposes a fixed script of continuations: the true one (oracle) or a shifted one (always wrong)."""
+def oracle(continuation: list[int]) -> ReplayDrafter:
+    """Drafts the true continuation (priced like the MTP drafter, for the adaptive schedule)."""
+    return ReplayDrafter(continuation, 1.0, VOCAB, name="oracle")
 
-    cost_per_draft_token = 0.1  # priced like the MTP drafter, for the adaptive schedule
 
-    def __init__(self, continuation: list[int], shift: int, name: str):
-        self.continuation, self.shift, self.name = continuation, shift, name
-
-    def propose(self, step):
-        done = len(step.tokens) - step.request.prompt_len
-        return Draft([(t + self.shift) % VOCAB for t in self.continuation[done : done + step.k]])
+def always_wrong(continuation: list[int]) -> ReplayDrafter:
+    return ReplayDrafter(continuation, 0.0, VOCAB, name="wrong")
 
 
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
@@ -87,14 +84,12 @@ class ScriptedDrafter(StatelessDrafter):
 def test_oracle_and_always_wrong_drafters(engines, references, kind, k):
     ids, ref = prompt(11), references[kind, 11]
     model = engines[kind, "none"].model
-    oracle = Engine(model, ScriptedDrafter(ref, 0, "oracle")).generate(
-        ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[]
-    )
-    assert oracle.token_ids == ref
-    assert oracle.stats.acceptance_rate == 1.0
+    right = Engine(model, oracle(ref)).generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+    assert right.token_ids == ref
+    assert right.stats.acceptance_rate == 1.0
     # The first token comes from prefill; each later step commits k drafts + 1 of the target's own.
-    assert oracle.stats.steps == -(-(NEW_TOKENS - 1) // (k + 1))
-    wrong = Engine(model, ScriptedDrafter(ref, 1, "wrong")).generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+    assert right.stats.steps == -(-(NEW_TOKENS - 1) // (k + 1))
+    wrong = Engine(model, always_wrong(ref)).generate(ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
     assert wrong.token_ids == ref
     assert wrong.stats.accepted == 0 and wrong.stats.steps == NEW_TOKENS - 1
 
@@ -107,7 +102,7 @@ def test_stop_token_inside_an_accepted_block(engines, references, kind):
     expected = hf_greedy(engines[kind, "none"].model, ids, NEW_TOKENS, eos=stop)
     assert expected == ref[: first + 1]
     for k in (4, 16):  # the stop token lands inside a block of accepted drafts
-        result = Engine(engines[kind, "none"].model, ScriptedDrafter(ref, 0, "oracle")).generate(
+        result = Engine(engines[kind, "none"].model, oracle(ref)).generate(
             ids, max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[stop]
         )
         assert result.token_ids == expected
@@ -125,7 +120,7 @@ def test_default_stop_tokens_come_from_generation_config(engines, references):
 @pytest.mark.parametrize("max_new", [1, 2, 7, 13])
 def test_max_new_tokens_ending_mid_block(engines, references, max_new):
     ids, ref = prompt(11), references["noshare", 11]
-    result = Engine(engines["noshare", "none"].model, ScriptedDrafter(ref, 0, "oracle")).generate(
+    result = Engine(engines["noshare", "none"].model, oracle(ref)).generate(
         ids, max_new_tokens=max_new, num_draft_tokens=8, stop_token_ids=[]
     )
     assert result.token_ids == ref[:max_new]

@@ -7,7 +7,6 @@ import torch
 from tiny_models import build_assistant, build_target, save
 
 from langchain_gemma_mtp import cli
-from langchain_gemma_mtp.draft_settings import DEFAULT_MTP_SIBLINGS, DEFAULT_MTP_STOP_BELOW
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import (
     IncompatibleDrafterError,
@@ -38,14 +37,14 @@ def test_auto_uses_a_causal_lm_assistant_as_draft_model(checkpoints, tmp_path):
 
 
 def test_mtp_stop_below_reaches_the_mtp_drafter(checkpoints):
-    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.stop_below == DEFAULT_MTP_STOP_BELOW
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.stop_below is None  # the schedule's
     assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp", mtp_stop_below=0).drafter.stop_below == 0.0
     hybrid = Engine.from_pretrained(checkpoints["noshare"], mtp_stop_below=0.5).drafter  # auto: hybrid
     assert hybrid.name == "hybrid" and hybrid.mtp.stop_below == 0.5
 
 
 def test_mtp_siblings_reach_the_mtp_drafter(checkpoints):
-    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.siblings_per_depth == DEFAULT_MTP_SIBLINGS
+    assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp").drafter.siblings_per_depth is None  # the schedule's
     assert Engine.from_pretrained(checkpoints["noshare"], drafter="mtp", mtp_siblings=0).drafter.siblings_per_depth == 0
     hybrid = Engine.from_pretrained(checkpoints["noshare"], mtp_siblings=5).drafter  # auto: hybrid
     assert hybrid.name == "hybrid" and hybrid.mtp.siblings_per_depth == 5

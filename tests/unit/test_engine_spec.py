@@ -15,8 +15,10 @@ from langchain_gemma_mtp.errors import InvalidRequestError
 
 def test_defaults_spelled_out_are_the_default_spec() -> None:
     plain = EngineSpec.of("m")
-    spelled = EngineSpec.of("m", "auto", mtp_stop_below=0.3, mtp_siblings=3, prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB, load_options={})
+    spelled = EngineSpec.of("m", "auto", prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB, load_options={})
     assert spelled == plain and hash(spelled) == hash(plain)
+    # Unset MTP settings are the schedule's to choose; a value equal to the old default pins it.
+    assert EngineSpec.of("m", mtp_stop_below=0.3) != plain
     assert EngineSpec.of("m", dtype=torch.bfloat16) == EngineSpec.of("m", dtype="bfloat16")
     assert EngineSpec.of("m", mtp_siblings=0) != plain
     assert EngineSpec.of("m", load_options={"revision": "a", "token": "t"}).load_options == (("revision", "a"), ("token", "t"))

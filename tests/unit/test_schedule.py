@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_engine_greedy import ScriptedDrafter, prompt
+from test_engine_greedy import oracle, prompt
 
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.schedule import HINT_PRIOR_ALPHA, DraftScheduler, best_draft_length
@@ -41,7 +41,9 @@ def test_hint_kinds_learn_separately():
 def oracle_engine(checkpoints):
     base = Engine.from_pretrained(checkpoints["noshare"], drafter="none")
     ref = base.generate(prompt(11), max_new_tokens=60, stop_token_ids=[]).token_ids
-    return Engine(base.model, ScriptedDrafter(ref, 0, "oracle")), ref
+    engine = Engine(base.model, oracle(ref))
+    engine.scheduler.costs.learning = False  # priced with the prior: the lengths start at the table's
+    return engine, ref
 
 
 def test_num_draft_tokens_fixes_this_call_only(oracle_engine):

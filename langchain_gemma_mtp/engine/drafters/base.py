@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import torch
 
 from ..cache import PrefixCache
+from ..costs import CostModel
 from ..target import KV
 from ..types import SamplingParams
 from ..verify import choose_token
@@ -48,6 +49,10 @@ class DraftStep:
     limit: int  # most draft tokens this step may verify (room left, or the caller's fixed length)
     hidden: torch.Tensor | None = None  # (1, 1, H)
     shared_kv: KV | None = None
+    # The schedule's MTP settings for this step (schedule.DraftPlan; None: the drafter's own).
+    stop_below: float | None = None
+    siblings: int | None = None
+    sibling_min_chance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class DraftAsk:
     drafter: Drafter
     session: DraftSession
     step: DraftStep
+    costs: CostModel | None = None  # where the time of drafting is measured (its engine's)
 
 
 def propose_all(drafter: Drafter, items: Sequence[tuple[DraftSession, DraftStep]]) -> list[Draft]:

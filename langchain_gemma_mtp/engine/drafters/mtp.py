@@ -37,23 +37,27 @@ class MTPDrafter(StatelessDrafter):
     the loop verifies beside the chain as a tree: where the target rejects a draft token but chose
     a sibling, that step keeps one more token. Sampled requests verify the chain alone.
 
+    `stop_below`, `siblings_per_depth` and `sibling_min_chance` given here are kept; left None, each
+    step takes the schedule's choice from the engine's measured costs (`DraftStep`), or the tuned
+    defaults (DEFAULT_MTP_STOP_BELOW, DEFAULT_MTP_SIBLINGS, MTP_SIBLING_MIN_CHANCE) when it has none.
+
     Building one pairs the assistant with the target (`TargetModel.pair`): the target hands it the
     K/V layers it reads and, where it shares it, its LM head.
     """
 
     name = "mtp"
     cost_per_draft_token = 0.1
-    sibling_min_chance = MTP_SIBLING_MIN_CHANCE
+    sibling_min_chance: float | None = None
 
     def __init__(
         self,
         assistant: PreTrainedModel,
         target: TargetModel,
-        stop_below: float = DEFAULT_MTP_STOP_BELOW,
-        siblings_per_depth: int = DEFAULT_MTP_SIBLINGS,
+        stop_below: float | None = None,
+        siblings_per_depth: int | None = None,
     ):
-        self.stop_below = check_mtp_stop_below(stop_below)
-        self.siblings_per_depth = check_mtp_siblings(siblings_per_depth)
+        self.stop_below = None if stop_below is None else check_mtp_stop_below(stop_below)
+        self.siblings_per_depth = None if siblings_per_depth is None else check_mtp_siblings(siblings_per_depth)
         # An MTP assistant checkpoint loads as this class; the drafter calls its parts directly.
         self.assistant = cast(Gemma4AssistantForCausalLM, assistant)
         self.target = target
@@ -109,6 +113,19 @@ class MTPDrafter(StatelessDrafter):
         shared = {t: (_pad_keys([kv[t][0] for kv in kvs], 0.0), _pad_keys([kv[t][1] for kv in kvs], 0.0)) for t in kvs[0]}
         return shared, masks
 
+    def _settings(self, step: DraftStep) -> tuple[float, int, float]:
+        """(stop_below, siblings per depth, a sibling's least chance): this drafter's own where given,
+        else the step's (the schedule's), else the defaults."""
+
+        def pick(own, planned, default):
+            return own if own is not None else planned if planned is not None else default
+
+        return (
+            pick(self.stop_below, step.stop_below, DEFAULT_MTP_STOP_BELOW),
+            pick(self.siblings_per_depth, step.siblings, DEFAULT_MTP_SIBLINGS),
+            pick(self.sibling_min_chance, step.sibling_min_chance, MTP_SIBLING_MIN_CHANCE),
+        )
+
     def _step(
         self, token: torch.Tensor, h: torch.Tensor, position: torch.Tensor, shared_kv, masks: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -151,6 +168,7 @@ class _Drafting:
     def __init__(self, step: DraftStep, drafter: MTPDrafter):
         self.step = step
         self.drafter = drafter
+        self.stop_below, self.siblings, self.least = drafter._settings(step)
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor | None] = []
         self.chance = 1.0
@@ -164,29 +182,29 @@ class _Drafting:
         self.tokens.append(token)
         self.probs.append(q)
         self.going = len(self.tokens) < self.step.k
-        if not (drafter.stop_below or (q is None and drafter.siblings_per_depth)):
+        if not (self.stop_below or (q is None and self.siblings)):
             return token
         # One host sync per draft step: the drafter's own probabilities of its best tokens.
         if q is None:
             assert scores is not None  # choose returns the scores whenever q is None
-            top = torch.softmax(scores.float(), -1).topk(min(drafter.siblings_per_depth + 1, scores.shape[-1]))
+            top = torch.softmax(scores.float(), -1).topk(min(self.siblings + 1, scores.shape[-1]))
             best = top.values.tolist()
             self.offered.append((self.chance, best, ids[top.indices] if ids is not None else top.indices))
             self.chance *= best[0]
         else:
             self.chance *= float(q[token.view(-1)[0]])
-        if self.chance < drafter.stop_below:
+        if self.chance < self.stop_below:
             self.going = False
         return token
 
     def draft(self) -> Draft:
         tokens, stacked = finish_draft(self.tokens, self.probs)
-        siblings = self.drafter.siblings_per_depth
+        siblings = self.siblings
         if not (self.offered and siblings):
             return Draft(tokens, stacked)
         # The candidates' ids in one more sync; a tie may put the chosen one anywhere.
         alternatives = [
-            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.drafter.sibling_min_chance][:siblings]
+            [t for t, p in zip(candidates, best) if t != chosen and before * p >= self.least][:siblings]
             for chosen, (before, best, _), candidates in zip(tokens, self.offered, torch.stack([o[2] for o in self.offered]).tolist())
         ]
         return Draft(tokens, stacked, alternatives)

@@ -1,0 +1,163 @@
+"""Measured step costs of one engine: target forward seconds by verified width, drafter seconds per draft token.
+
+The draft schedule (schedule.py) prices a plan in units of one single-row target forward:
+
+    time(rows, drafts) = 1 + row * (rows - 1) + draft * drafts
+
+`CostModel` fits `row` and `draft` online from the steps the engine runs. Forward seconds are kept
+as decayed means per width bucket (powers of two, so a width the schedule left long ago is still
+remembered), and a line base + slope * width is fitted through the bucket means by weighted least
+squares, with a ridge prior that pulls the slope towards the prior's relative row cost: while every
+step verifies about the same width (a fixed chain), the data cannot tell the slope and the prior
+holds it. Draft seconds are a decayed mean per draft token. An observation over OUTLIER times the
+current estimate is clipped to that (a step descheduled by another process must not swing the fit),
+and a first observation or two over OUTLIER times the next are dropped (warm-up).
+
+Before MIN_FORWARDS forwards and MIN_DRAFTS draft tokens were seen, or when `learning` is off, the
+prior applies: the drafter's constant cost per draft token split into PRIOR_ROW_COST of wider
+verification and the rest drafting, which reproduces the constant-cost schedule exactly.
+
+Timing is honest only where the work has finished when the clock stops. On CPU torch runs
+synchronously. On CUDA kernels are queued: the loop stops the forward's clock after the verdict,
+whose host copy of the accepted ids waits for the forward, and the drafter's after `propose`, which
+copies its draft ids to the host (every drafter does); the step before ended on such a copy, so the
+device is idle when each clock starts. Code that times anything else must synchronise first.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+PRIOR_ROW_COST = 0.05
+"""The prior's cost of one more verified row, relative to a single-row forward: the share of every
+drafter's constant `cost_per_draft_token` that is verification (the rest is the drafter's step)."""
+DECAY = 0.97  # per observation in a bucket: recent steps matter more, and a changed machine load is followed
+MIN_FORWARDS = 8
+MIN_DRAFTS = 8
+OUTLIER = 4.0
+SLOPE_PRIOR_WEIGHT = 64.0
+"""What the slope prior weighs, in forwards x rows^2: as much as one forward 8 rows from the mean
+width tells about the slope. Forwards at one width tell nothing, and then the prior decides."""
+MAX_WIDTH = 4096  # wider forwards are prefill, not verification (a packed forward of many requests' drafts stays under it)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Costs relative to a single-row target forward: `row` per verified row beyond the first,
+    `draft` per draft token the drafter proposes; `measured` False while the prior applies."""
+
+    row: float
+    draft: float
+    measured: bool = False
+
+    def time(self, rows: int, drafts: int) -> float:
+        """A step verifying `rows` rows after `drafts` draft tokens, in single-row forwards."""
+        return 1.0 + self.row * (rows - 1) + self.draft * drafts
+
+    @classmethod
+    def prior(cls, cost_per_draft_token: float) -> StepCosts:
+        """The constant-cost schedule's prices: one draft token costs `cost_per_draft_token` in all."""
+        row = min(PRIOR_ROW_COST, cost_per_draft_token)
+        return cls(row, cost_per_draft_token - row)
+
+
+@dataclass
+class _Mean:
+    """A decayed mean of (x, y) pairs, x optional."""
+
+    weight: float = 0.0
+    x: float = 0.0
+    y: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        if self.weight >= 3:
+            y = min(y, OUTLIER * self.y / self.weight)
+        elif self.weight and y * OUTLIER < self.y / self.weight:
+            self.weight = self.x = self.y = 0.0  # what came before was a warm-up (a first call's kernel choice)
+        self.weight = DECAY * self.weight + 1.0
+        self.x = DECAY * self.x + x
+        self.y = DECAY * self.y + y
+
+
+class CostModel:
+    """One engine's measured step costs (thread-safe; cheap: a few float updates per step)."""
+
+    def __init__(self, cost_per_draft_token: float, *, learning: bool = True):
+        self.prior = StepCosts.prior(cost_per_draft_token)
+        self.learning = learning  # off: the prior always applies (the constant-cost schedule)
+        self._lock = threading.Lock()
+        self._buckets: dict[int, _Mean] = {}
+        self._draft = _Mean()
+        self.forwards = 0  # observations taken, for stats
+        self.draft_tokens = 0
+
+    def observe_forward(self, width: int, seconds: float) -> None:
+        """One target forward that verified `width` rows in all (in a packed forward: every request's
+        rows together) and took `seconds`."""
+        if not 1 <= width <= MAX_WIDTH or not seconds > 0:
+            return
+        with self._lock:
+            self._buckets.setdefault(width.bit_length(), _Mean()).add(width, seconds)
+            self.forwards += 1
+
+    def observe_draft(self, steps: int, seconds: float) -> None:
+        """A drafter call that proposed `steps` draft tokens in `seconds` (nothing proposed: not priced)."""
+        if steps <= 0 or not seconds >= 0:
+            return
+        with self._lock:
+            # One observation per call, of its seconds per token: the mean of ratios clips cleanly.
+            self._draft.add(steps, seconds / steps)
+            self.draft_tokens += steps
+
+    def _line(self) -> tuple[float, float] | None:
+        """(base, slope) in seconds of forward time = base + slope * width, or None before any forward."""
+        points = [(m.weight, m.x / m.weight, m.y / m.weight) for m in self._buckets.values() if m.weight > 0]
+        if not points:
+            return None
+        n = sum(w for w, _, _ in points)
+        sw = sum(w * x for w, x, _ in points)
+        sww = sum(w * x * x for w, x, _ in points)
+        st = sum(w * t for w, _, t in points)
+        swt = sum(w * x * t for w, x, t in points)
+        # Ridge on slope - s0 * base (s0: the prior's slope relative to the base), strength L.
+        s0, big_l = self.prior.row, SLOPE_PRIOR_WEIGHT
+        a11, a12, a22 = n + big_l * s0 * s0, sw - big_l * s0, sww + big_l
+        det = a11 * a22 - a12 * a12
+        base = (st * a22 - a12 * swt) / det
+        slope = (a11 * swt - a12 * st) / det
+        # Wider never verifies faster: noise that says so is read as a flat cost.
+        if slope < 0:
+            slope, base = 0.0, st / n
+        return base, slope
+
+    def relative(self) -> StepCosts:
+        """The costs the schedule prices plans with: measured once enough steps were seen, else the prior."""
+        with self._lock:
+            line = self._line()
+            if not self.learning or line is None or self.forwards < MIN_FORWARDS or self.draft_tokens < MIN_DRAFTS:
+                return self.prior
+            base, slope = line
+            one_row = base + slope
+            if not one_row > 0:
+                return self.prior
+            return StepCosts(slope / one_row, self._draft.y / self._draft.weight / one_row, measured=True)
+
+    def snapshot(self) -> dict[str, float | int | bool]:
+        """The fitted costs, for stats, metrics and the engine's repr: seconds of a single-row forward
+        (0 before any), of each further verified row and of a draft token (0 before any), the relative
+        costs the schedule uses, and how many observations they rest on."""
+        costs = self.relative()
+        with self._lock:
+            line = self._line()
+            draft_s = self._draft.y / self._draft.weight if self._draft.weight else 0.0
+            return {
+                "forward_s": line[0] + line[1] if line else 0.0,
+                "row_s": line[1] if line else 0.0,
+                "draft_token_s": draft_s,
+                "row_cost": costs.row,
+                "draft_cost": costs.draft,
+                "measured": costs.measured,
+                "forwards": self.forwards,
+                "draft_tokens": self.draft_tokens,
+            }

@@ -1,0 +1,211 @@
+"""Measured step costs: the online fit, the plans priced with it, and that timing never changes output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_greedy import NEW_TOKENS, hf_greedy, prompt
+from test_engine_sampling import _chi2_ok, exact_marginals
+from tiny_models import VOCAB
+
+from langchain_gemma_mtp.draft_settings import DEFAULT_MTP_SIBLINGS, MAX_DRAFT_TOKENS, MAX_MTP_SIBLINGS
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS, CostModel, StepCosts
+from langchain_gemma_mtp.engine.drafters import MTPDrafter
+from langchain_gemma_mtp.engine.loop import speculative_decode
+from langchain_gemma_mtp.engine.schedule import DraftScheduler, plan_for
+from langchain_gemma_mtp.engine.target import TargetModel
+from langchain_gemma_mtp.engine.types import GenerationRequest, SamplingParams, SpeculativeStats
+from langchain_gemma_mtp.engine.verify import process_logits
+from langchain_gemma_mtp.errors import InvalidRequestError
+from langchain_gemma_mtp.testing.replay import ReplayDrafter
+
+CHEAP = StepCosts(0.002, 0.001, measured=True)  # rows and drafts almost free: long drafts, wide trees
+DEAR = StepCosts(0.6, 0.6, measured=True)  # each row or draft token over half a forward: one draft
+
+
+def feed(costs: CostModel, line: tuple[float, float], widths: list[int], draft_s: float, n: int = 40) -> None:
+    """`n` rounds of forwards at each width, timed as base + slope * width, and of draft tokens."""
+    base, slope = line
+    for _ in range(n):
+        for w in widths:
+            costs.observe_forward(w, base + slope * w)
+        costs.observe_draft(4, 4 * draft_s)
+
+
+def test_prior_until_enough_steps_then_the_fitted_line():
+    costs = CostModel(0.1)
+    assert costs.relative() == StepCosts(0.05, 0.05) == costs.prior
+    feed(costs, (0.1, 0.002), [1, 3, 9, 17], 0.004, n=1)
+    assert costs.relative() == costs.prior  # 4 forwards, 4 draft tokens: too few
+    feed(costs, (0.1, 0.002), [1, 3, 9, 17], 0.004, n=3 * MIN_FORWARDS)
+    measured = costs.relative()
+    assert measured.measured and costs.forwards >= MIN_FORWARDS and costs.draft_tokens >= MIN_DRAFTS
+    # The ridge prior pulls a little towards 0.05; widths 1..17 pin the slope near the truth (0.0196).
+    assert measured.row == pytest.approx(0.002 / 0.102, rel=0.1)
+    assert measured.draft == pytest.approx(0.004 / 0.102, rel=0.01)
+    snap = costs.snapshot()
+    assert snap["forward_s"] == pytest.approx(0.102, rel=0.02) and snap["draft_token_s"] == pytest.approx(0.004)
+    costs.learning = False
+    assert costs.relative() == costs.prior
+
+
+def test_one_width_only_keeps_the_prior_slope():
+    costs = CostModel(0.1)
+    feed(costs, (0.2, 0.0), [7], 0.001)  # every step verifies 7 rows: the slope cannot be told
+    assert costs.relative().row == pytest.approx(0.05, rel=0.3)
+
+
+def test_warm_up_outliers_and_noise_barely_move_the_fit():
+    costs = CostModel(0.1)
+    for w in [1, 2, 5, 9, 17]:
+        costs.observe_forward(w, 20.0)  # the first call at each width: kernels chosen, caches cold
+    costs.observe_draft(3, 3.0)
+    g = torch.Generator().manual_seed(0)
+    for i in range(400):
+        w = [1, 2, 5, 9, 17][i % 5]
+        t = (0.28 + 0.0025 * w) * (1 + 0.05 * float(torch.randn(1, generator=g)))
+        costs.observe_forward(w, t * (50 if i % 37 == 0 else 1))  # now and then a descheduled step
+        costs.observe_draft(3, 3 * 0.004 * (50 if i % 41 == 0 else 1))
+    relative = costs.relative()
+    assert relative.row == pytest.approx(0.0025 / 0.2825, abs=0.01)
+    assert relative.draft == pytest.approx(0.004 / 0.2825, rel=0.5)
+
+
+def test_a_warm_up_forward_is_dropped():
+    costs = CostModel(0.1)
+    for w in (1, 17):
+        costs.observe_forward(w, 5.0)  # the first forward at a width: fifty times the rest
+        for _ in range(10):
+            costs.observe_forward(w, 0.1 + 0.001 * w)
+    assert costs.snapshot()["forward_s"] == pytest.approx(0.101, rel=0.05)
+
+
+def test_faster_width_is_read_as_flat():
+    costs = CostModel(0.1)
+    feed(costs, (0.3, -0.001), [1, 17], 0.001)
+    assert costs.relative().row == 0.0
+
+
+def test_plans_follow_the_costs():
+    alphas = [0.8] * MAX_DRAFT_TOKENS
+    prior = plan_for(alphas, StepCosts.prior(0.1))
+    assert (prior.k, prior.stop_below, prior.siblings) == (6, None, None)  # the constant-cost schedule
+    cheap, dear = plan_for(alphas, CHEAP), plan_for(alphas, DEAR)
+    assert cheap.k == MAX_DRAFT_TOKENS and dear.k == 1
+    assert cheap.siblings == MAX_MTP_SIBLINGS and dear.siblings is not None and dear.siblings < MAX_MTP_SIBLINGS
+    assert cheap.stop_below is not None and dear.stop_below is not None and cheap.stop_below < 0.05 < dear.stop_below
+    # Per position: a kind whose drafts fail at the third position drafts two.
+    assert plan_for([0.95, 0.95, 0.05, *[0.95] * 13], StepCosts(0.02, 0.02, measured=True)).k == 2
+
+
+def test_scheduler_learns_per_position():
+    scheduler = DraftScheduler(0.1)
+    policy = scheduler.policy(GenerationRequest([1], draft_hint="prose"), can_draft=True)
+    for _ in range(60):
+        policy.observe(8, 3)  # the first three always kept, the fourth always rejected
+    assert policy.next_plan().k == 3
+
+
+@pytest.fixture(scope="module")
+def mtp_engines(checkpoints):
+    return {kind: Engine.from_pretrained(checkpoints[kind], drafter=d) for kind, d in (("shared_ple", "mtp"), ("gemma3", "hybrid"))}
+
+
+def pin(engine: Engine, costs: StepCosts, monkeypatch) -> None:
+    """Force the engine's fitted costs, whatever the loop measures while the test runs."""
+    monkeypatch.setattr(engine.scheduler.costs, "relative", lambda: costs)
+
+
+@pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
+@pytest.mark.parametrize("costs", [CHEAP, DEAR], ids=["cheap", "dear"])
+def test_greedy_identity_under_extreme_fitted_costs(mtp_engines, kind, costs, monkeypatch):
+    engine = mtp_engines[kind]
+    pin(engine, costs, monkeypatch)
+    for s in (11, 12):
+        ref = hf_greedy(engine.model, prompt(s), NEW_TOKENS)
+        for hint in ("code", "long_form"):
+            result = engine.generate(prompt(s), max_new_tokens=NEW_TOKENS, draft_hint=hint, stop_token_ids=[])
+            assert result.token_ids == ref, f"{kind}/{hint}/prompt {s}"
+            lengths, widths = result.stats.draft_lengths, result.stats.verify_widths
+            if kind != "shared_ple":  # hybrid copies long n-gram matches whatever the plan says
+                continue
+            if costs is DEAR:
+                assert max(lengths) <= 1
+            else:
+                # Wider trees than the default width allows (the untrained drafter's early stop keeps chains short).
+                assert any(w > 1 + d * (1 + DEFAULT_MTP_SIBLINGS) for w, d in zip(widths, lengths))
+
+
+def test_seeded_sampling_ignores_timing(small_target):
+    model, assistant = small_target
+    # No early stop: the untrained drafter would stop every draft after one token whatever k is.
+    engine = Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0))
+    kwargs = dict(max_new_tokens=30, temperature=1.0, stop_token_ids=[])
+    costs = engine.scheduler.costs
+    learning = GenerationRequest([2, 5, 9])
+    outputs = []
+    for line, draft_s in (((1.0, 0.0), 1e-6), ((0.01, 0.5), 2.0)):  # rows and drafts free, then dearer than forwards
+        feed(costs, line, [1, 2, 9, 17], draft_s, n=60)
+        outputs.append(engine.generate([2, 5, 9], seed=123, **kwargs).token_ids)
+        feed(costs, line, [1, 2, 9, 17], draft_s, n=60)  # what the run itself timed is outweighed again
+        outputs.append(engine.scheduler.policy(learning, can_draft=True).next_plan().k)
+    assert outputs[1] > 10 and outputs[3] == 1  # a learning call would have drafted long, then 1 (the prior: 5)
+    assert outputs[0] == outputs[2]
+    # Draft lengths do change this seed's output, so the equality above is the fixed schedule's doing.
+    fixed = [engine.generate([2, 5, 9], seed=123, num_draft_tokens=n, **kwargs).token_ids for n in (1, 16)]
+    assert fixed[0] != fixed[1]
+
+
+def test_sampling_keeps_the_distribution_under_measured_costs(small_target, monkeypatch):
+    model, assistant = small_target
+    engine = Engine(model, MTPDrafter(assistant, TargetModel(model)))
+    pin(engine, CHEAP, monkeypatch)  # the longest drafts and the lowest early stop the schedule picks
+    sampling = SamplingParams(1.0, 1.0, 0)
+    ids, n_tokens, draws = [2, 5, 9, 5, 9, 3, 7], 3, 1000
+    exact = exact_marginals(model, ids, n_tokens, lambda _, logits: process_logits(logits, sampling))
+    request = engine.make_request(ids, max_new_tokens=n_tokens + 1, temperature=1.0, stop_token_ids=[])
+    assert request.learns  # unseeded: the measured-cost policy; its generator is seeded here instead
+    samples, drafted = [[] for _ in range(n_tokens)], 0
+    with torch.inference_mode():
+        for seed in range(draws):
+            stats = SpeculativeStats()
+            policy = engine.scheduler.policy(request, can_draft=True)
+            bursts = speculative_decode(engine.target, engine.drafter, request, policy, stats, torch.Generator().manual_seed(seed))
+            out = [t for b in bursts for t in b.token_ids]
+            drafted += stats.drafted
+            for i in range(n_tokens):
+                samples[i].append(out[i])
+    assert drafted >= draws
+    for i in range(n_tokens):
+        assert _chi2_ok(samples[i], exact[i].float()) > 1e-3, f"token {i + 1} off the target's distribution"
+
+
+def test_replay_drafter_accepts_what_it_keeps(checkpoints):
+    engine = Engine.from_pretrained(checkpoints["noshare"], drafter="none")
+    ref = engine.generate(prompt(11), max_new_tokens=NEW_TOKENS, stop_token_ids=[]).token_ids
+    drafter = ReplayDrafter(ref, 0.7, VOCAB, seed=3, step_size=64)
+    result = Engine(engine.model, drafter).generate(prompt(11), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
+    assert result.token_ids == ref
+    # Walk the kept positions as the loop does: each step keeps the leading kept drafts, then the target's own token.
+    done, accepted = 1, 0
+    while done < NEW_TOKENS:
+        k = min(4, NEW_TOKENS - done - 1)
+        run = next((i for i in range(k) if not drafter.kept[done + i]), k)
+        accepted, done = accepted + run, done + run + 1
+    assert result.stats.accepted == accepted and 0 < accepted < result.stats.drafted
+    assert 0.5 < sum(drafter.kept) / len(ref) < 0.9
+
+
+def test_replay_drafter_refuses_a_bad_acceptance():
+    with pytest.raises(InvalidRequestError, match=r"accept must be a probability in \[0, 1\]"):
+        ReplayDrafter([5, 6], 1.5, VOCAB)
+
+
+def test_costs_show_in_stats_and_repr(checkpoints):
+    engine = Engine.from_pretrained(checkpoints["noshare"], drafter="mtp")
+    assert "costs=prior" in repr(engine)
+    result = engine.generate(prompt(11), max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    assert result.stats.costs["forwards"] == result.stats.steps and result.stats.costs["forward_s"] > 0
+    assert len(result.stats.verify_widths) == result.stats.steps
+    assert "costs=measured" in repr(engine)
