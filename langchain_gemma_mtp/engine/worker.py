@@ -10,7 +10,7 @@ import atexit
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
 
@@ -409,6 +409,24 @@ class EngineWorker:
         job.bursts.close()  # runs the request's cleanup (its prefix-cache entry) outside the lock
         with self._lock:  # the budget it gives back is read by _admit under the lock
             job.end(last)
+
+
+def run_alone(steps: Steps) -> Iterator[Burst]:
+    """One request's steps run on the calling thread, nothing batched with them: its bursts. For
+    tests and tools that drive `speculative_decode` themselves; engines go through EngineWorker."""
+    answer: Draft | Forward | None = None
+    while True:
+        try:
+            item = steps.send(answer)
+        except StopIteration:
+            return
+        if isinstance(item, DraftAsk):
+            answer = propose_all(item.drafter, [(item.session, item.step)])[0]
+        elif isinstance(item, Feed):
+            answer = run_feed(item)
+        else:
+            answer = None
+            yield item
 
 
 def _each(costs: list[CostModel | None]) -> list[CostModel]:

@@ -17,6 +17,7 @@ from langchain_gemma_mtp.engine.schedule import DraftScheduler, plan_for
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import GenerationRequest, SamplingParams, SpeculativeStats
 from langchain_gemma_mtp.engine.verify import process_logits
+from langchain_gemma_mtp.engine.worker import run_alone
 from langchain_gemma_mtp.errors import InvalidRequestError
 from langchain_gemma_mtp.testing.replay import ReplayDrafter
 
@@ -172,7 +173,7 @@ def test_sampling_keeps_the_distribution_under_measured_costs(small_target, monk
             stats = SpeculativeStats()
             policy = engine.scheduler.policy(request, can_draft=True)
             bursts = speculative_decode(engine.target, engine.drafter, request, policy, stats, torch.Generator().manual_seed(seed))
-            out = [t for b in bursts for t in b.token_ids]
+            out = [t for b in run_alone(bursts) for t in b.token_ids]
             drafted += stats.drafted
             for i in range(n_tokens):
                 samples[i].append(out[i])
