@@ -39,6 +39,11 @@ class ToolSchemaError(InvalidRequestError):
     """A tool definition cannot be used: not JSON-serializable, or without a name."""
 
 
+class GrammarError(InvalidRequestError):
+    """A schema (tool parameters, response_format) or grammar cannot constrain decoding: a JSON-schema
+    feature the grammar cannot enforce, one llguidance refuses, or text the vocabulary cannot write."""
+
+
 class DistillError(GemmaMTPError, ValueError):
     """Distillation options or data cannot make a drafter for this target; raised before training."""
 

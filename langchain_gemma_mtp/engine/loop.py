@@ -8,6 +8,7 @@ from collections.abc import Generator
 import torch
 
 from .cache import PrefixCache
+from .constraint import open_constraint
 from .drafters import NO_DRAFT, Draft, Drafter, DraftRequest, DraftStep
 from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
@@ -58,10 +59,12 @@ def speculative_decode(
     processors = None
     if request.processing.active:
         processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
+    constraint = open_constraint(request, stats)  # a grammar the output must match, or no-op hooks
     fwd = target.forward(prompt[reused:], cache, prefill=True)
     logits = target.logits(fwd.hidden[-1])
     if processors is not None:
         logits = processors.apply(logits[None], prompt, [[]])[0]
+    logits = constraint.mask(logits[None], [[]])[0]
     first = int(choose_token(logits, sampling, generator)[0])
     stats.target_forwards += 1
     if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
@@ -73,6 +76,7 @@ def speculative_decode(
     drafting = DraftRequest(len(prompt), sampling, generator, request.learns, prefix_cache)
     session = drafter.open(drafting)
     new, finish = _finish([first], 0, request)
+    new, finish = constraint.commit(new, finish)
     produced = len(new)
     try:
         yield Burst(new, 0, 0, finish)
@@ -83,11 +87,13 @@ def speculative_decode(
             # A length the caller fixed is kept; an adaptive one may grow on long n-gram matches.
             limit = k if policy.fixed is not None else room
             draft = session.propose(DraftStep(drafting, tokens, k, limit, hidden, shared_kv)) if k > 0 else NO_DRAFT
+            draft = constraint.draft(draft, room)
             tree = _tree(draft, request, target)
             fwd = target.forward(tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree=tree)
             logits = target.logits(fwd.hidden)
             if processors is not None:
                 logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
+            logits = constraint.mask(logits, row_paths(draft.tokens, tree))
             verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
@@ -98,6 +104,7 @@ def speculative_decode(
             stats.record_step(len(draft), len(verdict.accepted), verdict.siblings_verified)
             policy.observe(len(draft), verdict.chain)
             new, finish = _finish(step, produced, request)
+            new, finish = constraint.commit(new, finish)
             produced += len(new)
             yield Burst(new, len(draft), len(verdict.accepted), finish, verdict.siblings_verified)
     finally:
