@@ -229,8 +229,7 @@ class _Gemma4Rules:
         self.lines.append(f"{item}: {self.value(items, where + '.items')}")
         if high == 0:
             return '"[" "]"'
-        more = f'("," {item}){{{max(low - 1, 0)},{"" if high is None else high - 1}}}'
-        listed = f"{item} {more}"
+        listed = item if high == 1 else f'{item} ("," {item}){{{max(low - 1, 0)},{"" if high is None else high - 1}}}'
         return f'"[" {listed} "]"' if low > 0 else f'"[" ({listed})? "]"'
 
     def object(self, schema: Mapping[str, Any], where: str) -> str:
