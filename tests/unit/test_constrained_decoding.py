@@ -213,7 +213,7 @@ def test_constrained_speculative_sampling_keeps_the_constrained_distribution(sma
     drafted = jumped = 0
     for seed in range(draws):
         result = engine.generate(
-            prompt, max_new_tokens=n_tokens + 1, temperature=1.0, seed=seed, num_draft_tokens=3, stop_token_ids=[], constraint=grammar
+            prompt, max_new_tokens=n_tokens + 5, temperature=1.0, seed=seed, num_draft_tokens=3, stop_token_ids=[], constraint=grammar
         )
         drafted += result.stats.drafted
         jumped += result.stats.jump_forward_tokens
