@@ -76,6 +76,7 @@ HTTP_ERRORS: tuple[tuple[type[GemmaMTPError], int, str, str | None], ...] = (
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (KVCacheLimitError, 400, "invalid_request_error", "kv_cache_limit_exceeded"),
+    (GrammarError, 400, "invalid_request_error", "invalid_schema"),
     (ServerBusyError, 429, "rate_limit_error", "server_busy"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ServerError, 500, "server_error", None),
