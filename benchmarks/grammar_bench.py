@@ -162,11 +162,17 @@ def bench(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, rounds: int, k
                 "finish": result.finish_reason,
             }
         row["mask_us_per_token"] = mask_cost_us(runtime, prepared, measured["constrained"][0].token_ids)
-        assert measured["constrained"][0].token_ids == measured["constrained, no jump"][0].token_ids == measured["constrained plain"][0].token_ids
+        assert (
+            measured["constrained"][0].token_ids
+            == measured["constrained, no jump"][0].token_ids
+            == measured["constrained plain"][0].token_ids
+        )
         rows.append(row)
         print(
             f"{name:24s} "
-            + "  ".join(f"{w}: {row[w]['tokens_per_s']:6.1f} tok/s {row[w]['tokens_per_forward']:.2f} tok/fwd valid={row[w]['valid']}" for w in ways)
+            + "  ".join(
+                f"{w}: {row[w]['tokens_per_s']:6.1f} tok/s {row[w]['tokens_per_forward']:.2f} tok/fwd valid={row[w]['valid']}" for w in ways
+            )
             + f"  mask {row['mask_us_per_token']:.0f} us/tok"
         )
     return rows
@@ -188,10 +194,14 @@ def validity(runtime: ChatRuntime, max_new: int, seeds: int) -> dict[str, dict[s
             prepared = runtime.prepare(request)
             schemas = {name: tool["function"]["parameters"]}
             for key, constraint in (("constrained_valid", prepared.constraint), ("unconstrained_valid", None)):
-                result = runtime.engine.generate(prepared.prompt_ids, max_new_tokens=max_new, temperature=0.8, seed=seed, constraint=constraint)
+                result = runtime.engine.generate(
+                    prepared.prompt_ids, max_new_tokens=max_new, temperature=0.8, seed=seed, constraint=constraint
+                )
                 counts[key] += valid(runtime, request, result.token_ids, schemas)
         out[name] = counts
-        print(f"{name:16s} valid calls: constrained {counts['constrained_valid']}/{seeds}, unconstrained {counts['unconstrained_valid']}/{seeds}")
+        print(
+            f"{name:16s} valid calls: constrained {counts['constrained_valid']}/{seeds}, unconstrained {counts['unconstrained_valid']}/{seeds}"
+        )
     return out
 
 

@@ -150,7 +150,8 @@ class ChatGemmaMTP(BaseChatModel):
     The last chunk carries `usage_metadata` and `response_metadata` (`model_name`,
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
     drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, draft_lengths,
-    target_forwards, tokens_per_second).
+    target_forwards, tokens_per_second, and jump_forward_tokens / jump_forward_accepted: drafts a
+    grammar forced, for constrained answers).
     """
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")

@@ -136,14 +136,14 @@ class ChatRuntime:
         if choice == "required" or forced_name:
             forced = (gemma4 if self.native_tools else json_calls).forced_call_prefix(forced_name)
         draft_hint = resolve_draft_hint(request.draft_hint, messages, offered, choice)
-        wants_json = _wants_json(request.response_format)
+        json_format = request.response_format if _wants_json(request.response_format) else None
         strict = any(t["function"].get("strict") is True for t in offered)
-        constrained = strict or bool(forced) or wants_json
+        constrained = strict or bool(forced) or json_format is not None
         notes = []
         if offered and not self.native_tools:
             notes.append(json_calls.tools_instruction(offered))
-        if wants_json:
-            notes.append(_json_instruction(request.response_format))
+        if json_format is not None:
+            notes.append(_json_instruction(json_format))
             forced = forced or "{"
         if notes:
             messages = _with_system_note(messages, "\n\n".join(notes))
@@ -164,7 +164,7 @@ class ChatRuntime:
                 strict=strict,
                 calls_only=choice == "required" or forced_name is not None,
                 single_call=request.parallel_tool_calls is False,
-                json=_json_schema(request.response_format) if wants_json else None,
+                json=_json_schema(json_format) if json_format is not None else None,
                 thinking=request.reasoning,
                 in_thought=in_thought,
             )
@@ -394,6 +394,8 @@ class _Decoding:
             "num_draft_tokens": self.request.num_draft_tokens,
             "drafted": stats.drafted,
             "sibling_tokens": stats.sibling_tokens,
+            "jump_forward_tokens": stats.jump_forward_tokens,
+            "jump_forward_accepted": stats.jump_forward_accepted,
             "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,

@@ -40,6 +40,7 @@ from ..errors import GrammarError
 from .drafters import Draft
 from .types import GenerationRequest, SpeculativeStats
 
+
 @dataclass(frozen=True)
 class Grammar:
     """A grammar compiled for one tokenizer: what `GenerationRequest.constraint` holds.

@@ -31,7 +31,21 @@ _NO_JSON_MARKER = r"~/(.|\n)*<(tool_call|\/tool_call|tool_response)>(.|\n)*/"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Keywords that only annotate a schema: nothing to enforce.
 _ANNOTATIONS = frozenset(
-    {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "deprecated", "readOnly", "writeOnly", "$defs", "definitions"}
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$comment",
+        "strict",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "$defs",
+        "definitions",
+    }
 )
 _ENFORCED = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "oneOf", "$ref", "nullable"}
@@ -181,7 +195,13 @@ class _Gemma4Rules:
                 if not isinstance(options, list) or not options:
                     raise GrammarError(f"{where}.{key} must be a non-empty list of schemas.")
                 rest = {k: v for k, v in schema.items() if k != key}
-                return "(" + " | ".join(self.value({**rest, **o} if isinstance(o, Mapping) else o, f"{where}.{key}[{i}]") for i, o in enumerate(options)) + ")"
+                return (
+                    "("
+                    + " | ".join(
+                        self.value({**rest, **o} if isinstance(o, Mapping) else o, f"{where}.{key}[{i}]") for i, o in enumerate(options)
+                    )
+                    + ")"
+                )
         types = _types(schema, where) or (["object"] if "properties" in schema else ["array"] if "items" in schema else None)
         if types is None:
             return self.any_value()
@@ -242,7 +262,7 @@ class _Gemma4Rules:
             if extra is False:
                 return '"{" "}"'
             member = self.name("member")
-            self.lines.append(f"{member}: {self.key_any()} \":\" {self.value(extra, where + '.additionalProperties')}")
+            self.lines.append(f'{member}: {self.key_any()} ":" {self.value(extra, where + ".additionalProperties")}')
             return f'"{{" ({member} ("," {member})*)? "}}"'
         if properties is not None and not isinstance(properties, Mapping):
             raise GrammarError(f"{where}.properties must be an object mapping names to schemas.")
@@ -251,7 +271,7 @@ class _Gemma4Rules:
         for key in required:
             props.setdefault(key, True)
         members = [(key, props[key], key in required) for key in sorted(props)]
-        exprs = [f"{self.key(key)} \":\" {self.value(s, f'{where}.properties.{key}')}" for key, s, _ in members]
+        exprs = [f'{self.key(key)} ":" {self.value(s, f"{where}.properties.{key}")}' for key, s, _ in members]
         return f'"{{" {self.members(exprs, [r for _, _, r in members])} "}}"'.replace("  ", " ")
 
     def members(self, exprs: list[str], required: list[bool]) -> str:
@@ -317,7 +337,7 @@ class _Gemma4Rules:
             number = self.terminal("NUMBER", r"/-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,17})?([eE][+-]?[0-9]{1,2})?/")
             self.lines += [
                 f'any_value: any_object | any_array | {self.quote} {text} {self.quote} | {number} | "true" | "false" | "null"',
-                f'any_object: "{{" (any_member ("," any_member)*)? "}}"',
+                'any_object: "{" (any_member ("," any_member)*)? "}"',
                 f'any_member: {self.key_any()} ":" any_value',
                 'any_array: "[" (any_value ("," any_value)*)? "]"',
             ]

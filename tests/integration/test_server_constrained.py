@@ -81,12 +81,18 @@ def test_strict_tool_calls_parse_and_validate(client) -> None:
 
 
 def test_a_schema_the_grammar_cannot_enforce_is_a_400_naming_it(client) -> None:
-    bad = {**TOOL, "function": {**TOOL["function"], "parameters": {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}}}}
+    bad = {
+        **TOOL,
+        "function": {
+            **TOOL["function"],
+            "parameters": {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}},
+        },
+    }
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, tools=[bad], tool_choice="required")
     assert caught.value.status_code == 400
     assert "tools[0].function.parameters.properties.when.format" in caught.value.message
-    with pytest.raises(openai.BadRequestError, match="response_format.json_schema"):
+    with pytest.raises(openai.BadRequestError, match=r"response_format\.json_schema"):
         ask(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}})
     # The server keeps serving after refusing.
     assert ask(client, response_format={"type": "json_object"}, max_tokens=5).choices[0].message.content.startswith("{")

@@ -116,7 +116,10 @@ SCALARS = st.one_of(
     st.just({"type": "number"}),
     st.just({"type": "boolean"}),
     st.just({"type": "null"}),
-    st.builds(lambda v: {"enum": v}, st.lists(st.one_of(st.text(max_size=4), st.integers(-9, 99), st.booleans()), min_size=1, max_size=3, unique=True)),
+    st.builds(
+        lambda v: {"enum": v},
+        st.lists(st.one_of(st.text(max_size=4), st.integers(-9, 99), st.booleans()), min_size=1, max_size=3, unique=True),
+    ),
 )
 
 
@@ -185,7 +188,7 @@ def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime
     assert _accepts(runtime, on, thought + call) and _accepts(runtime, on, "Sure. " + call)
     assert not _accepts(runtime, off, thought + call) and _accepts(runtime, off, call)
     assert not _accepts(runtime, off, call.replace("celsius", "kelvin"))  # enum enforced
-    assert not _accepts(runtime, off, call.replace("city:<|\"|>Lisbon<|\"|>,", ""))  # required key enforced
+    assert not _accepts(runtime, off, call.replace('city:<|"|>Lisbon<|"|>,', ""))  # required key enforced
     assert not _accepts(runtime, off, "<|tool_call>call:nope{}<tool_call|>")  # only declared tools
 
 
@@ -193,15 +196,41 @@ def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime
     ("options", "match"),
     [
         (
-            {"tools": [_strict({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}}})]},
+            {
+                "tools": [
+                    _strict(
+                        {
+                            "type": "function",
+                            "function": {
+                                "name": "f",
+                                "parameters": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}},
+                            },
+                        }
+                    )
+                ]
+            },
             r"tools\[0\]\.function\.parameters\.properties\.age\.minimum: the JSON-schema keyword 'minimum' cannot be enforced",
         ),
         (
-            {"tools": [_strict({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}})]},
+            {
+                "tools": [
+                    _strict(
+                        {
+                            "type": "function",
+                            "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}},
+                        }
+                    )
+                ]
+            },
             r"\$ref '#/\$defs/missing' names no definition",
         ),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}},
+                }
+            },
             "response_format.json_schema cannot be compiled to a grammar",
         ),
     ],

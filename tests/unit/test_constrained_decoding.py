@@ -50,7 +50,11 @@ WEATHER = {
 }
 ORDER_SCHEMA = {
     "type": "object",
-    "properties": {"item": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 0, "maximum": 999}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+    "properties": {
+        "item": {"type": "string", "maxLength": 12},
+        "qty": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}},
+    },
     "required": ["item", "qty", "tags"],
     "additionalProperties": False,
 }
@@ -129,7 +133,9 @@ def test_jump_forward_saves_forwards_and_keeps_the_output(chat_parts) -> None:
     grammar = _grammars(engine)["gemma4_call"]
     prompt = tokenizer.encode("weather please", add_special_tokens=True)
     on = engine.generate(prompt, max_new_tokens=80, constraint=grammar, stop_token_ids=[])
-    off = engine.generate(prompt, max_new_tokens=80, constraint=Grammar(grammar.tokenizer, grammar.text, jump_forward=False), stop_token_ids=[])
+    off = engine.generate(
+        prompt, max_new_tokens=80, constraint=Grammar(grammar.tokenizer, grammar.text, jump_forward=False), stop_token_ids=[]
+    )
     assert on.token_ids == off.token_ids
     assert off.stats.target_forwards == len(off.token_ids)  # one token per forward
     assert on.stats.jump_forward_accepted >= len(tokenizer.encode("call:get_weather{city:", add_special_tokens=False))
@@ -223,4 +229,3 @@ def test_constrained_speculative_sampling_keeps_the_constrained_distribution(sma
     for i in range(n_tokens):
         assert exact[i][[0, 1, 2, 7, *range(11, SMALL_VOCAB)]].sum() == 0  # e and i..m are forbidden
         assert _chi2_ok(samples[i], exact[i].float()) > P_MIN, f"token {i + 1} off the constrained distribution"
-
