@@ -50,7 +50,10 @@ _ANNOTATIONS = frozenset(
 _ENFORCED = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "oneOf", "$ref", "nullable"}
     | {"minLength", "maxLength", "minItems", "maxItems"}
+    | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 )
+# Bounds of numbers: Gemma 4 writes numbers as JSON does, so llguidance's JSON compiler enforces them.
+_NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,9 @@ class _Gemma4Rules:
     def typed(self, kind: str, schema: Mapping[str, Any], where: str) -> str:
         if kind == "string":
             return self.string(schema, where)
+        bounds = {k: schema[k] for k in _NUMERIC if k in schema}
+        if kind in ("integer", "number") and bounds:
+            return json_part({"type": kind, **bounds})
         if kind == "integer":
             return self.terminal("INTEGER", r"/-?(0|[1-9][0-9]{0,17})/")
         if kind == "number":

@@ -10,6 +10,7 @@ fail with a GrammarError naming the schema part, before any forward.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -203,13 +204,13 @@ def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime
                             "type": "function",
                             "function": {
                                 "name": "f",
-                                "parameters": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}},
+                                "parameters": {"type": "object", "properties": {"when": {"type": "string", "pattern": "^[0-9]+$"}}},
                             },
                         }
                     )
                 ]
             },
-            r"tools\[0\]\.function\.parameters\.properties\.age\.minimum: the JSON-schema keyword 'minimum' cannot be enforced",
+            r"tools\[0\]\.function\.parameters\.properties\.when\.pattern: the JSON-schema keyword 'pattern' cannot be enforced",
         ),
         (
             {
@@ -247,3 +248,36 @@ def test_unconstrained_requests_carry_no_grammar(runtime) -> None:
     """Non-strict tools in auto mode and plain answers are decoded exactly as before: no constraint."""
     assert runtime.prepare(ChatRequest(messages=[{"role": "user", "content": "go"}], tools=held_tools())).constraint is None
     assert runtime.prepare(ChatRequest(messages=[{"role": "user", "content": "go"}])).constraint is None
+
+
+# -- the memorizing model -----------------------------------------------------------------------------
+
+
+def test_the_memorizing_models_tool_answers_stay_or_become_valid_when_strict() -> None:
+    """Every memorized transcript that offers tools, its tools made strict. A memorized answer the
+    grammar allows is written exactly (greedy constrained decoding picks the same tokens); the
+    transcripts memorized with broken calls on purpose (an undeclared tool, an unterminated string)
+    come out as valid calls instead. Every call validates against its schema."""
+    from chat_fixtures import chat_checkpoint, transcripts
+
+    from langchain_gemma_mtp.server import load_runtime
+
+    runtime = load_runtime(str(chat_checkpoint()))
+    unchanged = repaired = 0
+    for transcript in transcripts():
+        request = transcript.request()
+        if not request.tools or transcript.chat_template is not None:
+            continue
+        free = runtime.complete(request)
+        constrained = runtime.complete(replace(request, tools=[_strict(t) for t in request.tools]))
+        assert not constrained["invalid_tool_calls"], constrained
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in request.tools}
+        for call in constrained["tool_calls"]:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+        if free["invalid_tool_calls"]:
+            repaired += bool(constrained["tool_calls"])
+        else:
+            calls = [[c["function"] for c in m["tool_calls"]] for m in (free, constrained)]
+            assert (constrained["content"], calls[1]) == (free["content"], calls[0])
+            unchanged += bool(free["tool_calls"])
+    assert unchanged >= 5 and repaired >= 2, (unchanged, repaired)
