@@ -70,10 +70,10 @@ def _strict(tool: dict) -> dict:
 
 
 def ask(runtime: ChatRuntime, seed: int, **options) -> dict:
-    """A sampled answer; the bias on the closing markers only makes random weights end free strings
-    and lists sooner (an untrained model would take thousands of tokens): what may follow stays the grammar's."""
+    """A sampled answer; the bias on the closing markers only makes random weights end free strings,
+    numbers, objects and lists sooner (an untrained model would take thousands of tokens): what may follow stays the grammar's."""
     vocab = runtime.tokenizer.get_vocab()
-    bias = {vocab['<|"|>']: 7.0, vocab["]"]: 4.0, vocab['"']: 5.0}
+    bias = {vocab['<|"|>']: 7.0, vocab["]"]: 4.0, vocab['"']: 5.0, vocab["}"]: 5.0}
     options.setdefault("max_tokens", 700)
     request = ChatRequest(messages=[{"role": "user", "content": "go"}], temperature=1.0, seed=seed, logit_bias=bias, **options)
     return runtime.complete(request)
@@ -114,6 +114,9 @@ KEYS = st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True), st.sampl
 SCALARS = st.one_of(
     st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
     st.just({"type": "integer"}),
+    st.builds(
+        lambda low, span: {"type": "integer", "minimum": low, "exclusiveMaximum": low + span}, st.integers(-50, 50), st.integers(1, 100)
+    ),
     st.just({"type": "number"}),
     st.just({"type": "boolean"}),
     st.just({"type": "null"}),
