@@ -80,15 +80,14 @@ def gemma4_grammar(shape: OutputShape, token: Callable[[str], int]) -> str:
     """The grammar of a Gemma 4 answer of `shape`; GrammarError naming the schema part it cannot enforce."""
     rules = _Gemma4Rules(token)
     calls = [rules.call(i, tool, shape.strict) for i, tool in enumerate(shape.tools)]
-    quote_free = f"/(.|\\n)*/ & {_NO_MARKER}"
-    lines = [f"THOUGHT: {quote_free}"]
+    lines = [f"THOUGHT: /(.|\\n)*/ & {_NO_MARKER}"]
     if shape.in_thought:
         prefix = f"THOUGHT <[{token(CHANNEL.close)}]> "
     elif shape.thinking:
         prefix = f"(<[{token(CHANNEL.open)}]> THOUGHT <[{token(CHANNEL.close)}]>)? "
     else:
         prefix = ""
-    body = _body(calls, shape, "CONTENT", json_rule="json" if shape.json is not None else None)
+    body = _body(calls, shape, json_rule="json" if shape.json is not None else None)
     lines.append(f"CONTENT: /(.|\\n)+/ & {_NO_MARKER}")
     if shape.json is not None:
         lines.append(f"json: {json_part(shape.json)}")
@@ -101,7 +100,7 @@ def json_convention_grammar(shape: OutputShape) -> str:
     lines = [f"CONTENT: /(.|\\n)+/ & {_NO_JSON_MARKER}"]
     for i, tool in enumerate(shape.tools):
         function = tool["function"]
-        arguments = function.get("parameters") or {"type": "object"} if shape.strict else {"type": "object"}
+        arguments = (function.get("parameters") or {"type": "object"}) if shape.strict else {"type": "object"}
         call = {
             "type": "object",
             "properties": {"name": {"const": function["name"]}, "arguments": arguments},
@@ -112,7 +111,7 @@ def json_convention_grammar(shape: OutputShape) -> str:
         calls.append(f"call_{i}")
     if shape.json is not None:
         lines.append(f"json: {json_part(shape.json)}")
-    body = _body(calls, shape, "CONTENT", json_rule="json" if shape.json is not None else None, separator='"\\n"?')
+    body = _body(calls, shape, json_rule="json" if shape.json is not None else None, separator='"\\n"?')
     return "\n".join([f"start: {body}", *lines])
 
 
@@ -126,15 +125,15 @@ def json_part(schema: Mapping[str, Any]) -> str:
     return "%json" + json.dumps(schema)
 
 
-def _body(calls: list[str], shape: OutputShape, content: str, json_rule: str | None, separator: str = "") -> str:
-    """The answer after any thought: calls, content then calls, or a JSON answer (or calls instead of it)."""
+def _body(calls: list[str], shape: OutputShape, json_rule: str | None, separator: str = "") -> str:
+    """The answer after any thought: calls, CONTENT then calls, or a JSON answer (or calls instead of it)."""
     call = "(" + " | ".join(calls) + ")" if calls else None
     many = call if shape.single_call or call is None else f"({call} ({separator} {call})*)".replace("( ", "(")
     if json_rule is not None:
         return f"({many} | {json_rule})" if many else json_rule
     if shape.calls_only and many:
         return many
-    return f"{content}? {many}?" if many else f"{content}?"
+    return f"CONTENT? {many}?" if many else "CONTENT?"
 
 
 class _Gemma4Rules:
