@@ -161,7 +161,6 @@ class ChatRuntime:
         if constrained:
             shape = OutputShape(
                 tools=[t for t in offered if forced_name in (None, t["function"]["name"])],
-                strict=strict,
                 calls_only=choice == "required" or forced_name is not None,
                 single_call=request.parallel_tool_calls is False,
                 json=_json_schema(json_format) if json_format is not None else None,

@@ -60,8 +60,9 @@ _NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multi
 class OutputShape:
     """What a constrained answer must be.
 
-    tools: the tools a call may name (empty: no calls); strict: each call's arguments must match
-    its tool's schema (else any object); calls_only: the answer is calls and nothing else (a forced
+    tools: the tools a call may name (empty: no calls); a call's arguments must match its tool's
+    schema when the tool is marked strict (`function.strict`) or `strict` is set, else they are
+    any object; calls_only: the answer is calls and nothing else (a forced
     tool_choice), else content may come first; single_call: at most one call (parallel_tool_calls
     false); json: the answer's JSON schema ({} for any JSON object), None for none; thinking: a
     thought channel may open the answer; in_thought: the prompt left one open, to be closed first.
@@ -79,7 +80,7 @@ class OutputShape:
 def gemma4_grammar(shape: OutputShape, token: Callable[[str], int]) -> str:
     """The grammar of a Gemma 4 answer of `shape`; GrammarError naming the schema part it cannot enforce."""
     rules = _Gemma4Rules(token)
-    calls = [rules.call(i, tool, shape.strict) for i, tool in enumerate(shape.tools)]
+    calls = [rules.call(i, tool, _enforced(tool, shape)) for i, tool in enumerate(shape.tools)]
     lines = [f"THOUGHT: /(.|\\n)*/ & {_NO_MARKER}"]
     if shape.in_thought:
         prefix = f"THOUGHT <[{token(CHANNEL.close)}]> "
@@ -100,7 +101,7 @@ def json_convention_grammar(shape: OutputShape) -> str:
     lines = [f"CONTENT: /(.|\\n)+/ & {_NO_JSON_MARKER}"]
     for i, tool in enumerate(shape.tools):
         function = tool["function"]
-        arguments = (function.get("parameters") or {"type": "object"}) if shape.strict else {"type": "object"}
+        arguments = (function.get("parameters") or {"type": "object"}) if _enforced(tool, shape) else {"type": "object"}
         call = {
             "type": "object",
             "properties": {"name": {"const": function["name"]}, "arguments": arguments},
@@ -113,6 +114,11 @@ def json_convention_grammar(shape: OutputShape) -> str:
         lines.append(f"json: {json_part(shape.json)}")
     body = _body(calls, shape, json_rule="json" if shape.json is not None else None, separator='"\\n"?')
     return "\n".join([f"start: {body}", *lines])
+
+
+def _enforced(tool: Mapping[str, Any], shape: OutputShape) -> bool:
+    """Whether a tool's schema is enforced on its calls (else its arguments are any object)."""
+    return shape.strict or tool["function"].get("strict") is True
 
 
 def json_part(schema: Mapping[str, Any]) -> str:

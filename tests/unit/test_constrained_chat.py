@@ -206,6 +206,10 @@ def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime
     assert not _accepts(runtime, off, call.replace("celsius", "kelvin"))  # enum enforced
     assert not _accepts(runtime, off, call.replace('city:<|"|>Lisbon<|"|>,', ""))  # required key enforced
     assert not _accepts(runtime, off, "<|tool_call>call:nope{}<tool_call|>")  # only declared tools
+    # Strictness is per tool: a non-strict tool beside a strict one takes any arguments object.
+    mixed = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=[*tools, held_tools()[1]])
+    assert _accepts(runtime, mixed, "<|tool_call>call:search_docs{anything:[1,true]}<tool_call|>")
+    assert not _accepts(runtime, mixed, call.replace("celsius", "kelvin"))
 
 
 @pytest.mark.parametrize(
