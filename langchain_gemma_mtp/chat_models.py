@@ -50,9 +50,10 @@ API_KEY_ENV = "GEMMA_MTP_API_KEY"
 PROFILE_PROBE_TIMEOUT_S = 2.0  # how long construction waits for a server's /v1/models (the profile's context size)
 
 # What every Gemma the class runs can do, for LangChain's model profile. Tool and structured-output
-# choices: `tool_choice` is enforced (the prompt ends with the opening of the call), while a
-# response_format is only opened with "{" (no grammar), so `structured_output` is False and
-# create_agent picks ToolStrategy (a forced call of the schema's tool) over ProviderStrategy.
+# choices: `tool_choice` is enforced (the prompt ends with the opening of the call, and a grammar
+# holds the rest to the call syntax). A response_format is grammar-constrained too, but
+# `structured_output` stays False so create_agent keeps ToolStrategy (a forced call of the
+# schema's tool), the path a vLLM server without guided decoding follows the same way.
 _PROFILE: ModelProfile = {
     "open_weights": True,
     "text_inputs": True,
@@ -150,7 +151,8 @@ class ChatGemmaMTP(BaseChatModel):
     `model_provider`, `finish_reason`, `speculative` = drafter, draft_hint, num_draft_tokens,
     drafted, accepted, acceptance_rate, mean_accepted_length, per_position_acceptance, draft_lengths,
     verify_widths, step_costs (the engine's fitted costs, `CostModel.snapshot`), target_forwards,
-    tokens_per_second).
+    tokens_per_second, and jump_forward_tokens / jump_forward_accepted: drafts a grammar forced, for
+    constrained answers).
     """
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
@@ -458,6 +460,7 @@ class ChatGemmaMTP(BaseChatModel):
         *,
         tool_choice: dict[str, Any] | str | bool | None = None,
         parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (stored OpenAI-format under `tools`) and how they must be used.
@@ -465,12 +468,16 @@ class ChatGemmaMTP(BaseChatModel):
         tool_choice: None/"auto" (the model decides), "none" (no tool call), "any"/"required"
         (some tool must be called), True (the only tool must be called), or a tool name (that
         tool must be called). A forced call is enforced: the prompt ends with the opening of the
-        call, so the model can only write its arguments. parallel_tool_calls=False stops
-        generation after the first call. Other kwargs (draft_hint, num_draft_tokens, ...) bind
+        call, and a grammar holds what follows to the call syntax. strict=True marks every tool
+        `strict` (OpenAI's flag): a grammar made from each tool's JSON schema constrains decoding,
+        so every call parses and matches its schema (a schema part the grammar cannot enforce is a
+        GrammarError when the call runs). parallel_tool_calls=False stops generation after the first call. Other kwargs (draft_hint, num_draft_tokens, ...) bind
         as call options. Raises ValueError at once for an unknown tool name or a schema that is
         not JSON-serializable.
         """
         formatted = convert_tools(tools)
+        if strict is not None:
+            formatted = [{**t, "function": {**t["function"], "strict": strict}} for t in formatted]
         options: dict[str, Any] = {"tools": formatted}
         choice = normalize_tool_choice(tool_choice, formatted)
         if choice is not None:
@@ -492,10 +499,10 @@ class ChatGemmaMTP(BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
         """Answers parsed into `schema` (a pydantic class, TypedDict, or JSON schema).
 
-        method: "function_calling" forces a call of a tool made from the schema; "json_schema"
-        and "json_mode" force an answer that opens with "{" (the schema is shown to the model with
-        "json_schema"). `strict` is accepted for compatibility and changes nothing: outputs are
-        parsed, not constrained by a grammar.
+        method: "function_calling" forces a call of a tool made from the schema (strict=True: its
+        arguments are grammar-constrained to the schema); "json_schema" and "json_mode" constrain
+        the answer to JSON by a grammar, matching the schema with "json_schema" (which is shown to
+        the model too). A schema part the grammar cannot enforce is a GrammarError when the call runs.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)} for with_structured_output")
@@ -504,7 +511,7 @@ class ChatGemmaMTP(BaseChatModel):
         parser: Runnable
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, **trace)
+            llm = self.bind_tools([schema], tool_choice=name, strict=strict, **trace)
             if is_pydantic:
                 parser = PydanticToolsParser(tools=[cast(type[BaseModel], schema)], first_tool_only=True)
             else:
@@ -513,6 +520,8 @@ class ChatGemmaMTP(BaseChatModel):
             if method == "json_schema":
                 json_schema = convert_to_json_schema(schema)
                 spec = {"name": json_schema.get("title", "response"), "schema": json_schema}
+                if strict is not None:
+                    spec["strict"] = strict
                 response_format: dict[str, Any] = {"type": "json_schema", "json_schema": spec}
             else:
                 response_format = {"type": "json_object"}

@@ -39,6 +39,11 @@ class ToolSchemaError(InvalidRequestError):
     """A tool definition cannot be used: not JSON-serializable, or without a name."""
 
 
+class GrammarError(InvalidRequestError):
+    """A schema (tool parameters, response_format) or grammar cannot constrain decoding: a JSON-schema
+    feature the grammar cannot enforce, one llguidance refuses, or text the vocabulary cannot write."""
+
+
 class DistillError(GemmaMTPError, ValueError):
     """Distillation options or data cannot make a drafter for this target; raised before training."""
 
@@ -71,6 +76,7 @@ HTTP_ERRORS: tuple[tuple[type[GemmaMTPError], int, str, str | None], ...] = (
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (KVCacheLimitError, 400, "invalid_request_error", "kv_cache_limit_exceeded"),
+    (GrammarError, 400, "invalid_request_error", "invalid_schema"),
     (ServerBusyError, 429, "rate_limit_error", "server_busy"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ServerError, 500, "server_error", None),

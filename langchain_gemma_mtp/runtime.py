@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .chat_templates import FALLBACK_CHAT_TEMPLATE
-from .errors import ContextLengthError, InvalidRequestError
+from .errors import ContextLengthError, GrammarError, InvalidRequestError
 from .formats import gemma4, json_calls
+from .formats.grammar import OutputShape, gemma4_grammar, json_convention_grammar
 from .formats.streaming import ParsedDelta, StreamingParser
 from .hints import DraftHint, resolve_draft_hint
 from .messages import check_tool, merge_consecutive, normalize_messages, normalize_tool_choice, tool_names
@@ -42,6 +43,7 @@ from .text_stream import IncrementalDecoder, StopMatcher
 
 if TYPE_CHECKING:  # the engine imports torch; the runtime itself does not need it
     from .engine import Engine, RequestHandle
+    from .engine.constraint import Grammar
 
 
 # Markers that end a model turn, where the tokenizer has them as single tokens. `<|tool_response>`
@@ -88,6 +90,7 @@ class PreparedPrompt:
     parser: StreamingParser
     draft_hint: str | int
     stop_strings: list[str]
+    constraint: Grammar | None = None  # the grammar the answer must match (see `ChatRuntime.prepare`)
 
 
 class ChatRuntime:
@@ -112,6 +115,14 @@ class ChatRuntime:
     def prepare(self, request: ChatRequest) -> PreparedPrompt:
         """Render the request; raises InvalidRequestError (a ValueError) for anything malformed.
 
+        The answer is constrained by a grammar (formats/grammar.py, engine/constraint.py) when a
+        tool is strict (`function.strict`: calls must match their schemas), a tool call is forced
+        (the answer is calls that parse; their schemas are enforced when strict), or a
+        response_format asks for JSON (json_schema: that schema; json_object: any object). The
+        grammar describes the whole answer (a thought first when thinking is on); a forced
+        opening stays in the prompt as before and is the grammar's prefix. GrammarError (a 400 on
+        the server) names a schema part that cannot be enforced, before any model work.
+
         `prompt_ids` is what the engine is given, so its length is the token count of the request's
         messages and tools (ChatGemmaMTP.get_num_tokens_from_messages, the server's /tokenize). Whether
         it fits the context is checked on submission, so a prompt too long to run can still be counted.
@@ -125,11 +136,14 @@ class ChatRuntime:
         if choice == "required" or forced_name:
             forced = (gemma4 if self.native_tools else json_calls).forced_call_prefix(forced_name)
         draft_hint = resolve_draft_hint(request.draft_hint, messages, offered, choice)
+        json_format = request.response_format if _wants_json(request.response_format) else None
+        strict = any(t["function"].get("strict") is True for t in offered)
+        constrained = strict or bool(forced) or json_format is not None
         notes = []
         if offered and not self.native_tools:
             notes.append(json_calls.tools_instruction(offered))
-        if _wants_json(request.response_format):
-            notes.append(_json_instruction(request.response_format))
+        if json_format is not None:
+            notes.append(_json_instruction(json_format))
             forced = forced or "{"
         if notes:
             messages = _with_system_note(messages, "\n\n".join(notes))
@@ -143,6 +157,17 @@ class ChatRuntime:
             forced = gemma4.forced_opening(forced, in_thought)
         if forced:
             prompt_ids = self.prompts.append(prompt_ids, forced)
+        constraint = None
+        if constrained:
+            shape = OutputShape(
+                tools=[t for t in offered if forced_name in (None, t["function"]["name"])],
+                calls_only=choice == "required" or forced_name is not None,
+                single_call=request.parallel_tool_calls is False,
+                json=_json_schema(json_format) if json_format is not None else None,
+                thinking=request.reasoning,
+                in_thought=in_thought,
+            )
+            constraint = self._grammar(shape, forced)
         names = set(tool_names(offered))
         parser: StreamingParser
         if self.native_tools:
@@ -155,7 +180,24 @@ class ChatRuntime:
             parser=parser,
             draft_hint=draft_hint,
             stop_strings=[*_stop_list(request.stop), *self._internal_stops],
+            constraint=constraint,
         )
+
+    def _grammar(self, shape: OutputShape, forced: str) -> Grammar:
+        """The compiled grammar of an answer of `shape` in this model's output format, begun by
+        the `forced` text the prompt ends with."""
+        what = "response_format.json_schema" if shape.json and not shape.tools else "the tool schemas" if shape.tools else "the answer"
+        prefix = self.tokenizer.encode(forced, add_special_tokens=False) if forced else []
+        if not self.native_tools:
+            return self.engine.grammar(json_convention_grammar(shape), what, prefix)
+        vocab = self.tokenizer.get_vocab()
+
+        def token(marker: str) -> int:
+            if marker not in vocab:
+                raise GrammarError(f"the tokenizer of {self.model_name} has no {marker!r} token, which Gemma 4's call syntax needs.")
+            return vocab[marker]
+
+        return self.engine.grammar(gemma4_grammar(shape, token), what, prefix)
 
     def _room(self, prompt_tokens: int, max_tokens: int) -> int:
         """max_tokens, cut to the room the context leaves after the prompt."""
@@ -196,6 +238,7 @@ class ChatRuntime:
             repetition_penalty=request.repetition_penalty,
             logit_bias=request.logit_bias,
             min_tokens=request.min_tokens,
+            constraint=prepared.constraint,
         )
         return handle, _Decoding(self, request, prepared, handle)
 
@@ -350,6 +393,8 @@ class _Decoding:
             "num_draft_tokens": self.request.num_draft_tokens,
             "drafted": stats.drafted,
             "sibling_tokens": stats.sibling_tokens,
+            "jump_forward_tokens": stats.jump_forward_tokens,
+            "jump_forward_accepted": stats.jump_forward_accepted,
             "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
@@ -403,7 +448,8 @@ def _wants_json(response_format: Mapping[str, Any] | None) -> TypeGuard[Mapping[
 
 
 def _json_instruction(response_format: Mapping[str, Any]) -> str:
-    """JSON mode is enforced by opening the answer with "{"; the schema, if any, is shown to the model."""
+    """The system note of JSON mode: the answer opens with "{" and a grammar holds it to JSON (and to
+    the schema, if any, which is shown to the model too)."""
     if response_format.get("type") != "json_schema":
         return _JSON_ONLY
     spec = response_format.get("json_schema") or {}
@@ -411,6 +457,17 @@ def _json_instruction(response_format: Mapping[str, Any]) -> str:
         raise InvalidRequestError(f'response_format.json_schema must be an object {{"name", "schema"}}, got {type(spec).__name__}.')
     schema = spec.get("schema", spec)
     return f"{_JSON_ONLY} It must match this JSON schema:\n{json.dumps(schema, ensure_ascii=False)}"
+
+
+def _json_schema(response_format: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The schema a JSON answer must match: json_schema's own, or {} (any object) for json_object."""
+    if response_format.get("type") != "json_schema":
+        return {}
+    spec = response_format.get("json_schema") or {}
+    schema = spec.get("schema", spec) if isinstance(spec, Mapping) else None
+    if not isinstance(schema, Mapping):
+        raise GrammarError(f"response_format.json_schema.schema must be a JSON schema object, got {type(schema).__name__}.")
+    return schema
 
 
 def _with_system_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from ..draft_settings import MTP_DRAFTERS
 from ..engine_spec import DEFAULT_PREFIX_CACHE_MB, EngineSpec, mtp_settings_refused
 from ..errors import InvalidRequestError
 from .cache import PrefixCache
+from .constraint import Grammar, compile_lark, grammar_tokenizer
 from .drafters import Drafter, DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
 from .loading import (
     find_assistant,
@@ -178,6 +179,7 @@ class Engine:
         repetition_penalty: float = 1.0,
         logit_bias: Mapping[int, float] | None = None,
         min_tokens: int = 0,
+        constraint: Grammar | None = None,
     ) -> GenerationRequest:
         """A validated request; raises InvalidRequestError before any forward pass."""
         if isinstance(prompt_ids, torch.Tensor):
@@ -191,9 +193,18 @@ class Engine:
             draft_hint=draft_hint,
             stop_token_ids=frozenset(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids,
             processing=LogitsProcessing(frequency_penalty, presence_penalty, repetition_penalty, _bias_copy(logit_bias), min_tokens),
+            constraint=constraint,
         )
         request.validate(self.target.vocab_size, self.max_positions)
         return request
+
+    def grammar(self, lark: str, what: str = "the grammar", prefix: Iterable[int] = ()) -> Grammar:
+        """A Lark grammar (llguidance's dialect: `%json{...}` parts, special tokens as `<[id]>`)
+        compiled for this engine's tokenizer, for `constraint=`; `prefix`: its first tokens, which
+        the prompt already ends with. GrammarError naming `what` if it cannot be compiled."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{self.name} has no tokenizer: a grammar needs one; pass tokenizer= to the Engine.")
+        return compile_lark(lark, grammar_tokenizer(self.tokenizer), what, list(prefix))
 
     def kv_bytes(self, request: GenerationRequest) -> int:
         """The KV cache a request can grow to: every position it may hold at once, in every layer that stores K/V."""
@@ -236,7 +247,8 @@ class Engine:
         (sampling only), frequency_penalty=0.0 and presence_penalty=0.0 (OpenAI, over generated
         tokens, in [-2, 2]), repetition_penalty=1.0 (HF/vLLM, over prompt and output, > 0),
         logit_bias=None ({token id: bias in [-100, 100]}), min_tokens=0 (stop tokens are banned
-        until this many tokens were generated).
+        until this many tokens were generated), constraint=None (a `Grammar` the output must
+        match, from `Engine.grammar`; engine/constraint.py).
         """
         return self.submit(prompt_ids, **kwargs).result()
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from .batch import Feed
 from .cache import PrefixCache
+from .constraint import open_constraint
 from .drafters import NO_DRAFT, Draft, DraftAsk, Drafter, DraftRequest, DraftStep
 from .processors import RequestProcessors, row_paths
 from .schedule import DraftPolicy
@@ -75,11 +76,13 @@ def speculative_decode(
     processors = None
     if request.processing.active:
         processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
+    constraint = open_constraint(request, stats)  # a grammar the output must match, or no-op hooks
     fwd = yield from _prefill(target, prompt[reused:], cache)
     assert fwd.logits is not None  # the last chunk's row
     logits = fwd.logits[-1]
     if processors is not None:
         logits = processors.apply(logits[None], prompt, [[]])[0]
+    logits = constraint.mask(logits[None], [[]])[0]
     first = int(choose_token(logits, sampling, generator)[0])
     stats.target_forwards += 1
     if prefix_cache is not None:  # now, so requests running beside this one reuse the prompt at once
@@ -91,6 +94,7 @@ def speculative_decode(
     drafting = DraftRequest(len(prompt), sampling, generator, request.learns, prefix_cache)
     session = drafter.open(drafting)
     new, finish = _finish([first], 0, request)
+    new, finish = constraint.commit(new, finish)
     produced = len(new)
     try:
         yield Burst(new, 0, 0, finish)
@@ -108,12 +112,14 @@ def speculative_decode(
                 drafted = yield DraftAsk(drafter, session, step, policy.costs)
                 assert isinstance(drafted, Draft)  # the worker sends a Draft for a DraftAsk
                 draft = drafted
+            draft = constraint.draft(draft, room)
             tree = _tree(draft, request, target)
             verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree, costs=policy.costs)
             assert isinstance(verified, Forward) and verified.logits is not None  # the worker sends a Forward for a Feed
             fwd, logits = verified, verified.logits
             if processors is not None:
                 logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
+            logits = constraint.mask(logits, row_paths(draft.tokens, tree))
             verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
@@ -124,6 +130,7 @@ def speculative_decode(
             stats.record_step(len(draft), len(verdict.accepted), verdict.siblings_verified)
             policy.observe(len(draft), verdict.chain)
             new, finish = _finish(kept, produced, request)
+            new, finish = constraint.commit(new, finish)
             produced += len(new)
             yield Burst(new, len(draft), len(verdict.accepted), finish, verdict.siblings_verified)
     finally:

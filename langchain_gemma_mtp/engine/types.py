@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..draft_settings import check_draft_hint, check_num_draft_tokens
 from ..errors import InvalidRequestError
 from .processors import LogitsProcessing
+
+if TYPE_CHECKING:
+    from .constraint import Grammar
 
 # Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): logits divided by a smaller one
 # overflow float32, and the distribution is a point mass on the argmax well before.
@@ -40,6 +44,7 @@ class GenerationRequest:
     draft_hint: str | int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     processing: LogitsProcessing = field(default_factory=LogitsProcessing)
+    constraint: Grammar | None = None  # the output must match it (engine/constraint.py)
 
     @property
     def learns(self) -> bool:
@@ -83,6 +88,13 @@ class GenerationRequest:
                 f"stop_token_ids holds id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[:3]}: use this model's token ids."
             )
         self.processing.validate(vocab_size, self.max_new_tokens)
+        if self.constraint is not None:
+            from .constraint import Grammar  # here: the constraint module imports this one
+
+            if not isinstance(self.constraint, Grammar):
+                raise InvalidRequestError(
+                    f"constraint must be a Grammar (engine.constraint.compile_lark), got {type(self.constraint).__name__}."
+                )
         if self.num_draft_tokens is not None:
             check_num_draft_tokens(self.num_draft_tokens)
         if self.draft_hint is not None:
@@ -100,6 +112,8 @@ class SpeculativeStats:
     sibling_tokens: int = 0  # tokens verified beside the chain (greedy draft trees)
     target_forwards: int = 0
     steps: int = 0
+    jump_forward_tokens: int = 0  # draft tokens a grammar forced (engine/constraint.py), in `drafted` too
+    jump_forward_accepted: int = 0  # of those, kept (in `accepted` too)
     draft_lengths: list[int] = field(default_factory=list)
     verify_widths: list[int] = field(default_factory=list)  # rows per verify forward: pending token, chain, siblings
     # The engine's fitted step costs when the request ended (costs.CostModel.snapshot).

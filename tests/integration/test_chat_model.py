@@ -41,6 +41,8 @@ SPECULATIVE_KEYS = {
     "num_draft_tokens",
     "drafted",
     "sibling_tokens",
+    "jump_forward_tokens",
+    "jump_forward_accepted",
     "accepted",
     "acceptance_rate",
     "mean_accepted_length",

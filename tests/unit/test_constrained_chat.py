@@ -1,0 +1,302 @@
+"""Constrained chat answers (runtime + formats/grammar.py): strict tool calls and JSON answers always parse and validate.
+
+Random JSON schemas (hypothesis) and the held tool sets (benchmarks/workloads.jsonl, the chat
+fixtures' tools) are given to an untrained tiny Gemma 4 (random weights, sampled): left alone it
+writes no call at all, so every valid call below is the grammar's doing. Calls are read back by the
+runtime's own Gemma 4 parser and validated with `jsonschema`. Schemas the grammar cannot enforce
+fail with a GrammarError naming the schema part, before any forward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine.drafters import NgramDrafter
+from langchain_gemma_mtp.errors import GrammarError
+from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime
+from langchain_gemma_mtp.testing import TOKENIZER_DIR, build_chat_target
+
+WORKLOADS = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads.jsonl"
+FIXTURE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "plan",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "steps": {"type": "array", "items": {"$ref": "#/$defs/step"}, "maxItems": 2},
+                    "done": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                    "with space": {"type": "number"},
+                },
+                "required": ["steps"],
+                "additionalProperties": False,
+                "$defs": {"step": {"type": "object", "properties": {"say": {"type": "string", "maxLength": 6}}, "required": ["say"]}},
+            },
+        },
+    },
+]
+
+
+def held_tools() -> list[dict]:
+    tools = {t["function"]["name"]: t for line in WORKLOADS.read_text().splitlines() for t in json.loads(line).get("tools", [])}
+    return [*tools.values(), *FIXTURE_TOOLS]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> ChatRuntime:
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return ChatRuntime(Engine(build_chat_target(seed=21), NgramDrafter(), tokenizer, prefix_cache_mb=0))
+
+
+def _strict(tool: dict) -> dict:
+    return {**tool, "function": {**tool["function"], "strict": True}}
+
+
+def ask(runtime: ChatRuntime, seed: int, **options) -> dict:
+    """A sampled answer; the bias on the closing markers only makes random weights end free strings,
+    numbers, objects and lists sooner (an untrained model would take thousands of tokens): what may follow stays the grammar's."""
+    vocab = runtime.tokenizer.get_vocab()
+    bias = {vocab['<|"|>']: 7.0, vocab["]"]: 2.0, vocab['"']: 5.0, vocab["}"]: 2.5}
+    options.setdefault("max_tokens", 700)
+    request = ChatRequest(messages=[{"role": "user", "content": "go"}], temperature=1.0, seed=seed, logit_bias=bias, **options)
+    return runtime.complete(request)
+
+
+def assert_valid_calls(message: dict, tools: list[dict]) -> None:
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert message["finish_reason"] == "tool_calls" and not message["invalid_tool_calls"], message
+    assert message["tool_calls"]
+    for call in message["tool_calls"]:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+
+
+@pytest.mark.parametrize("index", range(len(held_tools())), ids=[t["function"]["name"] for t in held_tools()])
+def test_every_held_tool_gets_calls_that_parse_and_match_its_schema(runtime, index) -> None:
+    tools = [_strict(t) for t in held_tools()]
+    name = tools[index]["function"]["name"]
+    for seed in range(3):
+        message = ask(runtime, seed, tools=tools, tool_choice=name, parallel_tool_calls=False)
+        assert_valid_calls(message, tools)
+        assert message["tool_calls"][0]["function"]["name"] == name
+    # "required" with the whole set: any tool, each call valid for the one it names.
+    assert_valid_calls(ask(runtime, 7, tools=tools, tool_choice="required", parallel_tool_calls=False), tools)
+
+
+def test_without_a_grammar_the_random_model_writes_no_valid_call(runtime) -> None:
+    """The check above is not vacuous: the same model and seeds, unconstrained (no strict, no
+    forced choice), write no call that parses."""
+    tools = held_tools()
+    for seed in range(3):
+        message = ask(runtime, seed, tools=tools, max_tokens=60)
+        assert not message["tool_calls"], message
+
+
+# -- random schemas ---------------------------------------------------------------------------------
+
+KEYS = st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True), st.sampled_from(["with space", "k-1", "Ünï"]))
+SCALARS = st.one_of(
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+    st.just({"type": "integer"}),
+    st.builds(
+        lambda low, span: {"type": "integer", "minimum": low, "exclusiveMaximum": low + span}, st.integers(-50, 50), st.integers(1, 100)
+    ),
+    st.just({"type": "number"}),
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.builds(
+        lambda v: {"enum": v},
+        st.lists(st.one_of(st.text(max_size=4), st.integers(-9, 99), st.booleans()), min_size=1, max_size=3, unique=True),
+    ),
+)
+
+
+def _object(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.dictionaries(KEYS, children, max_size=3).flatmap(
+        lambda props: st.builds(
+            lambda required: {"type": "object", "properties": props, "required": required, "additionalProperties": False},
+            st.lists(st.sampled_from(sorted(props)), unique=True) if props else st.just([]),
+        )
+    )
+
+
+SCHEMAS = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(
+        _object(children),
+        st.builds(lambda items, m: {"type": "array", "items": items, "maxItems": m}, children, st.integers(0, 3)),
+        st.builds(lambda a, b: {"anyOf": [a, b]}, children, children),
+    ),
+    max_leaves=6,
+)
+PARAMETERS = _object(SCHEMAS)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(parameters=PARAMETERS, seed=st.integers(0, 2**16))
+def test_random_schemas_give_calls_that_parse_and_validate(runtime, parameters, seed) -> None:
+    tools = [_strict({"type": "function", "function": {"name": "f", "parameters": parameters}})]
+    assert_valid_calls(ask(runtime, seed, tools=tools, tool_choice="f", parallel_tool_calls=False), tools)
+
+
+def _bounded_numbers(schema):
+    """The schema with unbounded numbers made bounded integers: JSON numbers have no length limit
+    of their own (docs/tool-calling.md, Limits), and random weights would write digits forever."""
+    if isinstance(schema, dict):
+        if schema.get("type") in ("integer", "number") and "minimum" not in schema:
+            return {"type": "integer", "minimum": -999, "maximum": 999}
+        return {k: _bounded_numbers(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_bounded_numbers(v) for v in schema]
+    return schema
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(schema=PARAMETERS.map(_bounded_numbers), seed=st.integers(0, 2**16))
+def test_random_schemas_give_json_answers_that_validate(runtime, schema, seed) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    message = ask(runtime, seed, response_format=response_format)
+    assert message["finish_reason"] == "stop", message
+    jsonschema.validate(json.loads(message["content"]), schema)
+
+
+def test_json_object_mode_gives_an_object(runtime) -> None:
+    for seed in range(3):
+        message = ask(runtime, seed, response_format={"type": "json_object"}, max_tokens=400)
+        if message["finish_reason"] == "stop":  # free keys and strings may run out of tokens
+            assert isinstance(json.loads(message["content"]), dict)
+        else:
+            assert message["content"].startswith("{")
+
+
+# -- thinking and bad schemas -----------------------------------------------------------------------
+
+
+def _accepts(runtime: ChatRuntime, request: ChatRequest, text: str) -> bool:
+    grammar = runtime.prepare(request).constraint
+    matcher = grammar.matcher()
+    ids = runtime.tokenizer.encode(text, add_special_tokens=False)
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime) -> None:
+    tools = [_strict(held_tools()[0])]
+    call = '<|tool_call>call:get_weather{city:<|"|>Lisbon<|"|>,unit:<|"|>celsius<|"|>}<tool_call|>'
+    thought = "<|channel>thought\nThe user wants Lisbon.<channel|>"
+    on = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=tools, reasoning=True)
+    off = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=tools)
+    assert _accepts(runtime, on, thought + call) and _accepts(runtime, on, "Sure. " + call)
+    assert not _accepts(runtime, off, thought + call) and _accepts(runtime, off, call)
+    assert not _accepts(runtime, off, call.replace("celsius", "kelvin"))  # enum enforced
+    assert not _accepts(runtime, off, call.replace('city:<|"|>Lisbon<|"|>,', ""))  # required key enforced
+    assert not _accepts(runtime, off, "<|tool_call>call:nope{}<tool_call|>")  # only declared tools
+    # Strictness is per tool: a non-strict tool beside a strict one takes any arguments object.
+    mixed = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=[*tools, held_tools()[1]])
+    assert _accepts(runtime, mixed, "<|tool_call>call:search_docs{anything:[1,true]}<tool_call|>")
+    assert not _accepts(runtime, mixed, call.replace("celsius", "kelvin"))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {
+                "tools": [
+                    _strict(
+                        {
+                            "type": "function",
+                            "function": {
+                                "name": "f",
+                                "parameters": {"type": "object", "properties": {"when": {"type": "string", "pattern": "^[0-9]+$"}}},
+                            },
+                        }
+                    )
+                ]
+            },
+            r"tools\[0\]\.function\.parameters\.properties\.when\.pattern: the JSON-schema keyword 'pattern' cannot be enforced",
+        ),
+        (
+            {
+                "tools": [
+                    _strict(
+                        {
+                            "type": "function",
+                            "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}},
+                        }
+                    )
+                ]
+            },
+            r"\$ref '#/\$defs/missing' names no definition",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}},
+                }
+            },
+            "response_format.json_schema cannot be compiled to a grammar",
+        ),
+    ],
+    ids=["unenforceable-keyword", "dangling-ref", "json-schema-llguidance-refuses"],
+)
+def test_a_schema_the_grammar_cannot_enforce_fails_before_any_forward(runtime, options, match) -> None:
+    steps = runtime.engine.counters.steps
+    with pytest.raises(GrammarError, match=match):
+        runtime.prepare(ChatRequest(messages=[{"role": "user", "content": "go"}], **options))
+    assert runtime.engine.counters.steps == steps
+
+
+def test_unconstrained_requests_carry_no_grammar(runtime) -> None:
+    """Non-strict tools in auto mode and plain answers are decoded exactly as before: no constraint."""
+    assert runtime.prepare(ChatRequest(messages=[{"role": "user", "content": "go"}], tools=held_tools())).constraint is None
+    assert runtime.prepare(ChatRequest(messages=[{"role": "user", "content": "go"}])).constraint is None
+
+
+# -- the memorizing model -----------------------------------------------------------------------------
+
+
+def test_the_memorizing_models_tool_answers_stay_or_become_valid_when_strict() -> None:
+    """Every memorized transcript that offers tools, its tools made strict. A memorized answer the
+    grammar allows is written exactly (greedy constrained decoding picks the same tokens); the
+    transcripts memorized with broken calls on purpose (an undeclared tool, an unterminated string)
+    come out as valid calls instead. Every call validates against its schema."""
+    from chat_fixtures import chat_checkpoint, transcripts
+
+    from langchain_gemma_mtp.server import load_runtime
+
+    runtime = load_runtime(str(chat_checkpoint()))
+    unchanged = repaired = 0
+    for transcript in transcripts():
+        request = transcript.request()
+        if not request.tools or transcript.chat_template is not None:
+            continue
+        free = runtime.complete(request)
+        constrained = runtime.complete(replace(request, tools=[_strict(t) for t in request.tools]))
+        assert not constrained["invalid_tool_calls"], constrained
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in request.tools}
+        for call in constrained["tool_calls"]:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+        if free["invalid_tool_calls"]:
+            repaired += bool(constrained["tool_calls"])
+        else:
+            calls = [[c["function"] for c in m["tool_calls"]] for m in (free, constrained)]
+            assert (constrained["content"], calls[1]) == (free["content"], calls[0])
+            unchanged += bool(free["tool_calls"])
+    assert unchanged >= 5 and repaired >= 2, (unchanged, repaired)
