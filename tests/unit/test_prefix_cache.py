@@ -82,7 +82,9 @@ def test_parallel_requests_share_a_prompt_prefilled_once(checkpoints, targets):
     b = engine.submit(ids[:45] + [7, 8], max_new_tokens=20, stop_token_ids=[])
     ra, rb = a.result(), b.result()
     assert ra.stats.cached_tokens == 0 and rb.stats.cached_tokens == 45
-    assert sorted(fed[:2]) == [2, 50]  # two prefills: the whole prompt, then only the new tokens
+    # Two prefills: the whole prompt, then only the new tokens (in the first round, or the next one
+    # after the first request's first verification block, depending on when the second arrived).
+    assert fed[0] == 50 and 2 in fed[1:3], fed
     assert ra.token_ids == hf_greedy(targets["shared_ple"], ids, 20)
     assert rb.token_ids == hf_greedy(targets["shared_ple"], ids[:45] + [7, 8], 20)
 
