@@ -4,7 +4,8 @@ arriving beside streams.
 1. Fan-out: a LangGraph graph sends one task to 4 branch nodes at once (`Send`), each a
    ChatGemmaMTP call with its own draft hint writing `--max-new` tokens. Aggregate tokens/s of the
    fan-out against the same 4 nodes run one after another on the same engine, in interleaved
-   rounds (same process, same engine, same prompts).
+   rounds (same process, same engine, same prompts), each run cold (nothing learned from the
+   runs before).
 2. Prefill beside streams: three requests stream while a prompt of `--long-prompt` tokens arrives.
    The longest gap between two bursts of a streaming request while the long prompt prefills
    (chunked, engine/loop.py PREFILL_CHUNK), against their median gap, and against the long
@@ -73,16 +74,20 @@ def branch_prompts() -> list[tuple[str, str]]:
     return [(hint, next(m["content"] for m in by_id[wid]["messages"] if m["role"] == "user")) for hint, wid in BRANCHES]
 
 
-def bench_fan_out(llm: ChatGemmaMTP, max_new: int, rounds: int) -> dict:
+def bench_fan_out(llm: ChatGemmaMTP, engine: Engine, max_new: int, rounds: int) -> dict:
     graph = fan_out_graph(llm, max_new)
     prompts = branch_prompts()
 
+    # Each run starts cold (engine.forget()): no n-gram index or prefix cache from the runs before,
+    # which would let n-gram drafting copy the previous run's answers.
     def fan() -> tuple[int, float]:
+        engine.forget()
         start = time.perf_counter()
         out = graph.invoke({"task": "write", "results": []})
         return sum(n for _, n in out["results"]), time.perf_counter() - start
 
     def sequential() -> tuple[int, float]:
+        engine.forget()
         start = time.perf_counter()
         tokens = 0
         for hint, text in prompts:  # the same node calls, one after another
@@ -90,7 +95,7 @@ def bench_fan_out(llm: ChatGemmaMTP, max_new: int, rounds: int) -> dict:
             tokens += reply.usage_metadata["output_tokens"] if reply.usage_metadata else 0
         return tokens, time.perf_counter() - start
 
-    fan(), sequential()  # warm-up: prompts enter the prefix cache alike for both
+    fan(), sequential()  # warm-up
     (fan_tokens, fan_secs), (seq_tokens, seq_secs) = timed_rounds([fan, sequential], rounds)
     fan_rate, seq_rate = fan_tokens / min(fan_secs), seq_tokens / min(seq_secs)
     return {
@@ -160,7 +165,7 @@ def main() -> None:
     assistant = str(EMBEDDED_ASSISTANT_DIR) if args.drafter in ("mtp", "hybrid") else None
     engine = Engine.from_pretrained(str(embedded_model_dir()), drafter=args.drafter, assistant=assistant, dtype=args.dtype)
     llm = ChatGemmaMTP(engine=engine, max_tokens=args.max_new)
-    fan = bench_fan_out(llm, args.max_new, args.rounds)
+    fan = bench_fan_out(llm, engine, args.max_new, args.rounds)
     print(
         f"fan-out of {fan['branches']}: {fan['fan_out_tok_s']} tok/s vs one after another {fan['sequential_tok_s']} tok/s "
         f"= {fan['fan_out_over_sequential']}x"

@@ -5,7 +5,8 @@ with the real console command in a separate process on a loopback port, and runs
 streaming chat requests through httpx (SSE, `stream_options.include_usage`). Every answer is
 checked against the transcript the model memorized, so "complete" means the right answer, not
 just a closed stream. With `--embedded` it serves the real Gemma 3 270M instead (bf16), the
-clients asking the agent workloads (benchmarks/workloads.jsonl) in turn. Per N it reports
+clients asking the agent workloads (benchmarks/workloads.jsonl) in turn. Each level gets a fresh
+server, warmed up on a question no client asks. Per N it reports
 aggregate throughput (completion tokens per second of wall time), first-chunk latency
 percentiles (request sent -> first chunk with output) and each client's own rate (its tokens over
 its request's whole time: worst and median), and aggregate over one client's.
@@ -117,9 +118,12 @@ async def run(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
-        await one_client(client, model, asked[0], max_tokens)  # warm up: first-call costs stay out of the numbers
+        # Warm up on a question no client asks: first-call costs stay out of the numbers, and no client
+        # finds its own answer already in the n-gram index.
+        warm, rest = asked[-1], asked[:-1]
+        await one_client(client, model, warm, max_tokens)
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, model, asked[i % len(asked)], max_tokens) for i in range(clients)))
+        results = await asyncio.gather(*(one_client(client, model, rest[i % len(rest)], max_tokens) for i in range(clients)))
         return list(results), time.perf_counter() - started
 
 
@@ -180,17 +184,21 @@ def main() -> int:
     levels = [int(n) for n in str(args.clients).split(",")]
     asked = questions(args.embedded)
 
-    def sweep(base_url: str, model: str) -> list[tuple[int, list[dict], float]]:
-        return [(n, *asyncio.run(run(base_url, model, n, args.max_tokens, args.api_key, asked))) for n in levels]
+    def level(base_url: str, model: str, n: int) -> tuple[int, list[dict], float]:
+        return (n, *asyncio.run(run(base_url, model, n, args.max_tokens, args.api_key, asked)))
 
     if args.base_url:
         if not args.model:
             ap.error("--base-url needs --model")
-        runs, expected = sweep(args.base_url, args.model), None
+        runs, expected = [level(args.base_url, args.model, n) for n in levels], None
     else:
-        model, server_cm = served(args.threads, args.embedded, args.drafter, max(levels))
-        with server_cm as server:
-            runs = sweep(server.base_url, model)
+        # A fresh server per level: nothing one level's answers taught the n-gram index or the prefix
+        # cache makes the next level's faster.
+        runs = []
+        for n in levels:
+            model, server_cm = served(args.threads, args.embedded, args.drafter, n)
+            with server_cm as server:
+                runs.append(level(server.base_url, model, n))
         expected = None if args.embedded else expected_answers()
 
     summaries = [summarize(n, results, wall, expected) for n, results, wall in runs]
