@@ -76,10 +76,12 @@ def build_target(args) -> tuple[Any, int]:
         from tests.tiny_models import VOCAB
         from tests.tiny_models import build_target as tiny_target
 
-        return tiny_target("shared_ple", seed=0).to(torch.bfloat16), VOCAB
+        return tiny_target("shared_ple", seed=0).to(getattr(torch, args.synthetic_dtype)), VOCAB
     config = e2b_config(args.layers)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16: an fp32 copy of 4.6B parameters would not fit
+    torch.set_default_dtype(
+        getattr(torch, args.synthetic_dtype)
+    )  # initialise in the run's dtype: an fp32 copy of 4.6B parameters does not fit beside a bf16 one
     try:
         torch.manual_seed(0)
         model = Gemma4ForCausalLM(config).eval()
@@ -110,14 +112,16 @@ def synthetic(args) -> list[dict]:
     plain.generate(prompt, max_new_tokens=4, stop_token_ids=[])  # warm-up
     (ref, plain_secs) = timed(lambda: plain.generate(prompt, max_new_tokens=args.max_new, stop_token_ids=[]).token_ids)
     forward_s = plain.scheduler.costs.snapshot()["forward_s"]  # the fitted one-row forward, prefill left out
-    size = on_short_lived_thread(lambda: step_size_for(args.draft_fraction * forward_s, torch.bfloat16))
+    size = on_short_lived_thread(lambda: step_size_for(args.draft_fraction * forward_s, getattr(torch, args.synthetic_dtype)))
     print(
-        f"plain: {args.max_new / plain_secs:.2f} tok/s ({forward_s * 1e3:.0f} ms a forward); draft step: {size}x{size} bf16 matmul",
+        f"plain: {args.max_new / plain_secs:.2f} tok/s ({forward_s * 1e3:.0f} ms a forward); draft step: {size}x{size} {args.synthetic_dtype} matmul",
         flush=True,
     )
     rows = []
     for accept in args.acceptance:
-        drafter = ReplayDrafter(ref, accept, vocab, seed=2, step_size=size, dtype=torch.bfloat16, name=f"replay-{accept}")
+        drafter = ReplayDrafter(
+            ref, accept, vocab, seed=2, step_size=size, dtype=getattr(torch, args.synthetic_dtype), name=f"replay-{accept}"
+        )
         # Three engines: the fixed lengths' steps must not teach the measured schedule's cost model.
         measured, constant, fixed = Engine(model, drafter), Engine(model, drafter), Engine(model, drafter)
         constant.scheduler.costs.learning = False
@@ -247,6 +251,12 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", help="embedded part: the 270M's dtype")
+    ap.add_argument(
+        "--synthetic-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="synthetic part: the random target's dtype (float32 keeps random weights' near-tied logits on the recording)",
+    )
     args = ap.parse_args()
     if args.tiny:
         args.max_new, args.prompt_len, args.rounds = min(args.max_new, 24), min(args.prompt_len, 16), 1
