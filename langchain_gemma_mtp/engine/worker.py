@@ -272,9 +272,10 @@ class EngineWorker:
                 return
 
     def _round(self) -> bool:
-        """Step every active request once: admit waiting ones, start new ones up to their first feed,
-        run one batched forward over the verification blocks (per target) and prefill chunks up to
-        PREFILL_CHUNK tokens, and hand each its Forward. False once the thread is let go (idle or stopping)."""
+        """Step every active request once: admit waiting ones, draft for those waiting on a draft (one
+        batch per drafter), verify every pending block in one batched forward per model, then feed
+        prompt chunks up to PREFILL_CHUNK tokens; each request runs on to what it needs next. False
+        once the thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
                 for job in (*self._active, *self._waiting):
