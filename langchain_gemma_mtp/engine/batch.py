@@ -5,9 +5,9 @@ Every request keeps its own DynamicCache, so rollback, the prefix cache and the 
 a request alone. For the forward, `BatchCache` stands in for the model's cache: each layer's new K/V
 rows are appended to each request's own cache (its padding dropped), and what the layer attends to
 is those caches' visible K/V side by side, zero-padded to the longest; the per-request masks hide
-the padding. The weights are read once for the whole batch: on CPU a forward over 16 rows costs
-about 1.3x one over a single row (docs/benchmarks.md), so verifying every waiting request's draft
-in one forward multiplies the aggregate throughput.
+the padding. The weights are read once for the whole batch, so a forward verifying several
+requests' drafts costs much less than one forward each; each verified row still pays for its
+logits (docs/benchmarks.md, "Parallel agents sharing forwards", has what that leaves on the 270M).
 """
 
 from __future__ import annotations
