@@ -18,6 +18,7 @@ unconstrained answers from the same prompts do).
 
     python -m benchmarks.grammar_bench --model embedded --drafter hybrid --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m.json
     python -m benchmarks.grammar_bench --model embedded --drafter ngram --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m-ngram.json
+    python -m benchmarks.grammar_bench --model embedded --validity-only --validity-max-new 320 --out benchmarks/results/grammar-validity-270m.json
     python -m benchmarks.grammar_bench --model tiny --max-new 16 --rounds 1 --limit 1 --seeds 1     # smoke run
 """
 
@@ -228,13 +229,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="fixed draft length (default: the engine's adaptive one)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N workloads")
     ap.add_argument("--seeds", type=int, default=5, help="sampled calls per tool in the validity check")
+    ap.add_argument("--validity-max-new", type=int, default=None, help="the validity check's token budget (default: --max-new)")
+    ap.add_argument("--validity-only", action="store_true", help="run the validity check alone")
     args = ap.parse_args()
     set_threads(args.threads)
     runtime, plain, label = setup(args.model, args.drafter)
     print(f"{label}, drafter {runtime.engine.drafter.name}")
-    rows = bench(runtime, plain, args.max_new, args.rounds, args.k, args.limit)
-    checks = validity(runtime, args.max_new, args.seeds)
-    totals = summary(rows)
+    rows = [] if args.validity_only else bench(runtime, plain, args.max_new, args.rounds, args.k, args.limit)
+    checks = validity(runtime, args.validity_max_new or args.max_new, args.seeds)
+    totals = summary(rows) if rows else {}
     print(json.dumps(totals, indent=1))
     write_results(args.out, args, model=label, rows=rows, summary=totals, validity=checks)
 
