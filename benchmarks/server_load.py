@@ -9,9 +9,12 @@ clients asking the agent workloads (benchmarks/workloads.jsonl) in turn. Each le
 server, warmed up on a question no client asks. Per N it reports
 aggregate throughput (completion tokens per second of wall time), first-chunk latency
 percentiles (request sent -> first chunk with output) and each client's own rate (its tokens over
-its request's whole time: worst and median), and aggregate over one client's.
+its requests' whole time: worst and median), and aggregate over one client's. Every level serves
+the same requests (`--requests`, default the largest level's client count; the questions repeat
+past the distinct ones), each client sending its next as soon as its last ended, so a level's
+rate compares with one client's over the same work.
 
-    python -m benchmarks.server_load --embedded --clients 1,4,16,32 --max-tokens 96 --out benchmarks/results/server-load-270m-bf16.json
+    python -m benchmarks.server_load --embedded --clients 1,4,16 --requests 16 --max-tokens 96 --out benchmarks/results/server-load-270m-bf16.json
     python -m benchmarks.server_load --clients 32 --out benchmarks/results/server-load-tiny.json
     python -m benchmarks.server_load --clients 2     # smoke run
     python -m benchmarks.server_load --base-url http://127.0.0.1:8000/v1 --model NAME   # any running server
@@ -113,18 +116,32 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(
-    base_url: str, model: str, clients: int, max_tokens: int, api_key: str | None, asked: list[tuple[str, list[dict]]]
+    base_url: str,
+    model: str,
+    clients: int,
+    max_tokens: int,
+    api_key: str | None,
+    warm: tuple[str, list[dict]],
+    work: list[tuple[str, list[dict]]],
 ) -> tuple[list[dict], float]:
+    """`work`'s requests served to `clients` concurrent clients, each sending its next request as
+    soon as its last one ended (the results carry which client sent each)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
         # Warm up on a question no client asks: first-call costs stay out of the numbers, and no client
         # finds its own answer already in the n-gram index.
-        warm, rest = asked[-1], asked[:-1]
         await one_client(client, model, warm, max_tokens)
+        queue = list(reversed(work))
+        results: list[dict] = []
+
+        async def client_loop(who: int) -> None:
+            while queue:
+                results.append({**await one_client(client, model, queue.pop(), max_tokens), "client": who})
+
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, model, rest[i % len(rest)], max_tokens) for i in range(clients)))
-        return list(results), time.perf_counter() - started
+        await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        return results, time.perf_counter() - started
 
 
 def expected_answers() -> dict[str, str] | None:
@@ -150,9 +167,16 @@ def summarize(clients: int, results: list[dict], wall: float, expected: dict[str
     done = [r for r in results if "error" not in r]
     tokens = sum(r["completion_tokens"] for r in done)
     firsts = [r["first_chunk_s"] for r in done if r["first_chunk_s"] is not None]
-    rates = sorted(r["completion_tokens"] / r["total_s"] for r in done if r["total_s"] > 0)
+    # Each client's rate: its tokens over the time its requests took (queueing and prefill included).
+    per_client: dict[int, list[float]] = {}
+    for r in done:
+        tokens_time = per_client.setdefault(r.get("client", 0), [0.0, 0.0])
+        tokens_time[0] += r["completion_tokens"]
+        tokens_time[1] += r["total_s"]
+    rates = sorted(t / s for t, s in per_client.values() if s > 0)
     return {
         "clients": clients,
+        "requests": len(results),
         "completed": len(done) - len(unfinished),
         "errors": len(errors),
         "wrong_answers": len(wrong),
@@ -172,6 +196,12 @@ def main() -> int:
     ap = parser(__doc__, threads=False)
     ap.add_argument("--clients", default="32", help="concurrent clients, or a comma list of levels run one after another (1,4,16,32)")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests every level serves, the clients taking the next as each ends (default: the largest level's clients)",
+    )
     ap.add_argument("--embedded", action="store_true", help="serve the real Gemma 3 270M (bf16) and ask the agent workloads")
     ap.add_argument(
         "--drafter", default="hybrid", help="with --embedded: the server's drafter (hybrid: the distilled MTP drafter and n-gram)"
@@ -183,9 +213,13 @@ def main() -> int:
     args = ap.parse_args()
     levels = [int(n) for n in str(args.clients).split(",")]
     asked = questions(args.embedded)
+    # Every level serves the same requests (the questions in turn), so its rate compares with one
+    # client's over the same work, not over whichever question one client happened to ask.
+    warm, rest = asked[-1], asked[:-1]
+    work = [rest[i % len(rest)] for i in range(args.requests or max(levels))]
 
     def level(base_url: str, model: str, n: int) -> tuple[int, list[dict], float]:
-        return (n, *asyncio.run(run(base_url, model, n, args.max_tokens, args.api_key, asked)))
+        return (n, *asyncio.run(run(base_url, model, n, args.max_tokens, args.api_key, warm, work)))
 
     if args.base_url:
         if not args.model:
@@ -208,14 +242,14 @@ def main() -> int:
             s["aggregate_over_one_client"] = round(s["tokens_per_s"] / one["tokens_per_s"], 2)
         rates = s["client_tokens_per_s"] or {}
         print(
-            f"{s['clients']:>3} clients: {s['completed']}/{s['clients']} completed, {s['errors']} errors, {s['wrong_answers']} wrong; "
+            f"{s['clients']:>3} clients: {s['completed']}/{s['requests']} requests completed, {s['errors']} errors, {s['wrong_answers']} wrong; "
             f"{s['tokens_per_s']} tok/s ({s.get('aggregate_over_one_client', '-')}x one client); first chunk p50 "
             f"{s['first_chunk_s']['p50']} s p99 {s['first_chunk_s']['p99']} s; per client worst {rates.get('worst')} median {rates.get('median')} tok/s"
         )
         for bad in s["problems"]:
             print("  problem:", bad)
     write_results(args.out, args, summary=summaries, requests=[r for _, results, _ in runs for r in results])
-    ok = all(not s["errors"] and not s["wrong_answers"] and s["completed"] == s["clients"] for s in summaries)
+    ok = all(not s["errors"] and not s["wrong_answers"] and s["completed"] == s["requests"] == len(work) for s in summaries)
     return 0 if ok else 1
 
 

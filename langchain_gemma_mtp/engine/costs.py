@@ -2,9 +2,12 @@
 
 The draft schedule (schedule.py) prices a plan in units of one single-row target forward:
 
-    time(rows, drafts) = 1 + row * (rows - 1) + draft * drafts
+    time(rows, drafts) = share * (1 - row) + row * rows + draft * drafts
 
-`CostModel` fits `row` and `draft` online from the steps the engine runs. Forward seconds are kept
+where `share` is the request's part of the forward's fixed cost (the weights are read once for the
+whole batch): 1 alone, 1/B in a verification forward over B requests (engine/batch.py), which makes
+rows dear beside what they save, so batched requests draft shorter. `CostModel` fits `row` and
+`draft` online from the steps the engine runs, and takes `share` from its last verification forward. Forward seconds are kept
 as decayed means per width bucket (powers of two, so a width the schedule left long ago is still
 remembered), and a line base + slope * width is fitted through the bucket means by weighted least
 squares, with a ridge prior that pulls the slope towards the prior's relative row cost: while every
@@ -50,10 +53,12 @@ class StepCosts:
     row: float
     draft: float
     measured: bool = False
+    share: float = 1.0  # the request's part of a forward's fixed cost: 1 / the requests it verifies beside
 
     def time(self, rows: int, drafts: int) -> float:
-        """A step verifying `rows` rows after `drafts` draft tokens, in single-row forwards."""
-        return 1.0 + self.row * (rows - 1) + self.draft * drafts
+        """A step verifying `rows` rows after `drafts` draft tokens, in single-row forwards (this
+        request's part of a shared forward)."""
+        return self.share * (1.0 - self.row) + self.row * rows + self.draft * drafts
 
     @classmethod
     def prior(cls, cost_per_draft_token: float) -> StepCosts:
@@ -91,10 +96,14 @@ class CostModel:
         self._draft = _Mean()
         self.forwards = 0  # observations taken, for stats
         self.draft_tokens = 0
+        self.sharing = 1  # requests in the last verification forward
 
-    def observe_forward(self, width: int, seconds: float) -> None:
-        """One target forward that verified `width` rows in all (in a packed forward: every request's
-        rows together) and took `seconds`."""
+    def observe_forward(self, width: int, seconds: float, requests: int | None = None) -> None:
+        """One target forward that ran `width` rows in all (in a batched forward: every request's
+        rows together) and took `seconds`; `requests`: the requests a verification forward verified
+        (None for a prompt chunk), whose count prices the next plans."""
+        if requests is not None:
+            self.sharing = max(1, requests)
         if not 1 <= width <= MAX_WIDTH or not seconds > 0:
             return
         with self._lock:
@@ -141,12 +150,13 @@ class CostModel:
             one_row = base + slope
             if not one_row > 0:
                 return self.prior
-            return StepCosts(slope / one_row, self._draft.y / self._draft.weight / one_row, measured=True)
+            return StepCosts(slope / one_row, self._draft.y / self._draft.weight / one_row, measured=True, share=1.0 / self.sharing)
 
     def snapshot(self) -> dict[str, float | int | bool]:
         """The fitted costs, for stats, metrics and the engine's repr: seconds of a single-row forward
         (0 before any), of each further verified row and of a draft token (0 before any), the relative
-        costs the schedule uses, and how many observations they rest on."""
+        costs the schedule uses, the requests the last verification forward shared, and how many
+        observations they rest on."""
         costs = self.relative()
         with self._lock:
             line = self._line()
@@ -158,6 +168,7 @@ class CostModel:
                 "row_cost": costs.row,
                 "draft_cost": costs.draft,
                 "measured": costs.measured,
+                "sharing": self.sharing,
                 "forwards": self.forwards,
                 "draft_tokens": self.draft_tokens,
             }

@@ -6,10 +6,14 @@ towards the kind's pooled rate where a position has few tries). It picks the k i
 [1, MAX_DRAFT_TOKENS] with the most expected tokens per unit of time,
 
     rate(k) = E[tokens | k] / time(k),   E = 1 + sum_j prod_{i<=j} alpha_i,
-    time(k) = 1 + (row + draft) * k      (in single-row target forwards, costs.StepCosts),
+    time(k) = share * (1 - row) + row * (k + 1) + draft * k   (in single-row target forwards, costs.StepCosts),
 
-where row is the measured cost of one more verified row and draft that of one draft token
-(costs.CostModel; before it has measured enough, the drafter's constant cost per draft token).
+where row is the measured cost of one more verified row, draft that of one draft token, and share
+the request's part of the forward's fixed cost, 1 / the requests verified in one batched forward
+(costs.CostModel; before it has measured enough, the drafter's constant cost per draft token and
+share 1). Alone, a row costs little beside the forward it rides on; beside fifteen other requests
+the forward's fixed cost is split sixteen ways while each row is still paid in full, so the same
+acceptance buys shorter drafts and narrower trees, and the batch's rows go to the likeliest tokens.
 Once costs are measured, the same prices set the MTP drafter's early stop and tree width by the
 marginal rule: one more draft token pays when its chance of acceptance exceeds what its time
 would earn at the chosen rate, rate * (row + draft), and a sibling row when its chance exceeds

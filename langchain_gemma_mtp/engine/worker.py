@@ -370,8 +370,9 @@ class EngineWorker:
             if any(f.costs for f in feeds) and feeds[0].target.device.type == "cuda":
                 torch.cuda.synchronize(feeds[0].target.device)  # the clock must include the device's work
             seconds = time.perf_counter() - started
+            verified = None if feeds[0].prefill else len(feeds)
             for costs in _each([f.costs for f in feeds]):
-                costs.observe_forward(sum(f.width for f in feeds), seconds)
+                costs.observe_forward(sum(f.width for f in feeds), seconds, verified)
         except BaseException as exc:
             for job, _ in jobs:
                 self._end(job, exc)

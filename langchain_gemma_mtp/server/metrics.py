@@ -67,6 +67,11 @@ def _cost_gauges(engine: Engine) -> Iterator[Metric]:
             c["draft_cost"],
         ),
         ("step_cost_measured", "1 once the draft schedule prices with measured costs, 0 while it uses the prior.", float(c["measured"])),
+        (
+            "step_cost_sharing_requests",
+            "Requests the last verification forward verified together; each plan pays its share of the forward.",
+            c["sharing"],
+        ),
     )
     for name, doc, value in gauges:
         yield GaugeMetricFamily(PREFIX + name, doc, value=value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_engine_greedy import NEW_TOKENS, hf_greedy, prompt
@@ -98,6 +100,28 @@ def test_plans_follow_the_costs():
     assert cheap.stop_below is not None and dear.stop_below is not None and cheap.stop_below < 0.05 < dear.stop_below
     # Per position: a kind whose drafts fail at the third position drafts two.
     assert plan_for([0.95, 0.95, 0.05, *[0.95] * 13], StepCosts(0.02, 0.02, measured=True)).k == 2
+
+
+def test_a_shared_forward_prices_its_fixed_cost_per_request():
+    costs = CostModel(0.1)
+    feed(costs, (0.05, 0.001), [1, 5, 17, 40, 120], 0.0005)
+    alone = costs.relative()
+    assert alone.measured and alone.share == 1.0 and costs.snapshot()["sharing"] == 1
+    costs.observe_forward(160, 0.2, requests=16)  # a verification forward over 16 requests' drafts
+    costs.observe_forward(256, 0.3)  # a prompt chunk beside them: not a verification, the share stays
+    shared = costs.relative()
+    assert shared.share == pytest.approx(1 / 16) and costs.snapshot()["sharing"] == 16
+    # The fixed cost is split, the rows are not.
+    single = dataclasses.replace(shared, share=1.0)
+    assert shared.time(1, 0) == pytest.approx((1 - shared.row) / 16 + shared.row)
+    assert shared.time(17, 16) - shared.time(1, 0) == pytest.approx(single.time(17, 16) - single.time(1, 0))
+    # So the same acceptance buys a shorter draft and a narrower tree in the batch.
+    alphas = [0.8] * MAX_DRAFT_TOKENS
+    alone_plan, shared_plan = plan_for(alphas, single), plan_for(alphas, shared)
+    assert shared_plan.k < alone_plan.k
+    assert shared_plan.stop_below is not None and alone_plan.stop_below is not None and shared_plan.stop_below > alone_plan.stop_below
+    costs.observe_forward(9, 0.06, requests=1)  # alone again
+    assert costs.relative().share == 1.0
 
 
 def test_scheduler_learns_per_position():

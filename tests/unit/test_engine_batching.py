@@ -14,6 +14,7 @@ from tiny_models import VOCAB, build_target
 from langchain_gemma_mtp.engine import Engine, loop, worker
 from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed
 from langchain_gemma_mtp.engine.cache import kv_layers
+from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS
 from langchain_gemma_mtp.engine.drafters import (
     Draft,
     DraftModelDrafter,
@@ -176,6 +177,36 @@ def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, kind)
         assert result.token_ids == hf_greedy(model, ids, n), f"{kind}/{e}"
         assert result.stats.steps == len(result.stats.draft_lengths) and len(result.token_ids) == n
     assert max(n for n, _ in shapes) >= 3, shapes  # verification blocks of several requests went through one forward
+
+
+def test_a_batched_forward_tells_the_plans_how_many_share_it(checkpoints, monkeypatch):
+    """The cost model hears how many requests each verification forward verified, and the next
+    plans are priced with that share (tests/unit/test_costs.py has the pricing itself)."""
+    engine = Engine.from_pretrained(checkpoints["gemma3"], drafter="ngram")
+    costs = engine.scheduler.costs
+    for width in range(1, 4 * MIN_FORWARDS):  # measured costs from the start: the plans use them
+        costs.observe_forward(width, 0.01 + 0.001 * width)
+        costs.observe_draft(MIN_DRAFTS, 1e-4)
+    heard: list[int | None] = []
+    observe = costs.observe_forward
+    shares: list[float] = []
+    relative = costs.relative
+
+    def spy_observe(width, seconds, requests=None):
+        heard.append(requests)
+        observe(width, seconds, requests)
+
+    def spy_relative():
+        shares.append(relative().share)
+        return relative()
+
+    monkeypatch.setattr(costs, "observe_forward", spy_observe)
+    monkeypatch.setattr(costs, "relative", spy_relative)
+    handles = [engine.submit(prompt(s, 10 + 3 * s), max_new_tokens=24, stop_token_ids=[], draft_hint="code") for s in range(4)]
+    for h in handles:
+        h.result()
+    assert max(heard) == 4 and None not in heard  # all four in one forward, at least once
+    assert 0.25 in shares  # a plan priced while four shared the forwards (once measured)
 
 
 class FailsOn(StatelessDrafter):
