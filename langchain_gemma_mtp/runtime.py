@@ -25,6 +25,7 @@ held back; over a request the lists add up to one entry per target forward and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
@@ -258,8 +259,11 @@ class ChatRuntime:
             handle.cancel()
 
     async def astream(self, request: ChatRequest) -> AsyncGenerator[dict[str, Any], None]:
-        """`stream` for asyncio: awaits the engine's owner thread without blocking the loop."""
-        prepared = self.prepare(request)
+        """`stream` for asyncio: awaits the engine's owner thread without blocking the loop. The
+        prompt is prepared on a worker thread too: a long chat's template and tokenization take
+        milliseconds, and the first grammar for a tokenizer (llguidance reads the whole vocabulary)
+        seconds, which would stall every other stream of a server."""
+        prepared = await asyncio.to_thread(self.prepare, request)
         handle, decoding = self._submit(request, prepared)
         try:
             async for burst in handle:

@@ -13,6 +13,7 @@ goes away cancels its generation at the engine's next verification step.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -234,7 +235,7 @@ class ChatServer:
             if body.prompt is not None:
                 ids = self.runtime.encode_text(body.prompt, add_special_tokens=body.add_special_tokens)
             else:
-                ids = self.runtime.prepare(body.to_request()).prompt_ids
+                ids = (await asyncio.to_thread(self.runtime.prepare, body.to_request())).prompt_ids  # off the loop, as in astream
         except Exception as exc:
             return self.error(exc)
         answer: dict[str, Any] = {"count": len(ids), "max_model_len": self.runtime.engine.max_positions, "tokens": ids}

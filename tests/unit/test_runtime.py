@@ -7,6 +7,7 @@ import asyncio
 import copy
 import itertools
 import json
+import threading
 
 import pytest
 from chat_fixtures import (
@@ -366,6 +367,25 @@ def test_json_tool_convention_end_to_end_on_the_fallback_template(runtime) -> No
     ]
     _, message = run(fallback, request(history, **AGENT))
     assert message["content"] == "It is sunny in Paris." and message["finish_reason"] == "stop"
+
+
+def test_astream_prepares_off_the_event_loop(runtime, monkeypatch) -> None:
+    """The prompt (template, tokenization, a grammar: the first for a tokenizer takes seconds) is
+    prepared on a worker thread, so a server's other streams keep moving meanwhile."""
+    threads = []
+    prepare = runtime.prepare
+
+    def spy(req):
+        threads.append(threading.current_thread())
+        return prepare(req)
+
+    monkeypatch.setattr(runtime, "prepare", spy)
+
+    async def collect() -> tuple[threading.Thread, list[dict]]:
+        return threading.current_thread(), [d async for d in runtime.astream(request("Hey"))]
+
+    loop_thread, deltas = asyncio.run(collect())
+    assert deltas and len(threads) == 1 and threads[0] is not loop_thread
 
 
 def test_astream_gives_the_same_deltas(runtime) -> None:
