@@ -573,8 +573,7 @@ class _ChunkBuilder:
 def _usage(usage: Mapping[str, Any] | None) -> UsageMetadata | None:
     if usage is None:  # a server that does not report usage
         return None
-    # langchain-core marks output_token_details typing.NotRequired, which mypy knows only from Python 3.11.
-    return UsageMetadata(  # type: ignore[typeddict-item]
+    return UsageMetadata(
         input_tokens=usage["prompt_tokens"],
         output_tokens=usage["completion_tokens"],
         total_tokens=usage["total_tokens"],

@@ -289,7 +289,7 @@ def _convert(source_dir: pathlib.Path, out_dir: pathlib.Path, progress: bool) ->
             "source_sha256": gguf_pkg.EXPECTED_SHA256,
             "dtype": "float32",
             "transformers": transformers.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (out_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         bar.update()
