@@ -1,13 +1,15 @@
 """One target forward over several requests: each request's block of tokens (a draft chain or tree to
-verify, or a prompt chunk) after its own KV cache, padded into one batch.
+verify) after its own KV cache, packed into one sequence.
 
 Every request keeps its own DynamicCache, so rollback, the prefix cache and the drafters work as for
-a request alone. For the forward, `BatchCache` stands in for the model's cache: each layer's new K/V
-rows are appended to each request's own cache (its padding dropped), and what the layer attends to
-is those caches' visible K/V side by side, zero-padded to the longest; the per-request masks hide
-the padding. The weights are read once for the whole batch, so a forward verifying several
-requests' drafts costs much less than one forward each; each verified row still pays for its
-logits (docs/benchmarks.md, "Parallel agents sharing forwards", has what that leaves on the 270M).
+a request alone. The blocks are fed as one sequence of batch 1 (engine/packed.py), so embeddings,
+projections, MLPs and the LM head run on real rows only. For attention, `BatchCache` stands in for
+the model's cache: each layer's new K/V rows are appended to each request's own cache, and what the
+layer attends to is those caches' visible K/V side by side, zero-padded to the longest, with the
+queries spread to match and per-request masks hiding the padding. The weights are read once for the
+whole batch, so a forward verifying several requests' drafts costs much less than one forward each;
+each verified row still pays for its logits (docs/benchmarks.md, "Parallel agents sharing
+forwards", has what that leaves on the 270M).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .costs import CostModel
+from .packed import PackedRows, packed_attention
 from .target import Forward, TargetModel
 from .tree import DraftTree
 
@@ -50,13 +53,15 @@ class BatchCache:
 
     def __init__(self, caches: list[DynamicCache], widths: list[int]):
         self.caches = caches
+        self.starts = [sum(widths[:i]) for i in range(len(widths))]
         self.widths = widths
         self.lengths: dict[int, list[int]] = {}  # per layer: each request's visible K/V length
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed (1, heads, rows, dim) new K/V in; each request's visible K/V, padded, out."""
         parts = [
-            cache.update(keys[i : i + 1, :, :w], values[i : i + 1, :, :w], layer_idx)
-            for i, (cache, w) in enumerate(zip(self.caches, self.widths))
+            cache.update(keys[:, :, s : s + w], values[:, :, s : s + w], layer_idx)
+            for cache, s, w in zip(self.caches, self.starts, self.widths)
         ]
         self.lengths[layer_idx] = [k.shape[-2] for k, _ in parts]
         return _pad([k for k, _ in parts]), _pad([v for _, v in parts])
@@ -84,27 +89,28 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
     device = target.device
     widths = [f.width for f in feeds]
     longest = max(widths)
-    ids = torch.zeros(len(feeds), longest, dtype=torch.long)
-    positions = torch.zeros(len(feeds), longest, dtype=torch.long)
+    ids, positions = [], []
     masks: dict[str, list[torch.Tensor]] = {}
-    for i, feed in enumerate(feeds):
+    for feed in feeds:
         depths, ancestry = _block(feed)
         pos = feed.cache.get_seq_length() + depths
-        ids[i, : feed.width] = torch.tensor(feed.tokens)
-        positions[i, : feed.width] = pos
-        positions[i, feed.width :] = pos[-1]
+        ids.extend(feed.tokens)
+        positions.append(pos)
         for layer_type, mask in target.block_masks(feed.cache, pos.to(device), ancestry).items():
             masks.setdefault(layer_type, []).append(mask)
     batched = {t: target.attention_mask(_pad_masks(m, longest)) for t, m in masks.items()}
     cache = BatchCache([f.cache for f in feeds], widths)
-    out = target.run_decoder(
-        ids.to(device),
-        cache,
-        attention_mask=batched if target.layer_types else batched["full_attention"],
-        position_ids=positions.to(device),
-    )
-    hidden = [out.last_hidden_state[i, :w] for i, w in enumerate(widths)]
-    logits = target.logits(torch.cat(hidden)).split(widths)
+    with packed_attention(target.config):
+        out = target.run_decoder(
+            torch.tensor([ids], device=device),
+            cache,
+            attention_mask=batched if target.layer_types else batched["full_attention"],
+            position_ids=torch.cat(positions)[None].to(device),
+            packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the packed attention
+        )
+    rows = out.last_hidden_state[0]
+    hidden = list(rows.split(widths))
+    logits = target.logits(rows).split(widths)
     forwards = []
     for i, h in enumerate(hidden):
         shared = None

@@ -126,11 +126,12 @@ class TargetModel:
         return Forward(out.last_hidden_state[0], dict(kv) if kv is not None else None)
 
     def run_decoder(
-        self, ids: torch.Tensor, cache, attention_mask=None, position_ids=None, *, want_kv: bool = True, keep: int | None = None
+        self, ids: torch.Tensor, cache, attention_mask=None, position_ids=None, *, want_kv: bool = True, keep: int | None = None, **extra
     ):
         """The decoder's own output for (B, L) ids after `cache` (a DynamicCache, or engine/batch.py's
-        BatchCache), with explicit masks and positions where given; `keep`: Gemma 4's logits_to_keep."""
-        kwargs = {self._cache_kw: cache, "use_cache": True}
+        BatchCache), with explicit masks and positions where given; `keep`: Gemma 4's logits_to_keep;
+        `extra`: keyword arguments the model hands down to its attention (engine/packed.py)."""
+        kwargs = {self._cache_kw: cache, "use_cache": True, **extra}
         if attention_mask is not None:
             kwargs["attention_mask"], kwargs["position_ids"] = attention_mask, position_ids
         if self.returns_shared_kv:

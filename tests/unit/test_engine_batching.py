@@ -25,6 +25,7 @@ from langchain_gemma_mtp.engine.drafters import (
     StatelessDrafter,
 )
 from langchain_gemma_mtp.engine.drafters.base import DraftRequest, DraftStep
+from langchain_gemma_mtp.engine.packed import PACKING_KWARG
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.tree import DraftTree
 from langchain_gemma_mtp.engine.types import SamplingParams
@@ -34,13 +35,15 @@ KINDS = ["shared_ple", "noshare", "conditional", "gemma3"]
 
 
 def fed_shapes(model) -> list[tuple[int, int]]:
-    """(requests, tokens) of every forward of the model's decoder, recorded by a hook."""
+    """(requests, tokens) of every forward of the model's decoder, recorded by a hook (a packed
+    forward feeds its requests as one sequence)."""
     shapes: list[tuple[int, int]] = []
 
     def record(module, args, kwargs, out) -> None:
         ids = kwargs.get("input_ids")
         fed = ids if ids is not None else kwargs["inputs_embeds"]  # transformers' generate may feed embeddings
-        shapes.append((fed.shape[0], fed.shape[1]))
+        packed = kwargs.get(PACKING_KWARG)
+        shapes.append((packed.requests if packed is not None else fed.shape[0], fed.shape[0] * fed.shape[1]))
 
     model.get_decoder().register_forward_hook(record, with_kwargs=True)
     return shapes
