@@ -249,20 +249,22 @@ def test_a_named_tool_choice_makes_exactly_one_call(runtime, json_runtime, conve
 
 @pytest.mark.parametrize("convention", ["gemma4", "json"])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(parameters=PARAMETERS.map(_bounded_numbers), budget=st.integers(48, 120), seed=st.integers(0, 2**16))
+@given(parameters=PARAMETERS.map(_bounded_numbers), budget=st.integers(96, 160), seed=st.integers(0, 2**16))
 def test_random_schemas_within_tight_budgets_end_complete(runtime, json_runtime, convention, parameters, budget, seed) -> None:
-    """No bias toward closing anything: the caps on free strings, the single named call and the
-    budget's end alone make every answer of random weights end with its calls complete and valid
-    ("required": as many calls as fit)."""
+    """No bias toward closing anything: the cap on free strings and the single named call alone
+    make every answer of random weights end with its call complete and valid. ("required" may make
+    several calls; the budget's end keeps each within max_tokens only as far as the longest call
+    so far predicts the next, so random schemas with optional keys can outgrow it: the engine
+    test checks that rule.) Budgets from 96: keys, quotes and braces alone take up to about 50
+    tokens of this small vocabulary in these schemas, and no cap on strings makes them fit less."""
     chat = runtime if convention == "gemma4" else json_runtime
     tools = [_strict({"type": "function", "function": {"name": "f", "parameters": parameters}})]
-    for choice in ("f", "required"):
-        request = ChatRequest(
-            messages=[{"role": "user", "content": "go"}], tools=tools, tool_choice=choice, temperature=1.0, seed=seed, max_tokens=budget
-        )
-        message = chat.complete(request)
-        assert_valid_calls(message, tools)
-        assert message["usage"]["completion_tokens"] <= budget
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "go"}], tools=tools, tool_choice="f", temperature=1.0, seed=seed, max_tokens=budget
+    )
+    message = chat.complete(request)
+    assert_valid_calls(message, tools)
+    assert len(message["tool_calls"]) == 1 and message["usage"]["completion_tokens"] <= budget
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
