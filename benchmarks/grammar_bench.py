@@ -18,7 +18,7 @@ unconstrained answers from the same prompts do).
 
     python -m benchmarks.grammar_bench --model embedded --drafter hybrid --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m.json
     python -m benchmarks.grammar_bench --model embedded --drafter ngram --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m-ngram.json
-    python -m benchmarks.grammar_bench --model embedded --validity-only --validity-max-new 320 --out benchmarks/results/grammar-validity-270m.json
+    python -m benchmarks.grammar_bench --model embedded --validity-only --validity-max-new 96 --out benchmarks/results/grammar-validity-270m.json
     python -m benchmarks.grammar_bench --model tiny --max-new 16 --rounds 1 --limit 1 --seeds 1     # smoke run
 """
 
@@ -67,19 +67,20 @@ def strict(tools: list[dict]) -> list[dict]:
     return [{**t, "function": {**t["function"], "strict": True}} for t in tools]
 
 
-def tasks(limit: int | None) -> list[tuple[str, ChatRequest, dict[str, Any]]]:
-    """(name, request, schemas by tool name or {"json": schema}) of every task."""
+def tasks(limit: int | None, max_new: int) -> list[tuple[str, ChatRequest, dict[str, Any]]]:
+    """(name, request, schemas by tool name or {"json": schema}) of every task; max_tokens is the
+    run's `max_new`, which the grammar's string caps are sized from."""
     out = []
     for w in workloads():
         if w.get("kind") != "tool_call" or not w.get("tools"):
             continue
         tools = strict(w["tools"])
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-        call = ChatRequest(messages=w["messages"], tools=tools, tool_choice="required", max_tokens=w.get("max_tokens", 128))
+        call = ChatRequest(messages=w["messages"], tools=tools, tool_choice="required", max_tokens=max_new)
         out.append((f"{w['id']}/call", call, schemas))
         schema = tools[0]["function"]["parameters"]
         answer = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-        out.append((f"{w['id']}/json", ChatRequest(messages=w["messages"], response_format=answer), {"json": schema}))
+        out.append((f"{w['id']}/json", ChatRequest(messages=w["messages"], response_format=answer, max_tokens=max_new), {"json": schema}))
     return out[: limit * 2] if limit else out
 
 
@@ -115,7 +116,7 @@ def mask_cost_us(runtime: ChatRuntime, prepared: PreparedPrompt, token_ids: list
     over an output: what constrained decoding adds to a plain decoding step."""
     engine = runtime.engine
     request = engine.make_request(prepared.prompt_ids, max_new_tokens=max(len(token_ids), 1), constraint=prepared.constraint)
-    constraint = RequestConstraint(prepared.constraint, request.stop_token_ids, SpeculativeStats())
+    constraint = RequestConstraint(prepared.constraint, request.stop_token_ids, SpeculativeStats(), request.max_new_tokens)
     logits = torch.zeros(1, engine.target.vocab_size)
     start = time.perf_counter()
     for token in token_ids:
@@ -138,7 +139,7 @@ def run(runtime: ChatRuntime, prepared: PreparedPrompt, max_new: int, constraint
 
 def bench(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, rounds: int, k: int | None, limit: int | None) -> list[dict]:
     rows = []
-    for name, request, schemas in tasks(limit):
+    for name, request, schemas in tasks(limit, max_new):
         prepared = runtime.prepare(request)
         grammar = prepared.constraint
         no_jump = replace(grammar, jump_forward=False)

@@ -121,8 +121,10 @@ class ChatRuntime:
         (the answer is calls that parse; their schemas are enforced when strict), or a
         response_format asks for JSON (json_schema: that schema; json_object: any object). The
         grammar describes the whole answer (a thought first when thinking is on); a forced
-        opening stays in the prompt as before and is the grammar's prefix. GrammarError (a 400 on
-        the server) names a schema part that cannot be enforced, before any model work.
+        opening stays in the prompt as before and is the grammar's prefix. A named tool_choice is
+        one call; free strings are capped to fit the answer's room (`OutputShape.max_tokens`), so
+        the grammar depends on max_tokens. GrammarError (a 400 on the server) names a schema part
+        that cannot be enforced, before any model work.
 
         `prompt_ids` is what the engine is given, so its length is the token count of the request's
         messages and tools (ChatGemmaMTP.get_num_tokens_from_messages, the server's /tokenize). Whether
@@ -163,10 +165,12 @@ class ChatRuntime:
             shape = OutputShape(
                 tools=[t for t in offered if forced_name in (None, t["function"]["name"])],
                 calls_only=choice == "required" or forced_name is not None,
-                single_call=request.parallel_tool_calls is False,
+                # A named choice is one call of that tool, as vLLM constrains it; "required" may make several.
+                single_call=request.parallel_tool_calls is False or forced_name is not None,
                 json=_json_schema(json_format) if json_format is not None else None,
                 thinking=request.reasoning,
                 in_thought=in_thought,
+                max_tokens=self._budget(len(prompt_ids), request.max_tokens),
             )
             constraint = self._grammar(shape, forced)
         names = set(tool_names(offered))
@@ -199,6 +203,14 @@ class ChatRuntime:
             return vocab[marker]
 
         return self.engine.grammar(gemma4_grammar(shape, token), what, prefix)
+
+    def _budget(self, prompt_tokens: int, max_tokens: int) -> int | None:
+        """The room `_submit` will give the answer, which sizes the grammar's free strings; None
+        when the request cannot run (submission then says why: prepare alone may still count it)."""
+        try:
+            return self._room(prompt_tokens, max_tokens)
+        except InvalidRequestError:
+            return None
 
     def _room(self, prompt_tokens: int, max_tokens: int) -> int:
         """max_tokens, cut to the room the context leaves after the prompt."""

@@ -20,6 +20,14 @@ constrained plain decoding would have chosen there.
   accepted with certainty.
 - Once the grammar reaches its end (nothing more can follow) the output stops as at a stop token;
   where it may end, the request's stop tokens are allowed.
+- The budget: where the grammar may end and the tokens left (`max_new_tokens` less the row's
+  position) are no more than the longest stretch the output has taken between two points where
+  it could end (a whole tool call, say), only the stop tokens are allowed, so the answer ends
+  complete instead of starting another call that `max_new_tokens` would cut. The stretch that
+  opens the answer counts (with the prefix the prompt wrote) only when the answer could not end
+  at its start: then it is a forced call; an optional opening stretch may be a thought, which
+  never comes again. Both the room and the stretches are functions of the row's path, so masks
+  stay exact for speculation.
 """
 
 from __future__ import annotations
@@ -113,16 +121,50 @@ class NoConstraint:
 
 class RequestConstraint:
     """One request's grammar state; the matcher holds the committed output (the pending token
-    included) between steps, and is walked forward and rolled back to probe drafts."""
+    included) between steps, and is walked forward and rolled back to probe drafts.
 
-    def __init__(self, grammar: Grammar, stop_ids: frozenset[int], stats: SpeculativeStats) -> None:
+    `_ends` holds, for the start and after each token the matcher holds, (the output length where
+    the answer could last end, or None before the first such point when the opening stretch does
+    not count; the longest stretch between two such points): the budget rule's view of the path."""
+
+    def __init__(self, grammar: Grammar, stop_ids: frozenset[int], stats: SpeculativeStats, max_new_tokens: int) -> None:
         self.grammar = grammar
         self.matcher = grammar.matcher()
         self.stop_ids = stop_ids
         self.stats = stats
+        self.budget = max_new_tokens
+        self.can_stop = any(t < grammar.tokenizer.vocab_size for t in stop_ids)  # else the budget cannot end it early
         self.vocab = grammar.tokenizer.vocab_size
         self.eos = set(grammar.tokenizer.eos_tokens)
         self._jump: tuple[int, int] | None = None  # the last draft's jump-forward tokens: (start, count)
+        self._ends: list[tuple[int | None, int]] = [(None if self.matcher.is_accepting() else -len(grammar.prefix), 0)]
+
+    # -- the path and its budget ----------------------------------------------------------------
+
+    def _walk(self, token: int) -> bool:
+        """Consume one token into the matcher (False, nothing changed, if the grammar forbids it)."""
+        if self.matcher.try_consume_tokens([token]) != 1:
+            return False
+        last, longest = self._ends[-1]
+        here = len(self._ends)  # output tokens held once this one is
+        if self.matcher.is_accepting():
+            if last is not None:
+                longest = max(longest, here - last)
+            last = here
+        self._ends.append((last, longest))
+        return True
+
+    def _back(self, count: int) -> None:
+        if count:
+            self.matcher.rollback(count)
+            del self._ends[-count:]
+
+    def _must_end(self) -> bool:
+        """Whether the answer must end here: it may, and the tokens left (this one included) could
+        not hold another stretch as long as the longest so far and a stop token after it."""
+        longest = self._ends[-1][1]
+        room = self.budget - (len(self._ends) - 1)
+        return self.can_stop and 0 < longest >= room and self.matcher.is_accepting()
 
     # -- masks ----------------------------------------------------------------------------------
 
@@ -137,30 +179,34 @@ class RequestConstraint:
             same = 0
             while same < min(len(walked), len(path)) and walked[same] == path[same]:
                 same += 1
-            self.matcher.rollback(len(walked) - same)
+            self._back(len(walked) - same)
             del walked[same:]
-            rest = list(path[same:])
-            took = self.matcher.try_consume_tokens(rest) if rest else 0
-            walked.extend(rest[:took])
-            if took < len(rest):
+            for token in path[same:]:
+                if not self._walk(token):
+                    break
+                walked.append(token)
+            if len(walked) < len(path):
                 continue
             fill_next_token_bitmask(self.matcher, bits, row)
             if self._end_tokens(bits, row):
                 masked.append(row)
-        self.matcher.rollback(len(walked))
+        self._back(len(walked))
         if not masked:
             return logits
         allowed = self._unpack(bits, masked, logits.shape[-1])
         return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def _end_tokens(self, bits: np.ndarray, row: int) -> bool:
-        """Put the request's stop tokens where the grammar allows its EOS; False when the row
-        then allows nothing (past the grammar's end with no stop token to take)."""
+        """Put the request's stop tokens where the grammar allows its EOS, and nothing else where
+        the budget says the answer must end (module docstring); False when the row then allows
+        nothing (past the grammar's end with no stop token to take)."""
         words = bits[row].view(np.uint32)
         may_end = any(words[t >> 5] >> (t & 31) & 1 for t in self.eos)
         for t in self.eos:
             words[t >> 5] &= ~np.uint32(1 << (t & 31))
         if may_end:
+            if self._must_end():
+                words[:] = 0
             for t in self.stop_ids:
                 if t < self.vocab:
                     words[t >> 5] |= np.uint32(1 << (t & 31))
@@ -189,12 +235,13 @@ class RequestConstraint:
         valid = 0
         ended = False
         for i, token in enumerate(tokens):
+            must_end = self._must_end()
             if i < len(alternatives):
-                kept_alts.append([s for s in alternatives[i] if self.matcher.validate_tokens([s]) == 1])
+                kept_alts.append([] if must_end else [s for s in alternatives[i] if self.matcher.validate_tokens([s]) == 1])
             if token in self.stop_ids and self.matcher.is_accepting():
                 valid, ended = i + 1, True  # the output ends here: nothing after it counts
                 break
-            if self.matcher.try_consume_tokens([token]) != 1:
+            if must_end or not self._walk(token):
                 break
             valid = i + 1
         consumed = valid - ended
@@ -204,7 +251,7 @@ class RequestConstraint:
         jump: list[int] = []
         if self.grammar.jump_forward and keep == valid and not ended and not self.matcher.is_stopped():
             jump = self.matcher.compute_ff_tokens()[: max(0, min(room, MAX_DRAFT_TOKENS) - keep)]
-        self.matcher.rollback(consumed)
+        self._back(consumed)
         self._jump = (keep, len(jump)) if jump else None
         self.stats.jump_forward_tokens += len(jump)
         if keep == len(tokens) and not jump and len(kept_alts) == len(alternatives) and kept_alts == list(alternatives):
@@ -231,7 +278,7 @@ class RequestConstraint:
         for i, token in enumerate(new):
             if token in self.stop_ids:
                 break
-            if not self.matcher.consume_token(token):
+            if not self._walk(token):
                 raise RuntimeError(f"token {token} was verified against the grammar but it refuses it: {self.matcher.get_error()}")
             if self.matcher.is_stopped():
                 return new[: i + 1], "stop"
@@ -242,4 +289,4 @@ def open_constraint(request: GenerationRequest, stats: SpeculativeStats) -> Requ
     """The request's constraint hooks: a grammar's, or ones that change nothing."""
     if request.constraint is None:
         return NoConstraint()
-    return RequestConstraint(request.constraint, request.stop_token_ids, stats)
+    return RequestConstraint(request.constraint, request.stop_token_ids, stats, request.max_new_tokens)

@@ -24,8 +24,11 @@ from .gemma4 import CHANNEL, TOOL_CALL, to_gemma4_value
 from .json_calls import TOOL_CALL as JSON_TOOL_CALL
 from .values import GEMMA_QUOTE
 
-# Free text that cannot spell a marker of the Gemma 4 format (they all hold `<|` or `|>`).
-_NO_MARKER = r"~/(.|\n)*(<\||\|>)(.|\n)*/"
+# Free text that cannot spell a marker of the Gemma 4 format (they all hold `<|` or `|>`): runs of
+# `|` and `<` only where neither pair forms. Said without a complement (`~/.*(<\||\|>).*/`),
+# because llguidance's lexer cannot intersect a complement with a length bound of more than a
+# hundred or so characters ("too many expressions constructed").
+_NO_MARKER = r"/([^<|]|\|*<+[^<|]|\|+[^<|>])*\|*<*/"
 # Free text that cannot spell a marker of the JSON convention.
 _NO_JSON_MARKER = r"~/(.|\n)*<(tool_call|\/tool_call|tool_response)>(.|\n)*/"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -54,6 +57,9 @@ _ENFORCED = frozenset(
 )
 # Bounds of numbers: Gemma 4 writes numbers as JSON does, so llguidance's JSON compiler enforces them.
 _NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+# Keywords that shape a string already: such a string is not free, and a length cap could make
+# it unsatisfiable (a date-time format, a pattern with a minimum length).
+_SHAPED_STRING = ("maxLength", "enum", "const", "pattern", "format")
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class OutputShape:
     any object; calls_only: the answer is calls and nothing else (a forced
     tool_choice), else content may come first; single_call: at most one call (parallel_tool_calls
     false); json: the answer's JSON schema ({} for any JSON object), None for none; thinking: a
-    thought channel may open the answer; in_thought: the prompt left one open, to be closed first.
+    thought channel may open the answer; in_thought: the prompt left one open, to be closed first;
+    max_tokens: the answer's token budget, which caps free strings (`string_cap`), None for no cap.
     """
 
     tools: Sequence[Mapping[str, Any]] = ()
@@ -75,11 +82,81 @@ class OutputShape:
     json: Mapping[str, Any] | None = None
     thinking: bool = False
     in_thought: bool = False
+    max_tokens: int | None = None
+
+
+def string_cap(schema: Any, budget: int | None) -> int | None:
+    """Tokens a free string of `schema` (a string with no maxLength, enum, const, pattern or
+    format) may take so that a value of it fits `budget` tokens: half the budget, shared by the
+    schema's free strings (an array's item counted maxItems times, once when unbounded; the
+    widest option of an anyOf), the other half left for keys, punctuation and markers. None
+    without a budget."""
+    if budget is None:
+        return None
+    return max(1, budget // (2 * max(1, _free_strings(schema, schema, frozenset()))))
+
+
+def _free_strings(schema: Any, root: Any, refs: frozenset[str]) -> int:
+    if not isinstance(schema, Mapping):
+        return 0
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        target = _resolve(root, ref)
+        return 0 if ref in refs or target is None else _free_strings(target, root, refs | {ref})
+    count = int(_free_string(schema))
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            count += max((_free_strings(o, root, refs) for o in schema[key]), default=0)
+    if isinstance(schema.get("properties"), Mapping):
+        count += sum(_free_strings(v, root, refs) for v in schema["properties"].values())
+    times = schema.get("maxItems")
+    count += _free_strings(schema.get("items"), root, refs) * (times if isinstance(times, int) and times > 0 else 1)
+    return count + _free_strings(schema.get("additionalProperties"), root, refs)
+
+
+def _free_string(schema: Mapping[str, Any]) -> bool:
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    return "string" in kinds and not any(k in schema for k in _SHAPED_STRING)
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The local definition `#/$defs/NAME` (or `#/definitions/NAME`) names, None if none."""
+    section, _, name = ref.removeprefix("#/").partition("/")
+    defs = root.get(section) if isinstance(root, Mapping) and ref.startswith("#/") else None
+    return defs.get(name) if isinstance(defs, Mapping) else None
+
+
+def bounded_strings(schema: Mapping[str, Any], budget: int | None) -> Mapping[str, Any]:
+    """`schema` with a `maxLength` on each free string, for llguidance's JSON compiler (which has
+    no token cap of its own): `string_cap(schema, budget)` characters (at least its minLength).
+    A character is at most one token for ASCII text (every byte has a token), so an ASCII string
+    keeps within the token cap. The schema's own maxLength wins; None: unchanged."""
+    cap = string_cap(schema, budget)
+    return schema if cap is None else _cap(schema, cap)
+
+
+def _cap(schema: Any, chars: int) -> Any:
+    if isinstance(schema, list):
+        return [_cap(s, chars) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    if _free_string(schema):
+        low = schema.get("minLength")
+        out["maxLength"] = max(chars, low) if isinstance(low, int) else chars
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), Mapping):
+            out[key] = {k: _cap(v, chars) for k, v in schema[key].items()}
+    for key in ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf"):
+        if key in schema:
+            out[key] = _cap(schema[key], chars)
+    return out
 
 
 def gemma4_grammar(shape: OutputShape, token: Callable[[str], int]) -> str:
     """The grammar of a Gemma 4 answer of `shape`; GrammarError naming the schema part it cannot enforce."""
-    rules = _Gemma4Rules(token)
+    rules = _Gemma4Rules(token, shape.max_tokens)
     calls = [rules.call(i, tool, _enforced(tool, shape)) for i, tool in enumerate(shape.tools)]
     lines = [f"THOUGHT: /(.|\\n)*/ & {_NO_MARKER}"]
     if shape.in_thought:
@@ -91,7 +168,7 @@ def gemma4_grammar(shape: OutputShape, token: Callable[[str], int]) -> str:
     body = _body(calls, shape, json_rule="json" if shape.json is not None else None)
     lines.append(f"CONTENT: /(.|\\n)+/ & {_NO_MARKER}")
     if shape.json is not None:
-        lines.append(f"json: {json_part(shape.json)}")
+        lines.append(f"json: {json_part(bounded_strings(shape.json, shape.max_tokens))}")
     return "\n".join([f"start: {prefix}{body}".rstrip(), *lines, *rules.lines])
 
 
@@ -102,6 +179,7 @@ def json_convention_grammar(shape: OutputShape) -> str:
     for i, tool in enumerate(shape.tools):
         function = tool["function"]
         arguments = (function.get("parameters") or {"type": "object"}) if _enforced(tool, shape) else {"type": "object"}
+        arguments = bounded_strings(arguments, shape.max_tokens)
         call = {
             "type": "object",
             "properties": {"name": {"const": function["name"]}, "arguments": arguments},
@@ -111,7 +189,7 @@ def json_convention_grammar(shape: OutputShape) -> str:
         lines.append(f"call_{i}: {json.dumps(JSON_TOOL_CALL.open)} {json_part(call)} {json.dumps(JSON_TOOL_CALL.close)}")
         calls.append(f"call_{i}")
     if shape.json is not None:
-        lines.append(f"json: {json_part(shape.json)}")
+        lines.append(f"json: {json_part(bounded_strings(shape.json, shape.max_tokens))}")
     body = _body(calls, shape, json_rule="json" if shape.json is not None else None, separator='"\\n"?')
     return "\n".join([f"start: {body}", *lines])
 
@@ -145,9 +223,11 @@ def _body(calls: list[str], shape: OutputShape, json_rule: str | None, separator
 class _Gemma4Rules:
     """Lark rules for Gemma 4 values of JSON schemas; each rule named once, `$ref`s as rules (so recursion works)."""
 
-    def __init__(self, token: Callable[[str], int]) -> None:
+    def __init__(self, token: Callable[[str], int], budget: int | None = None) -> None:
         self.quote = f"<[{token(GEMMA_QUOTE)}]>"
         self.token = token
+        self.budget = budget
+        self.cap: int | None = None  # tokens a free string of the tool at hand may take (`string_cap`)
         self.lines: list[str] = []
         self.count = 0
         self.generic = False
@@ -168,7 +248,7 @@ class _Gemma4Rules:
         elif not isinstance(schema, Mapping) or _types(schema, where) not in (["object"], None):
             raise GrammarError(f"{where} must be an object schema (type: object), got {json.dumps(schema)[:80]}.")
         else:
-            self.root, self.refs = schema, {}
+            self.root, self.refs, self.cap = schema, {}, string_cap(schema, self.budget)
             arguments = self.value({**schema, "type": "object"}, where)
         rule = f"call_{index}"
         head = json.dumps("call:" + function["name"])
@@ -244,11 +324,12 @@ class _Gemma4Rules:
 
     def string(self, schema: Mapping[str, Any], where: str) -> str:
         low, high = _bounds(schema, "minLength", "maxLength", where)
+        if high is None and self.cap is not None:
+            high = max(self.cap, low)  # in characters, as for JSON (`bounded_strings`)
         if low == 0 and high is None:
             body = self.terminal("TEXT", f"/(.|\\n)*/ & {_NO_MARKER}")
         else:
-            body = self.name("TEXT").upper()
-            self.lines.append(f"{body}: /(.|\\n){{{low},{'' if high is None else high}}}/ & {_NO_MARKER}")
+            body = self.terminal(f"TEXT_{low}_{high}", f"/(.|\\n){{{low},{'' if high is None else high}}}/ & {_NO_MARKER}")
         return f"{self.quote} {body} {self.quote}"
 
     def array(self, schema: Mapping[str, Any], where: str) -> str:

@@ -80,6 +80,34 @@ def test_strict_tool_calls_parse_and_validate(client) -> None:
         jsonschema.validate(json.loads(call.function.arguments), TOOL["function"]["parameters"])
 
 
+def test_a_named_tool_choice_is_one_complete_call_within_a_tight_budget(client) -> None:
+    """As vLLM, a named tool_choice is one call (no parallel_tool_calls needed); its free string is
+    capped from max_tokens, so the call ends complete, in the stream too."""
+    note = {
+        "type": "function",
+        "function": {
+            "name": "note",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    choice = {"type": "function", "function": {"name": "note"}}
+    for seed in range(3):
+        reply = ask(client, tools=[note, TOOL], tool_choice=choice, temperature=1.0, seed=seed, max_tokens=40)
+        (call,) = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "note"
+        assert len(json.loads(call.function.arguments)["text"]) <= 40 // 2
+    chunks = list(ask(client, tools=[note, TOOL], tool_choice=choice, temperature=1.0, seed=9, max_tokens=40, stream=True))
+    pieces = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or ()]
+    assert {p.index for p in pieces} == {0} and chunks[-1].choices[0].finish_reason == "tool_calls"
+    json.loads("".join(p.function.arguments or "" for p in pieces))
+
+
 def test_a_schema_the_grammar_cannot_enforce_is_a_400_naming_it(client) -> None:
     bad = {
         **TOOL,

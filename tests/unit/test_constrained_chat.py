@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
 from langchain_gemma_mtp.errors import GrammarError
@@ -63,6 +64,12 @@ def held_tools() -> list[dict]:
 def runtime() -> ChatRuntime:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     return ChatRuntime(Engine(build_chat_target(seed=21), NgramDrafter(), tokenizer, prefix_cache_mb=0))
+
+
+@pytest.fixture(scope="module")
+def json_runtime(runtime) -> ChatRuntime:
+    """The same model on a template without Gemma 4's tool syntax: calls in the JSON convention (the 270M's path)."""
+    return ChatRuntime(runtime.engine, chat_template=FALLBACK_CHAT_TEMPLATE)
 
 
 def _strict(tool: dict) -> dict:
@@ -183,6 +190,93 @@ def test_json_object_mode_gives_an_object(runtime) -> None:
             assert isinstance(json.loads(message["content"]), dict)
         else:
             assert message["content"].startswith("{")
+
+
+# -- answers that end within max_tokens ----------------------------------------------------------------
+
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "note",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "title": {"type": "string", "maxLength": 300}},
+            "required": ["text", "title"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _call(runtime: ChatRuntime, text: str, title: str) -> str:
+    if runtime.native_tools:
+        return f'<|tool_call>call:note{{text:<|"|>{text}<|"|>,title:<|"|>{title}<|"|>}}<tool_call|>'
+    return '<tool_call>{"name": "note", "arguments": ' + json.dumps({"text": text, "title": title}) + "}</tool_call>"
+
+
+@pytest.mark.parametrize("convention", ["gemma4", "json"])
+def test_free_strings_are_capped_from_max_tokens_and_a_schemas_max_length_wins(runtime, json_runtime, convention) -> None:
+    """max_tokens 40, one free string: it holds 40 // 2 = 20 characters at most; the 300 of
+    `title`'s own maxLength stay (so it may outgrow the cap), and a larger budget lifts the cap."""
+    chat = runtime if convention == "gemma4" else json_runtime
+    small = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=[NOTE], max_tokens=40)
+    assert _accepts(chat, small, _call(chat, "a" * 20, "t" * 300))
+    assert not _accepts(chat, small, _call(chat, "a" * 21, "t"))
+    assert not _accepts(chat, small, _call(chat, "a", "t" * 301))
+    assert _accepts(chat, replace(small, max_tokens=400), _call(chat, "a" * 200, "t"))
+
+
+@pytest.mark.parametrize("convention", ["gemma4", "json"])
+def test_a_named_tool_choice_makes_exactly_one_call(runtime, json_runtime, convention) -> None:
+    """As vLLM: a named choice constrains the answer to that one call (no parallel_tool_calls
+    needed); "required" may make several. The answers end with the call, within max_tokens."""
+    chat = runtime if convention == "gemma4" else json_runtime
+    tools = [NOTE, _strict(held_tools()[0])]
+    call = _call(chat, "hi", "t")
+    separator = "" if chat.native_tools else "\n"
+    named = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=tools, tool_choice="note")
+    required = replace(named, tool_choice="required")
+    forced = chat.prepare(named).forced
+    assert _accepts(chat, named, call.removeprefix(forced)) and not _accepts(chat, named, (call + separator + call).removeprefix(forced))
+    forced = chat.prepare(required).forced
+    assert _accepts(chat, required, (call + separator + call).removeprefix(forced))
+    for seed in range(3):  # (not `note`: its title's own maxLength of 300 may outgrow 60 tokens)
+        message = ask(chat, seed, tools=tools, tool_choice="get_weather", max_tokens=60)
+        assert_valid_calls(message, tools)
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+
+
+@pytest.mark.parametrize("convention", ["gemma4", "json"])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(parameters=PARAMETERS.map(_bounded_numbers), budget=st.integers(96, 160), seed=st.integers(0, 2**16))
+def test_random_schemas_within_tight_budgets_end_complete(runtime, json_runtime, convention, parameters, budget, seed) -> None:
+    """No bias toward closing anything: the cap on free strings and the single named call alone
+    make every answer of random weights end with its call complete and valid. ("required" may make
+    several calls; the budget's end keeps each within max_tokens only as far as the longest call
+    so far predicts the next, so random schemas with optional keys can outgrow it: the engine
+    test checks that rule.) Budgets from 96: keys, quotes and braces alone take up to about 50
+    tokens of this small vocabulary in these schemas, and no cap on strings makes them fit less."""
+    chat = runtime if convention == "gemma4" else json_runtime
+    tools = [_strict({"type": "function", "function": {"name": "f", "parameters": parameters}})]
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "go"}], tools=tools, tool_choice="f", temperature=1.0, seed=seed, max_tokens=budget
+    )
+    message = chat.complete(request)
+    assert_valid_calls(message, tools)
+    assert len(message["tool_calls"]) == 1 and message["usage"]["completion_tokens"] <= budget
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(schema=PARAMETERS.map(_bounded_numbers), budget=st.integers(48, 120), seed=st.integers(0, 2**16))
+def test_random_json_answers_within_tight_budgets_end_complete(json_runtime, schema, budget, seed) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "go"}], response_format=response_format, temperature=1.0, seed=seed, max_tokens=budget
+    )
+    message = json_runtime.complete(request)
+    assert message["finish_reason"] == "stop", message
+    jsonschema.validate(json.loads(message["content"]), schema)
 
 
 # -- thinking and bad schemas -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import torch
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
@@ -27,7 +28,9 @@ from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
 from langchain_gemma_mtp.engine.verify import process_logits
 from langchain_gemma_mtp.errors import GrammarError, InvalidRequestError
+from langchain_gemma_mtp.formats.gemma4 import Gemma4OutputParser
 from langchain_gemma_mtp.formats.grammar import OutputShape, gemma4_grammar, json_part
+from langchain_gemma_mtp.formats.streaming import ParsedDelta
 from langchain_gemma_mtp.testing import TOKENIZER_DIR, build_chat_target
 from langchain_gemma_mtp.testing.tiny import build_assistant
 
@@ -123,6 +126,47 @@ def test_constrained_greedy_speculation_equals_constrained_plain_decoding(chat_p
             siblings += result.stats.sibling_tokens
     assert drafted > 0  # the drafter's own tokens were verified too, not only jump-forward ones
     assert (siblings > 0) == (drafter == "mtp-tree")  # trees: siblings the grammar allows were verified
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "mtp", "mtp-tree", "draft_model"])
+def test_the_budget_ends_an_answer_of_calls_complete_and_speculation_stays_exact(chat_parts, drafter) -> None:
+    """Calls, as many as the model likes, within small max_new_tokens: where another call would
+    not fit (the tokens left are no more than the longest call so far) only the stop token is
+    allowed, so every answer ends with it, its calls complete and valid. Greedy speculative output
+    (jump-forward on) equals plain constrained decoding (one token a forward, no jump-forward)
+    token for token. At least one answer would have gone on to another call with more room."""
+    target, assistant, tokenizer = chat_parts
+    plain = Engine(target, NoDrafter(), tokenizer, prefix_cache_mb=0)
+    engine = Engine(target, _drafter(drafter, target, assistant), tokenizer, prefix_cache_mb=0)
+    stop = [tokenizer.convert_tokens_to_ids("<turn|>")]
+    schema = json.loads(json.dumps(WEATHER["function"]["parameters"]))
+    schema["properties"]["days"].update(minimum=1, maximum=14)  # numbers are not capped (docs/tool-calling.md)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    went_on = 0
+    for budget in (96, 150):  # a call without its string takes about 40 tokens in this vocabulary
+        text = gemma4_grammar(
+            OutputShape([tool], strict=True, calls_only=True, max_tokens=budget), engine.tokenizer.get_vocab().__getitem__
+        )
+        grammar = engine.grammar(text)
+        for words in ("What is the weather?", "forecast"):
+            prompt = tokenizer.encode(words, add_special_tokens=True)
+            no_jump = Grammar(grammar.tokenizer, grammar.text, jump_forward=False)
+            expected = plain.generate(prompt, max_new_tokens=budget, constraint=no_jump, stop_token_ids=stop)
+            result = engine.generate(prompt, max_new_tokens=budget, constraint=grammar, num_draft_tokens=4, stop_token_ids=stop)
+            assert result.token_ids == expected.token_ids, (drafter, budget, tokenizer.decode(result.token_ids))
+            ids = result.token_ids[:-1]
+            answer = tokenizer.decode(ids)
+            assert result.finish_reason == "stop" and result.token_ids[-1] in stop, answer
+            parser, parsed = Gemma4OutputParser({"get_weather"}), ParsedDelta()
+            parsed.extend(parser.feed(answer))
+            parsed.extend(parser.finish())
+            assert parsed.tool_calls and not parsed.invalid_tool_calls and not parsed.content, answer
+            for call in parsed.tool_calls:
+                jsonschema.validate(json.loads(call.arguments), schema)
+            roomier = plain.generate(prompt, max_new_tokens=budget + 100, constraint=grammar, stop_token_ids=stop)
+            assert roomier.token_ids[: len(ids)] == ids
+            went_on += roomier.token_ids[len(ids)] not in stop
+    assert went_on > 0  # the budget, not the model, ended those answers
 
 
 def test_jump_forward_saves_forwards_and_keeps_the_output(chat_parts) -> None:
