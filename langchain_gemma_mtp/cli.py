@@ -301,7 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# libgomp's spin count for the CLI's processes (serve, demo, distill), read once when torch loads.
+# The default 300,000 turns keeps an idle machine's threads hot but collapses beside another busy
+# process on the same cores; 10,000 measured 6% slower idle and 1.1-5x faster beside a busy torch
+# process (benchmarks/spin_bench.py, docs/benchmarks.md). A value the user set is kept.
+SPIN_COUNT = "10000"
+
+
+def _set_spin_count() -> None:
+    if "torch" not in sys.modules:  # once torch has loaded, libgomp has read its own
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _set_spin_count()
     args = build_parser().parse_args(argv)
     _configure_logging(args.log_level)
     if args.command == "serve":

@@ -6,13 +6,19 @@ embedded model is the slow test in test_embedded.py."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from langchain_gemma_mtp import cli, demo
 from langchain_gemma_mtp.testing import TOKENIZER_DIR, TURN_END, Transcript, memorizing_chat_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺"
 FROM_SUPERSCRIPT = str.maketrans(SUPERSCRIPTS, "0123456789+")
@@ -122,3 +128,24 @@ def test_agreement_names_the_first_node_that_differs_and_where() -> None:
     assert demo.agreement(ours, coder) == "planner (coder differs from character 20 on; the nodes after it read different work)"
     writer = demo.GraphRun({**same, "writer": ANSWERS["writer"][:9]}, {}, 2.0)
     assert demo.agreement(ours, writer) == "planner, coder, reviewer (writer differs from character 9 on)"
+
+
+@pytest.mark.parametrize(
+    ("preset", "import_torch_first", "expected"),
+    [(None, False, cli.SPIN_COUNT), ("300000", False, "300000"), (None, True, None)],
+    ids=["set", "the user's kept", "too late once torch loaded"],
+)
+def test_the_cli_sets_a_short_spin_count_before_torch_loads(preset, import_torch_first, expected) -> None:
+    """A fresh interpreter, as the console command starts: libgomp reads GOMP_SPINCOUNT when torch
+    loads, so the CLI sets it first, keeps a value the user set, and leaves it alone once too late."""
+    code = (
+        ("import torch\n" if import_torch_first else "")
+        + "import os\nfrom langchain_gemma_mtp import cli\n"
+        + "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        + "import torch\nprint(os.environ.get('GOMP_SPINCOUNT'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split()[-1] == str(expected)
