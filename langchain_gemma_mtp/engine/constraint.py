@@ -21,8 +21,8 @@ constrained plain decoding would have chosen there.
 - Once the grammar reaches its end (nothing more can follow) the output stops as at a stop token;
   where it may end, the request's stop tokens are allowed.
 - The budget: where the grammar may end and the tokens left (`max_new_tokens` less the row's
-  position) are no more than the longest stretch the output has taken between two points where
-  it could end (a whole tool call, say), only the stop tokens are allowed, so the answer ends
+  position) are no more than 1.5x the longest stretch the output has taken between two points
+  where it could end (a whole tool call, say), only the stop tokens are allowed, so the answer ends
   complete instead of starting another call that `max_new_tokens` would cut. The stretch that
   opens the answer counts (with the prefix the prompt wrote) only when the answer could not end
   at its start: then it is a forced call; an optional opening stretch may be a thought, which
@@ -161,10 +161,12 @@ class RequestConstraint:
 
     def _must_end(self) -> bool:
         """Whether the answer must end here: it may, and the tokens left (this one included) could
-        not hold another stretch as long as the longest so far and a stop token after it."""
+        not hold another stretch half again as long as the longest so far, and a stop token after
+        it. The half is slack: a next call may be longer than the last (optional keys, longer
+        values), and the property test found such calls cut with no slack."""
         longest = self._ends[-1][1]
         room = self.budget - (len(self._ends) - 1)
-        return self.can_stop and 0 < longest >= room and self.matcher.is_accepting()
+        return self.can_stop and 0 < longest + longest // 2 >= room and self.matcher.is_accepting()
 
     # -- masks ----------------------------------------------------------------------------------
 

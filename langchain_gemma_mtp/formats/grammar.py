@@ -127,11 +127,17 @@ def _resolve(root: Any, ref: str) -> Any:
     return defs.get(name) if isinstance(defs, Mapping) else None
 
 
+# JSON's safe integers (what a double holds exactly): the bound of an integer whose schema sets none.
+SAFE_INTEGER = 2**53 - 1
+
+
 def bounded_strings(schema: Mapping[str, Any], budget: int | None) -> Mapping[str, Any]:
     """`schema` with a `maxLength` on each free string, for llguidance's JSON compiler (which has
     no token cap of its own): `string_cap(schema, budget)` characters (at least its minLength).
     A character is at most one token for ASCII text (every byte has a token), so an ASCII string
-    keeps within the token cap. The schema's own maxLength wins; None: unchanged."""
+    keeps within the token cap. The schema's own maxLength wins. Integers with no bound of their
+    own get JSON's safe range (+-SAFE_INTEGER: 16 digits at most), which a weak model would
+    otherwise fill with digits to the end of the budget. None: unchanged."""
     cap = string_cap(schema, budget)
     return schema if cap is None else _cap(schema, cap)
 
@@ -145,6 +151,11 @@ def _cap(schema: Any, chars: int) -> Any:
     if _free_string(schema):
         low = schema.get("minLength")
         out["maxLength"] = max(chars, low) if isinstance(low, int) else chars
+    if schema.get("type") == "integer":
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            out["maximum"] = SAFE_INTEGER
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            out["minimum"] = -SAFE_INTEGER
     for key in ("properties", "$defs", "definitions"):
         if isinstance(schema.get(key), Mapping):
             out[key] = {k: _cap(v, chars) for k, v in schema[key].items()}

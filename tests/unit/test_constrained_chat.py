@@ -23,6 +23,7 @@ from langchain_gemma_mtp.chat_templates import FALLBACK_CHAT_TEMPLATE
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NgramDrafter
 from langchain_gemma_mtp.errors import GrammarError
+from langchain_gemma_mtp.formats.grammar import SAFE_INTEGER
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime
 from langchain_gemma_mtp.testing import TOKENIZER_DIR, build_chat_target
 
@@ -225,6 +226,35 @@ def test_free_strings_are_capped_from_max_tokens_and_a_schemas_max_length_wins(r
     assert not _accepts(chat, small, _call(chat, "a" * 21, "t"))
     assert not _accepts(chat, small, _call(chat, "a", "t" * 301))
     assert _accepts(chat, replace(small, max_tokens=400), _call(chat, "a" * 200, "t"))
+
+
+COUNT = {
+    "type": "function",
+    "function": {
+        "name": "count",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"n": {"type": "integer"}, "m": {"type": "integer", "maximum": 10**18}},
+            "required": ["n", "m"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_an_unbounded_json_integer_stays_in_the_safe_range_and_a_schemas_bound_wins(json_runtime) -> None:
+    """A weak model fills an unbounded integer with digits to the end of the budget: on the JSON
+    path an integer without bounds of its own takes JSON's safe range; a bound the schema sets stays."""
+    request = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=[COUNT], max_tokens=400)
+
+    def call(n: int, m: int) -> str:
+        return '<tool_call>{"name": "count", "arguments": ' + json.dumps({"n": n, "m": m}) + "}</tool_call>"
+
+    assert _accepts(json_runtime, request, call(SAFE_INTEGER, 10**18))
+    assert _accepts(json_runtime, request, call(-SAFE_INTEGER, -SAFE_INTEGER))
+    assert not _accepts(json_runtime, request, call(SAFE_INTEGER + 1, 0))
+    assert not _accepts(json_runtime, request, call(0, -SAFE_INTEGER - 1))
 
 
 @pytest.mark.parametrize("convention", ["gemma4", "json"])
