@@ -121,7 +121,9 @@ class ChatRuntime:
         (the answer is calls that parse; their schemas are enforced when strict), or a
         response_format asks for JSON (json_schema: that schema; json_object: any object). The
         grammar describes the whole answer (a thought first when thinking is on); a forced
-        opening stays in the prompt as before and is the grammar's prefix. A named tool_choice is
+        opening (a call's head, JSON's `{`) ends the prompt and is the grammar's prefix, except
+        with thinking on on a Gemma 4 template, where the grammar writes it after any thought
+        (capped to leave the answer room: `formats.grammar.thought_cap`). A named tool_choice is
         one call; free strings are capped to fit the answer's room (`OutputShape.max_tokens`), so
         the grammar depends on max_tokens. GrammarError (a 400 on the server) names a schema part
         that cannot be enforced, before any model work.
@@ -157,7 +159,9 @@ class ChatRuntime:
         # (July 2026, thinking on, after tool responses); a forced opening closes it first.
         in_thought = self.native_tools and gemma4.prompt_ends_in_thought(self.prompts.text_after(prompt_ids, gemma4.TURN))
         if self.native_tools:
-            forced = gemma4.forced_opening(forced, in_thought)
+            # Thinking on, the grammar writes the opening after any thought (jump-forward: no extra
+            # forward), so the model reasons first, as vLLM constrains only after the reasoning.
+            forced = "" if constrained and request.reasoning else gemma4.forced_opening(forced, in_thought)
         if forced:
             prompt_ids = self.prompts.append(prompt_ids, forced)
         constraint = None

@@ -72,7 +72,8 @@ class OutputShape:
     tool_choice), else content may come first; single_call: at most one call (parallel_tool_calls
     false); json: the answer's JSON schema ({} for any JSON object), None for none; thinking: a
     thought channel may open the answer; in_thought: the prompt left one open, to be closed first;
-    max_tokens: the answer's token budget, which caps free strings (`string_cap`), None for no cap.
+    max_tokens: the answer's token budget, which caps free strings (`string_cap`) and a thought
+    that calls or JSON must follow (`thought_cap`), None for no cap.
     """
 
     tools: Sequence[Mapping[str, Any]] = ()
@@ -83,6 +84,16 @@ class OutputShape:
     thinking: bool = False
     in_thought: bool = False
     max_tokens: int | None = None
+
+
+def thought_cap(shape: OutputShape) -> int | None:
+    """Characters a thought may take where calls or JSON must follow it: a quarter of the budget
+    (a character is at least part of a token, so it is at most that many tokens), beside the half
+    that free strings share (`string_cap`), so the constrained part still fits after the longest
+    thought. None where the answer may end after the thought, or without a budget."""
+    if shape.max_tokens is None or not (shape.calls_only or shape.json is not None):
+        return None
+    return max(1, shape.max_tokens // 4)
 
 
 def string_cap(schema: Any, budget: int | None) -> int | None:
@@ -169,7 +180,8 @@ def gemma4_grammar(shape: OutputShape, token: Callable[[str], int]) -> str:
     """The grammar of a Gemma 4 answer of `shape`; GrammarError naming the schema part it cannot enforce."""
     rules = _Gemma4Rules(token, shape.max_tokens)
     calls = [rules.call(i, tool, _enforced(tool, shape)) for i, tool in enumerate(shape.tools)]
-    lines = [f"THOUGHT: /(.|\\n)*/ & {_NO_MARKER}"]
+    cap = thought_cap(shape)
+    lines = [f"THOUGHT: /(.|\\n){{0,{cap}}}/ & {_NO_MARKER}" if cap is not None else f"THOUGHT: /(.|\\n)*/ & {_NO_MARKER}"]
     if shape.in_thought:
         prefix = f"THOUGHT <[{token(CHANNEL.close)}]> "
     elif shape.thinking:

@@ -343,6 +343,41 @@ def test_a_thought_may_come_before_strict_calls_only_when_thinking_is_on(runtime
     assert not _accepts(runtime, mixed, call.replace("celsius", "kelvin"))
 
 
+def test_with_thinking_on_a_forced_call_or_json_answer_may_follow_a_thought(runtime) -> None:
+    """Thinking on, the forced opening moves from the prompt into the grammar: the model may reason
+    first, then only the call (or JSON) may follow; the thought is capped to leave the answer room."""
+    tools = [_strict(held_tools()[0])]
+    call = '<|tool_call>call:get_weather{city:<|"|>Lisbon<|"|>,unit:<|"|>celsius<|"|>}<tool_call|>'
+    thought = "<|channel>thought\nThe user wants Lisbon.<channel|>"
+    forced = ChatRequest(
+        messages=[{"role": "user", "content": "go"}], tools=tools, tool_choice="get_weather", reasoning=True, max_tokens=200
+    )
+    assert runtime.prepare(forced).forced == ""
+    assert _accepts(runtime, forced, thought + call) and _accepts(runtime, forced, call)
+    assert not _accepts(runtime, forced, thought + "Sure. " + call) and not _accepts(runtime, forced, thought)
+    too_long = runtime.tokenizer.encode("<|channel>thought\n" + "x" * (200 // 4 + 1), add_special_tokens=False)
+    matcher = runtime.prepare(forced).constraint.matcher()
+    assert matcher.try_consume_tokens(too_long) < len(too_long)
+    # Thinking off: the opening ends the prompt, as before.
+    assert runtime.prepare(replace(forced, reasoning=False)).forced == "<|tool_call>call:get_weather{"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    answer = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    json_on = ChatRequest(messages=[{"role": "user", "content": "go"}], response_format=answer, reasoning=True, max_tokens=200)
+    assert runtime.prepare(json_on).forced == ""
+    assert _accepts(runtime, json_on, thought + '{"a": 1}') and not _accepts(runtime, json_on, thought + "no")
+
+
+def test_with_thinking_on_forced_calls_come_after_a_thought_and_still_validate(runtime) -> None:
+    tools = [_strict(t) for t in held_tools()]
+    thoughts = []
+    for seed in range(3):
+        message = ask(runtime, seed, tools=tools, tool_choice="get_weather", reasoning=True, max_tokens=160)
+        assert_valid_calls(message, tools)
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+        thoughts.append(message["reasoning"])
+    assert any(thoughts)  # the random model opened a thought on some seed, and the call still came
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -112,16 +112,18 @@ def test_a_tool_loop_round_trips(rev: Revision, thinking: bool, target) -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "continuation", "expected"),
+    ("options", "answer", "expected"),
     [
-        ({"tool_choice": "required"}, 'get_weather{city:<|"|>Rome<|"|>}<tool_call|>', "call"),
-        ({"response_format": {"type": "json_object"}}, '"city": "Rome"}', "json"),
+        ({"tool_choice": "required"}, '<|tool_call>call:get_weather{city:<|"|>Rome<|"|>}<tool_call|>', "call"),
+        ({"response_format": {"type": "json_object"}}, '{"city": "Rome"}', "json"),
     ],
     ids=["forced_call", "json_mode"],
 )
-def test_forced_openings_close_an_open_thought_first(options, continuation, expected, target) -> None:
-    """The July revision ends the prompt after tool results inside an open thought channel: a forced
-    opening closes it (an empty thought), so the forced text is the answer, not a thought."""
+@pytest.mark.parametrize("thought", ["", "Rome, then."], ids=["closed_at_once", "thought_first"])
+def test_forced_answers_after_an_open_thought_follow_it(options, answer, expected, thought, target) -> None:
+    """The July revision ends the prompt after tool results inside an open thought channel, thinking
+    on. The forced opening is then the grammar's, not the prompt's: the model finishes its thought
+    (or closes it at once), and only the forced answer may follow."""
     rev = next(r for r in REVISIONS if r.thought_after_tools)
     runtime = runtime_for(rev, target)
     history = [
@@ -134,13 +136,13 @@ def test_forced_openings_close_an_open_thought_first(options, continuation, expe
         {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"},
     ]
     prepared = prepare(runtime, history, True, **options)
-    text = runtime.tokenizer.decode(prepared.prompt_ids)
-    assert text.endswith("<|channel>thought\n" + prepared.forced) and prepared.forced.startswith("<channel|>")
-    # The closing marker and the opening are real control tokens, written by us.
-    closing = runtime.tokenizer.convert_tokens_to_ids("<channel|>")
-    assert closing in prepared.prompt_ids[-6:]
-    _, parsed = model_writes(runtime, prepared, continuation)
-    assert parsed.reasoning == ""
+    assert runtime.tokenizer.decode(prepared.prompt_ids).endswith("<|channel>thought\n") and prepared.forced == ""
+    assert prepared.constraint is not None
+    ids, parsed = model_writes(runtime, prepared, thought + "<channel|>" + answer)
+    assert prepared.constraint.matcher().try_consume_tokens(ids) == len(ids)
+    content = runtime.tokenizer.encode(thought + "<channel|>Sure.", add_special_tokens=False)
+    assert prepared.constraint.matcher().try_consume_tokens(content) < len(content)  # nothing but the forced answer
+    assert parsed.reasoning == thought
     if expected == "call":
         assert [c.name for c in parsed.tool_calls if c.name] == ["get_weather"] and not parsed.content
     else:
