@@ -12,8 +12,15 @@ as decayed means per width bucket (powers of two, so a width the schedule left l
 remembered), and a line base + slope * width is fitted through the bucket means by weighted least
 squares, with a ridge prior that pulls the slope towards the prior's relative row cost: while every
 step verifies about the same width (a fixed chain), the data cannot tell the slope and the prior
-holds it. Draft seconds are a decayed mean per draft token. An observation over OUTLIER times the
-current estimate is clipped to that (a step descheduled by another process must not swing the fit),
+holds it. A bucket seen often enough also keeps its own excess over the line, because the matrix
+kernels step rather than slope: in float32 on a 2-core CPU a Gemma 4 E2B-shaped body costs the same
+at 1-3 rows and nearly double at 4 (docs/research-notes.md), and a line through both would draft
+past the step. An untimed bucket is priced on the line alone; where the prior holds the slope
+that can make it look cheap, and then the schedule tries it and times it. The excess prices a
+request's own forward; a shared forward's width is every request's rows together, which one
+request's plan does not set, so there the line alone applies.
+Draft seconds are a decayed mean per draft token. An observation over OUTLIER times the current
+estimate is clipped to that (a step descheduled by another process must not swing the fit),
 and a first observation or two over OUTLIER times the next are dropped (warm-up).
 
 Before MIN_FORWARDS forwards and MIN_DRAFTS draft tokens were seen, or when `learning` is off, the
@@ -42,6 +49,7 @@ OUTLIER = 4.0
 SLOPE_PRIOR_WEIGHT = 64.0
 """What the slope prior weighs, in forwards x rows^2: as much as one forward 8 rows from the mean
 width tells about the slope. Forwards at one width tell nothing, and then the prior decides."""
+MIN_BUCKET_WEIGHT = 3.0  # decayed observations before a width bucket's own excess over the line counts
 MAX_WIDTH = 4096  # wider forwards are prefill, not verification (a packed forward of many requests' drafts stays under it)
 
 
@@ -54,11 +62,16 @@ class StepCosts:
     draft: float
     measured: bool = False
     share: float = 1.0  # the request's part of a forward's fixed cost: 1 / the requests it verifies beside
+    excess: tuple[float, ...] = ()  # by width.bit_length(): a bucket's measured excess over the line (0: unseen)
 
     def time(self, rows: int, drafts: int) -> float:
         """A step verifying `rows` rows after `drafts` draft tokens, in single-row forwards (this
         request's part of a shared forward)."""
-        return self.share * (1.0 - self.row) + self.row * rows + self.draft * drafts
+        time = self.share * (1.0 - self.row) + self.row * rows + self.draft * drafts
+        bucket = rows.bit_length()
+        if self.share == 1.0 and bucket < len(self.excess):
+            time += self.excess[bucket]
+        return time
 
     @classmethod
     def prior(cls, cost_per_draft_token: float) -> StepCosts:
@@ -150,7 +163,12 @@ class CostModel:
             one_row = base + slope
             if not one_row > 0:
                 return self.prior
-            return StepCosts(slope / one_row, self._draft.y / self._draft.weight / one_row, measured=True, share=1.0 / self.sharing)
+            excess = [0.0] * (max(self._buckets) + 1)
+            for bucket, m in self._buckets.items():
+                if m.weight >= MIN_BUCKET_WEIGHT:
+                    excess[bucket] = (m.y / m.weight - base - slope * m.x / m.weight) / one_row
+            draft = self._draft.y / self._draft.weight / one_row
+            return StepCosts(slope / one_row, draft, measured=True, share=1.0 / self.sharing, excess=tuple(excess))
 
     def snapshot(self) -> dict[str, float | int | bool]:
         """The fitted costs, for stats, metrics and the engine's repr: seconds of a single-row forward

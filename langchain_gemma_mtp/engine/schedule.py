@@ -11,22 +11,31 @@ towards the kind's pooled rate where a position has few tries). It picks the k i
 where row is the measured cost of one more verified row, draft that of one draft token, and share
 the request's part of the forward's fixed cost, 1 / the requests verified in one batched forward
 (costs.CostModel; before it has measured enough, the drafter's constant cost per draft token and
-share 1). Alone, a row costs little beside the forward it rides on; beside fifteen other requests
-the forward's fixed cost is split sixteen ways while each row is still paid in full, so the same
-acceptance buys shorter drafts and narrower trees, and the batch's rows go to the likeliest tokens.
-Once costs are measured, the same prices set the MTP drafter's early stop and tree width by the
-marginal rule: one more draft token pays when its chance of acceptance exceeds what its time
-would earn at the chosen rate, rate * (row + draft), and a sibling row when its chance exceeds
-rate * row; at most 1 / that many siblings can, which caps the tree width. With the prior costs
-the drafter keeps its tuned defaults. Each hint kind keeps its own statistics, so a code node and
-a prose node tune themselves separately; nothing is stored in any transformers config.
+share 1); a request verified alone also pays its width bucket's measured excess over that line,
+where the kernels step (float32 on CPU: 1-3 rows cost alike, 4 nearly double). Alone, a row costs
+little beside the forward it rides on; beside fifteen other requests the forward's fixed cost is
+split sixteen ways while each row is still paid in full, so the same acceptance buys shorter drafts
+and narrower trees, and the batch's rows go to the likeliest tokens. Once costs are measured, the
+same prices set the MTP drafter's early stop and tree width by the marginal rule: one more draft
+token pays when its chance of acceptance exceeds what its time would earn at the chosen rate,
+rate * (row + draft), and a sibling row when its chance exceeds rate * row; at most 1 / that many
+siblings can, which caps the tree width. With the prior costs the drafter keeps its tuned
+defaults. Each hint kind keeps its own statistics, so a code node and a prose node tune themselves
+separately; nothing is stored in any transformers config.
+
+A plan that never changes tells the cost fit nothing about other widths and the estimate nothing
+about deeper positions: the fit's prior then holds the row cost, a cheaper narrower bucket is
+never timed, and positions past the plan keep the pooled rate. So once costs are measured, every
+EXPLORE_EVERY-th plan of a hint kind drafts twice its length, the next such plan half of it, in
+turn: one step in sixteen off the best, which costs little where the rate is flat near its peak,
+as it is.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..draft_settings import MAX_DRAFT_TOKENS, MAX_MTP_SIBLINGS
 from .costs import CostModel, StepCosts
@@ -39,6 +48,7 @@ PRIOR_WEIGHT = 8.0  # the prior counts as this many observed draft tokens
 POSITION_SHRINK = 4.0  # a position's rate counts the pooled rate as this many tries of its own
 DECAY = 0.97  # per verification step: recent steps matter more than old ones
 ALPHA_RANGE = (0.05, 0.98)
+EXPLORE_EVERY = 16  # a hint kind's every 16th measured plan drafts twice its length, then half, in turn
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class AcceptanceEstimate:
     tried: float
     accepted_at: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT_TOKENS)
     tried_at: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT_TOKENS)
+    plans: int = 0  # plans made from it, which sets the exploring ones
 
     @classmethod
     def prior(cls, alpha: float) -> AcceptanceEstimate:
@@ -113,7 +124,7 @@ class AcceptanceEstimate:
             self.tried_at[i] = DECAY * self.tried_at[i] + (i < tried)
 
     def copy(self) -> AcceptanceEstimate:
-        return AcceptanceEstimate(self.accepted, self.tried, list(self.accepted_at), list(self.tried_at))
+        return AcceptanceEstimate(self.accepted, self.tried, list(self.accepted_at), list(self.tried_at), self.plans)
 
 
 class DraftPolicy:
@@ -136,7 +147,13 @@ class DraftPolicy:
         costs = self.costs.relative() if self.measured else self.costs.prior
         with self._lock:
             alphas = self.estimate.alphas()
-        return plan_for(alphas, costs)
+            self.estimate.plans += 1
+            explore = costs.measured and self.estimate.plans % EXPLORE_EVERY == 0
+            wider = self.estimate.plans // EXPLORE_EVERY % 2 == 1
+        plan = plan_for(alphas, costs)
+        if not explore:
+            return plan
+        return replace(plan, k=min(MAX_DRAFT_TOKENS, 2 * plan.k) if wider else max(1, plan.k // 2))
 
     def observe(self, drafted: int, accepted: int) -> None:
         if self.estimate is not None and drafted:

@@ -15,7 +15,7 @@ from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS, CostModel, StepCosts
 from langchain_gemma_mtp.engine.drafters import MTPDrafter
 from langchain_gemma_mtp.engine.loop import speculative_decode
-from langchain_gemma_mtp.engine.schedule import DraftScheduler, plan_for
+from langchain_gemma_mtp.engine.schedule import EXPLORE_EVERY, DraftScheduler, plan_for
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import GenerationRequest, SamplingParams, SpeculativeStats
 from langchain_gemma_mtp.engine.verify import process_logits
@@ -90,6 +90,31 @@ def test_faster_width_is_read_as_flat():
     assert costs.relative().row == 0.0
 
 
+def test_a_step_in_the_forward_cost_is_priced_where_it_was_seen():
+    # float32 on a 2-core CPU: an E2B-shaped body costs the same at 1-3 rows and nearly double at 4.
+    costs = CostModel(0.1)
+    for _ in range(20):
+        for w in (1, 2, 3):
+            costs.observe_forward(w, 0.10)
+        for w in (4, 5, 6, 7):
+            costs.observe_forward(w, 0.19)
+        for w in (8, 12, 16):
+            costs.observe_forward(w, 0.21)
+        costs.observe_draft(4, 4 * 0.002)
+    measured = costs.relative()
+    line = dataclasses.replace(measured, excess=())
+    assert measured.time(3, 2) < line.time(3, 2) and measured.time(4, 3) > line.time(4, 3)
+    # At acceptance 0.6 two drafts stop short of the step; a line through the buckets drafts past it.
+    alphas = [0.6] * MAX_DRAFT_TOKENS
+    assert plan_for(alphas, measured).k == 2 < plan_for(alphas, line).k
+    # A shared forward's width is every request's rows: there the line alone prices a plan.
+    shared = dataclasses.replace(measured, share=0.5)
+    assert shared.time(4, 3) == pytest.approx(dataclasses.replace(line, share=0.5).time(4, 3))
+    # A bucket timed fewer than three times keeps the line.
+    costs.observe_forward(40, 0.4)
+    assert costs.relative().excess[(40).bit_length()] == 0.0
+
+
 def test_plans_follow_the_costs():
     alphas = [0.8] * MAX_DRAFT_TOKENS
     prior = plan_for(alphas, StepCosts.prior(0.1))
@@ -112,7 +137,7 @@ def test_a_shared_forward_prices_its_fixed_cost_per_request():
     shared = costs.relative()
     assert shared.share == pytest.approx(1 / 16) and costs.snapshot()["sharing"] == 16
     # The fixed cost is split, the rows are not.
-    single = dataclasses.replace(shared, share=1.0)
+    single = dataclasses.replace(shared, share=1.0, excess=())  # the line alone, as the shared forward prices it
     assert shared.time(1, 0) == pytest.approx((1 - shared.row) / 16 + shared.row)
     assert shared.time(17, 16) - shared.time(1, 0) == pytest.approx(single.time(17, 16) - single.time(1, 0))
     # So the same acceptance buys a shorter draft and a narrower tree in the batch.
@@ -130,6 +155,28 @@ def test_scheduler_learns_per_position():
     for _ in range(60):
         policy.observe(8, 3)  # the first three always kept, the fourth always rejected
     assert policy.next_plan().k == 3
+
+
+def test_measured_plans_explore_wider_and_narrower_now_and_then():
+    scheduler = DraftScheduler(0.1)
+    request = GenerationRequest([1], draft_hint="prose")
+    policy = scheduler.policy(request, can_draft=True)
+    for _ in range(60):
+        policy.observe(8, 3)  # the first three always kept, the fourth always rejected
+    assert {policy.next_plan().k for _ in range(3 * EXPLORE_EVERY)} == {3}  # prior costs: never
+    feed(scheduler.costs, (0.1, 0.001), [1, 4, 9], 0.001)
+    lengths = [scheduler.policy(request, can_draft=True).next_plan().k for _ in range(3 * EXPLORE_EVERY)]
+    best = max(set(lengths), key=lengths.count)
+    # Every 16th plan of the kind: twice as long, then half as long, in turn.
+    wide, narrow = 2 * best, max(1, best // 2)
+    assert [k for k in lengths if k != best] in ([wide, narrow, wide], [narrow, wide, narrow])
+    at = [i for i, k in enumerate(lengths) if k != best]
+    assert at[1] - at[0] == at[2] - at[1] == EXPLORE_EVERY
+    # A seeded sampled call keeps the prior's plans, whatever the engine measured.
+    seeded = GenerationRequest([1], draft_hint="prose", sampling=SamplingParams(temperature=0.8), seed=1)
+    assert not seeded.learns
+    fixed = scheduler.policy(seeded, can_draft=True)
+    assert len({fixed.next_plan().k for _ in range(3 * EXPLORE_EVERY)}) == 1
 
 
 @pytest.fixture(scope="module")
@@ -162,19 +209,18 @@ def test_greedy_identity_under_extreme_fitted_costs(mtp_engines, kind, costs, mo
                 assert any(w > 1 + d * (1 + DEFAULT_MTP_SIBLINGS) for w, d in zip(widths, lengths))
 
 
-def test_seeded_sampling_ignores_timing(small_target):
+def test_seeded_sampling_ignores_timing(small_target, monkeypatch):
     model, assistant = small_target
     # No early stop: the untrained drafter would stop every draft after one token whatever k is.
     engine = Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0))
     kwargs = dict(max_new_tokens=30, temperature=1.0, stop_token_ids=[])
-    costs = engine.scheduler.costs
     learning = GenerationRequest([2, 5, 9])
     outputs = []
-    for line, draft_s in (((1.0, 0.0), 1e-6), ((0.01, 0.5), 2.0)):  # rows and drafts free, then dearer than forwards
-        feed(costs, line, [1, 2, 9, 17], draft_s, n=60)
+    for costs in (CHEAP, DEAR):  # rows and drafts almost free, then dearer than half a forward
+        pin(engine, costs, monkeypatch)
         outputs.append(engine.generate([2, 5, 9], seed=123, **kwargs).token_ids)
-        feed(costs, line, [1, 2, 9, 17], draft_s, n=60)  # what the run itself timed is outweighed again
-        outputs.append(engine.scheduler.policy(learning, can_draft=True).next_plan().k)
+        plans = sorted(engine.scheduler.policy(learning, can_draft=True).next_plan().k for _ in range(3))
+        outputs.append(plans[1])  # at most one plan in sixteen explores: the middle of three does not
     assert outputs[1] > 10 and outputs[3] == 1  # a learning call would have drafted long, then 1 (the prior: 5)
     assert outputs[0] == outputs[2]
     # Draft lengths do change this seed's output, so the equality above is the fixed schedule's doing.
