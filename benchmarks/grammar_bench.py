@@ -18,9 +18,16 @@ Then a validity check: for every distinct held-out tool schema of the workloads,
 calls, sampled with several seeds, must all parse and validate (and, for contrast, how many
 unconstrained answers from the same prompts do).
 
+With `--memorized`, like for like: the 270M writes broken calls unconstrained, so its two runs
+write different text. First the target's last decoder layers are fine-tuned in place until its
+plain greedy answer to every task is the constrained answer it gave before (a model that already
+writes valid calls, as a well-trained one mostly does); then both runs write the same tokens, and
+their rates differ only by what the grammar costs and what jump-forward and cut drafts pay back.
+
     python -m benchmarks.grammar_bench --model embedded --drafter hybrid --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m.json
     python -m benchmarks.grammar_bench --model embedded --drafter ngram --max-new 96 --rounds 3 --out benchmarks/results/grammar-270m-ngram.json
     python -m benchmarks.grammar_bench --model embedded --validity-only --validity-max-new 96 --out benchmarks/results/grammar-validity-270m.json
+    python -m benchmarks.grammar_bench --model embedded --memorized --drafter hybrid --max-new 96 --rounds 3 --seeds 0 --out benchmarks/results/grammar-270m-memorized.json
     python -m benchmarks.grammar_bench --model tiny --max-new 16 --rounds 1 --limit 1 --seeds 1     # smoke run
 """
 
@@ -39,6 +46,7 @@ from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.constraint import RequestConstraint
 from langchain_gemma_mtp.engine.drafters import NoDrafter
 from langchain_gemma_mtp.engine.types import SpeculativeStats
+from langchain_gemma_mtp.engine.worker import on_short_lived_thread
 from langchain_gemma_mtp.formats.streaming import ParsedDelta
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime, PreparedPrompt
 
@@ -149,7 +157,100 @@ def run(runtime: ChatRuntime, prepared: PreparedPrompt, max_new: int, constraint
     return call
 
 
-def bench(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, rounds: int, k: int | None, limit: int | None) -> list[dict]:
+MARGIN = 2.0  # logits by which each memorized answer token must lead the rest
+
+
+class _Skip(torch.nn.Module):
+    """A decoder layer that passes its input on: the frozen layers' output is computed once."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def memorize_answers(model: Any, sequences: list[tuple[list[int], list[int]]], layers: int = 4, max_epochs: int = 150) -> int:
+    """Fine-tune the last `layers` decoder layers (and the final norm) of a causal LM in place until
+    every answer token leads the rest by MARGIN logits under teacher forcing (so incremental decoding,
+    whose sums run in another order, picks it too); return the epochs used.
+
+    The layers below are frozen, so their output is computed once and fed in as embeddings; the
+    loss reads the LM head on answer rows only (a 262k-row head over every prompt row would not fit)."""
+    decoder = model.get_decoder()
+    width = max(len(p) + len(a) for p, a in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, labels = [], []
+    for i, (prompt, answer) in enumerate(sequences):
+        seq = prompt + answer
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+        rows += [(i, len(prompt) - 1 + j) for j in range(len(answer))]  # the row that predicts answer[j]
+        labels += answer
+    where = tuple(torch.tensor(c) for c in zip(*rows))
+    target = torch.tensor(labels)
+    first = len(decoder.layers) - layers
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: Any, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    hook = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    hook.remove()
+    frozen = captured[0].detach()
+    trained = [*decoder.layers[first:].parameters(), *decoder.norm.parameters()]
+    model.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    original = decoder.layers
+    decoder.layers = torch.nn.ModuleList([_Skip() for _ in range(first)] + list(original[first:]))
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
+    try:
+        for epoch in range(1, max_epochs + 1):
+            logits = model.lm_head(decoder(inputs_embeds=frozen, attention_mask=mask, use_cache=False).last_hidden_state[where])
+            right = logits.gather(1, target[:, None]).squeeze(1)
+            if bool((right - logits.scatter(1, target[:, None], float("-inf")).amax(-1) >= MARGIN).all()):
+                return epoch
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        raise RuntimeError(f"the answers were not memorized in {max_epochs} epochs (loss {loss.item():.3f})")
+    finally:
+        decoder.layers = original
+        model.requires_grad_(False)
+        model.eval()
+
+
+def written(runtime: ChatRuntime, token_ids: list[int]) -> list[int]:
+    """The answer's tokens without its stop token: a grammar that completes ends the answer itself,
+    where the same text decoded freely ends on the model's stop token."""
+    return [t for t in token_ids if t not in runtime.stop_token_ids]
+
+
+def memorized_runtime(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, limit: int | None) -> dict[str, bool]:
+    """Fine-tune the target until its plain greedy answer to every task is its constrained one; per
+    task, whether plain decoding now writes exactly that answer (only those compare like for like)."""
+    items = [(name, runtime.prepare(request)) for name, request, _ in tasks(limit, max_new)]
+    answers = [plain.engine.generate(p.prompt_ids, max_new_tokens=max_new, constraint=p.constraint).token_ids for _, p in items]
+    # A completed grammar ends the answer without a stop token; written freely, the same answer must end on one.
+    stop = runtime.tokenizer.eos_token_id if runtime.tokenizer.eos_token_id in runtime.stop_token_ids else min(runtime.stop_token_ids)
+    answers = [a if a and a[-1] in runtime.stop_token_ids else [*a, stop] for a in answers]
+    model = runtime.engine.target.model
+    epochs = on_short_lived_thread(lambda: memorize_answers(model, [(p.prompt_ids, a) for (_, p), a in zip(items, answers)]))
+    runtime.engine.forget()
+    same = {
+        name: written(runtime, plain.engine.generate(p.prompt_ids, max_new_tokens=max_new).token_ids) == written(runtime, a)
+        for (name, p), a in zip(items, answers)
+    }
+    print(
+        f"memorized in {epochs} epochs; plain greedy writes the constrained answer on {sum(same.values())} of {len(same)} tasks", flush=True
+    )
+    return same
+
+
+def bench(
+    runtime: ChatRuntime, plain: ChatRuntime, max_new: int, rounds: int, k: int | None, limit: int | None, same: dict[str, bool] | None
+) -> list[dict]:
     rows = []
     for name, request, schemas in tasks(limit, max_new):
         prepared = runtime.prepare(request)
@@ -164,6 +265,9 @@ def bench(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, rounds: int, k
         }
         measured = dict(zip(ways, timed_rounds(list(ways.values()), rounds)))
         row: dict[str, Any] = {"task": name, "prompt_tokens": len(prepared.prompt_ids)}
+        if same is not None:
+            texts = [written(runtime, measured[way][0][0].token_ids) for way in ("unconstrained", "constrained")]
+            row["same_text"] = same[name] and texts[0] == texts[1]
         for way, ((result, after_first), seconds) in measured.items():
             stats = result.stats
             row[way] = {
@@ -227,6 +331,9 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
         }
     if rows:
         out["mask_us_per_token"] = {"mean": statistics.mean(r["mask_us_per_token"] for r in rows)}
+    alike = [r["constrained"]["tokens_per_s"] / r["unconstrained"]["tokens_per_s"] for r in rows if r.get("same_text")]
+    if alike:  # --memorized: the tasks where both runs wrote the same tokens
+        out["same_text constrained / unconstrained"] = {"tasks": len(alike), "min": min(alike), "mean": statistics.mean(alike)}
     return out
 
 
@@ -241,12 +348,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="sampled calls per tool in the validity check")
     ap.add_argument("--validity-max-new", type=int, default=None, help="the validity check's token budget (default: --max-new)")
     ap.add_argument("--validity-only", action="store_true", help="run the validity check alone")
+    ap.add_argument("--memorized", action="store_true", help="first fine-tune the target to write its constrained answers unconstrained")
     args = ap.parse_args()
+    if args.memorized and args.model != "embedded":
+        ap.error("--memorized fine-tunes the 270M: use it with --model embedded")
     set_threads(args.threads)
     runtime, plain, label = setup(args.model, args.drafter)
     print(f"{label}, drafter {runtime.engine.drafter.name}")
-    rows = [] if args.validity_only else bench(runtime, plain, args.max_new, args.rounds, args.k, args.limit)
-    checks = validity(runtime, args.validity_max_new or args.max_new, args.seeds)
+    same = memorized_runtime(runtime, plain, args.max_new, args.limit) if args.memorized else None
+    rows = [] if args.validity_only else bench(runtime, plain, args.max_new, args.rounds, args.k, args.limit, same)
+    checks = validity(runtime, args.validity_max_new or args.max_new, args.seeds) if args.seeds else {}
     totals = summary(rows) if rows else {}
     print(json.dumps(totals, indent=1))
     write_results(args.out, args, model=label, rows=rows, summary=totals, validity=checks)
