@@ -156,7 +156,7 @@ class ChatRuntime:
             messages = merge_consecutive(json_calls.inline_tool_history(messages))
         prompt_ids = self.prompts.encode(messages, offered if self.native_tools else None, request.reasoning)
         # Where the model starts: some templates end the prompt inside an open thought channel
-        # (July 2026, thinking on, after tool responses); a forced opening closes it first.
+        # (July 2026, thinking on, after tool responses); with thinking off a forced opening closes it first.
         in_thought = self.native_tools and gemma4.prompt_ends_in_thought(self.prompts.text_after(prompt_ids, gemma4.TURN))
         if self.native_tools:
             # Thinking on, the grammar writes the opening after any thought (jump-forward: no extra
