@@ -94,11 +94,16 @@ def tasks(limit: int | None, max_new: int) -> list[tuple[str, ChatRequest, dict[
     return out[: limit * 2] if limit else out
 
 
+def written(runtime: ChatRuntime, token_ids: list[int]) -> list[int]:
+    """The answer's tokens without its stop token: a grammar that completes ends the answer itself,
+    where the same text decoded freely ends on the model's stop token."""
+    return [t for t in token_ids if t not in runtime.stop_token_ids]
+
+
 def parse(runtime: ChatRuntime, prepared: PreparedPrompt, token_ids: list[int]) -> ParsedDelta:
     """The answer as the runtime's parser reads it (a fresh parser, the forced opening first)."""
     parser_ = prepared.parser
-    ends = runtime.stop_token_ids
-    text = prepared.forced + runtime.tokenizer.decode([t for t in token_ids if t not in ends], skip_special_tokens=False)
+    text = prepared.forced + runtime.tokenizer.decode(written(runtime, token_ids), skip_special_tokens=False)
     parsed = ParsedDelta()
     parsed.extend(parser_.feed(text))
     parsed.extend(parser_.finish())
@@ -219,12 +224,6 @@ def memorize_answers(model: Any, sequences: list[tuple[list[int], list[int]]], l
         decoder.layers = original
         model.requires_grad_(False)
         model.eval()
-
-
-def written(runtime: ChatRuntime, token_ids: list[int]) -> list[int]:
-    """The answer's tokens without its stop token: a grammar that completes ends the answer itself,
-    where the same text decoded freely ends on the model's stop token."""
-    return [t for t in token_ids if t not in runtime.stop_token_ids]
 
 
 def memorized_runtime(runtime: ChatRuntime, plain: ChatRuntime, max_new: int, limit: int | None) -> dict[str, bool]:
