@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .costs import CostModel
-from .packed import PackedRows, packed_attention
+from .packed import PackedRows
 from .target import Forward, TargetModel
 from .tree import DraftTree
 
@@ -100,14 +100,13 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
             masks.setdefault(layer_type, []).append(mask)
     batched = {t: target.attention_mask(_pad_masks(m, longest)) for t, m in masks.items()}
     cache = BatchCache([f.cache for f in feeds], widths)
-    with packed_attention(target.config):
-        out = target.run_decoder(
-            torch.tensor([ids], device=device),
-            cache,
-            attention_mask=batched if target.layer_types else batched["full_attention"],
-            position_ids=torch.cat(positions)[None].to(device),
-            packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the packed attention
-        )
+    out = target.run_decoder(
+        torch.tensor([ids], device=device),
+        cache,
+        attention_mask=batched if target.layer_types else batched["full_attention"],
+        position_ids=torch.cat(positions)[None].to(device),
+        packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the engine's attention
+    )
     rows = out.last_hidden_state[0]
     hidden = list(rows.split(widths))
     logits = target.logits(rows).split(widths)

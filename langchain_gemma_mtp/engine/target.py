@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from ..errors import IncompatibleDrafterError
 from .cache import LayerKV, cache_keep_then, keep_then, kv_layers, layer_kv, new_cache
 from .head import project
+from .packed import engine_attention
 from .tree import DraftTree
 
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -137,7 +138,11 @@ class TargetModel:
         if self.returns_shared_kv:
             kwargs["return_shared_kv_states"] = want_kv
             kwargs["logits_to_keep"] = keep
-        return self.decoder(input_ids=ids, **kwargs)
+        # Gemma 4's sliced prefill tells sdpa apart by its name, so that forward keeps the model's own.
+        if not self.verifies_trees or (self.returns_shared_kv and keep is not None):
+            return self.decoder(input_ids=ids, **kwargs)
+        with engine_attention(self.config):
+            return self.decoder(input_ids=ids, **kwargs)
 
     @property
     def verifies_trees(self) -> bool:

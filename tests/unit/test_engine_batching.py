@@ -7,11 +7,13 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_engine_greedy import hf_greedy, prompt
 from test_engine_sampling import P_MIN, _chi2_ok, exact_marginals
 from tiny_models import VOCAB, build_target
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from langchain_gemma_mtp.engine import Engine, loop, worker
+from langchain_gemma_mtp.engine import Engine, loop, packed, worker
 from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed
 from langchain_gemma_mtp.engine.cache import kv_layers
 from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS
@@ -84,6 +86,68 @@ def test_a_batched_forward_gives_each_request_what_it_gets_alone(kind, attention
         for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):  # each request's own cache got its rows, no padding
             if la.keys is not None:
                 torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+class _Heads:
+    """What transformers' sdpa reads of an attention module: its query heads per K/V head."""
+
+    def __init__(self, groups: int):
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _sdpa_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(query heads, K/V heads) of every scaled_dot_product_attention call from now on: K/V heads
+    beyond the model's own were repeated per query head."""
+    calls: list[tuple[int, int]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1]))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (8, 1)])
+@torch.inference_mode()
+def test_query_heads_fold_onto_their_kv_heads_as_transformers_repeats_them(monkeypatch, dtype, heads, kv_heads):
+    """Several masked query rows over shared K/V heads: the folded attention gives transformers'
+    output, without repeating K/V, in bf16; float32 keeps transformers' own path."""
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    query = torch.randn(3, heads, 5, 16, generator=g).to(dtype)
+    key, value = (torch.randn(3, kv_heads, 9, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(3, 1, 5, 9, generator=g) > 0.4
+    mask[..., 0] = True
+    module = _Heads(heads // kv_heads)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    calls = _sdpa_calls(monkeypatch)
+    out, _ = packed._sdpa(module, query, key, value, mask, scaling=0.25)
+    assert out.shape == expected.shape == (3, 5, heads, 16)
+    torch.testing.assert_close(out, expected)
+    assert calls == [(kv_heads, kv_heads) if dtype == torch.bfloat16 else (heads, heads)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_a_bf16_verification_forward_attends_through_the_fold(monkeypatch, kind):
+    """The engine's verification forwards, alone and batched, read K/V in place in bf16 (no K/V
+    repeated per query head) and give the hidden rows of transformers' own sdpa."""
+    target = TargetModel(build_target(kind).to(torch.bfloat16))
+    chains = [[f for f in _feeds(target) if f.tree is None] for _ in range(4)]
+    own = [target.decoder(input_ids=torch.tensor([f.tokens]), **{target._cache_kw: f.cache}).last_hidden_state[0] for f in chains[0]]
+    calls = _sdpa_calls(monkeypatch)
+    alone = [run_feed(f).hidden for f in chains[1]]
+    together = run_batch(target, chains[2])
+    assert calls and all(kv == target.config.num_key_value_heads for _, kv in calls), calls  # K/V as stored
+    monkeypatch.setattr(packed, "_sdpa", sdpa_attention_forward)  # the same packed forward, transformers' attention
+    unfolded = run_batch(target, chains[3])
+    for mine, theirs in zip(alone, own):
+        torch.testing.assert_close(mine, theirs)
+    for mine, theirs in zip(together, unfolded):
+        torch.testing.assert_close(mine.hidden, theirs.hidden)
 
 
 @pytest.mark.parametrize("kind", KINDS)
