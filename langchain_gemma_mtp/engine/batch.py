@@ -1,5 +1,5 @@
 """One target forward over several requests: each request's block of tokens (a draft chain or tree to
-verify) after its own KV cache, packed into one sequence.
+verify, or a chunk of its prompt) after its own KV cache, packed into one sequence.
 
 Every request keeps its own DynamicCache, so rollback, the prefix cache and the drafters work as for
 a request alone. The blocks are fed as one sequence of batch 1 (engine/packed.py), so embeddings,
@@ -84,8 +84,8 @@ def _block(feed: Feed) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
-    """One forward over several requests' verification blocks; each gets the Forward (hidden rows,
-    the drafter's K/V, logits of every row) it would get alone. Prompt chunks go through `run_feed`."""
+    """One forward over several requests' verification blocks or prompt chunks; each gets the
+    Forward (hidden rows, the drafter's K/V, logits where `run_feed` gives them) it would get alone."""
     device = target.device
     widths = [f.width for f in feeds]
     longest = max(widths)
@@ -107,11 +107,12 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
         position_ids=torch.cat(positions)[None].to(device),
         packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the engine's attention
     )
-    rows = out.last_hidden_state[0]
-    hidden = list(rows.split(widths))
-    logits = target.logits(rows).split(widths)
+    hidden = list(out.last_hidden_state[0].split(widths))
+    # Logits where each feed needs them: every row of a block, the last row of a prompt's last chunk.
+    wanted = [h if not f.prefill else h[-1:] if f.last else h[:0] for f, h in zip(feeds, hidden)]
+    logits = target.logits(torch.cat(wanted)).split([len(w) for w in wanted])
     forwards = []
-    for i, h in enumerate(hidden):
+    for i, (feed, h) in enumerate(zip(feeds, hidden)):
         shared = None
         if target.returns_shared_kv:
             # The storing layer's K/V as the batch saw them: this request's visible rows only.
@@ -119,7 +120,7 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
                 t: (k[i : i + 1, :, : _visible(cache, target, t, i)], v[i : i + 1, :, : _visible(cache, target, t, i)])
                 for t, (k, v) in out.shared_kv_states.items()
             }
-        forwards.append(Forward(h, shared, logits[i]))
+        forwards.append(Forward(h, shared, logits[i] if not feed.prefill or feed.last else None))
     return forwards
 
 
@@ -152,8 +153,9 @@ def run_feed(feed: Feed) -> Forward:
 
 
 def run_feeds(feeds: list[Feed]) -> list[Forward]:
-    """Verification blocks of several requests on one target: one batched forward when the
-    target's attention takes explicit masks, else one forward each."""
-    if len(feeds) > 1 and feeds[0].target.verifies_trees:
+    """Several requests' verification blocks, or their prompt chunks, on one target: one packed
+    forward when the target's attention takes explicit masks (and, for prompt chunks, its prefill
+    is not sliced: `TargetModel.slices_prefill`), else one forward each."""
+    if len(feeds) > 1 and feeds[0].target.verifies_trees and not (feeds[0].prefill and feeds[0].target.slices_prefill):
         return run_batch(feeds[0].target, feeds)
     return [run_feed(f) for f in feeds]

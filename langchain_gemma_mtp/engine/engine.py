@@ -232,7 +232,7 @@ class Engine:
             else:
                 generator.seed()
         bursts = speculative_decode(self.target, self.drafter, request, policy, stats, generator, self.prefix_cache)
-        return self.worker.submit(bursts, stats, len(request.prompt_ids), self.counters, self.kv_budget, kv_bytes)
+        return self.worker.submit(bursts, stats, request.prompt_ids, self.counters, self.kv_budget, kv_bytes)
 
     def generate(self, prompt_ids: Iterable[int], **kwargs) -> GenerationResult:
         """Generate new token ids.

@@ -145,6 +145,12 @@ class TargetModel:
             return self.decoder(input_ids=ids, **kwargs)
 
     @property
+    def slices_prefill(self) -> bool:
+        """Whether a prompt chunk alone runs the kv-shared layers at its last row only (Gemma 4), which
+        several requests' chunks packed into one forward cannot (engine/batch.py runs those apart)."""
+        return self._prefill_keep is not None
+
+    @property
     def verifies_trees(self) -> bool:
         """Whether `forward` can take a tree: its masks are built for these attention kernels."""
         return self.config._attn_implementation in ("sdpa", "eager")

@@ -1,7 +1,7 @@
 """The owner thread that runs the models on one device: each round verifies the pending step of every
-request in flight in one batched forward and feeds one chunk of prefill; requests are cancellable per
-step, the thread lives only while requests do, and requests wait in arrival order until their KV
-cache fits."""
+request in flight in one batched forward and feeds new requests' prompt chunks in another; requests
+are cancellable per step, the thread lives only while requests do, and requests wait in arrival
+order until their KV cache fits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import atexit
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
 
@@ -18,6 +18,7 @@ import torch
 
 from ..errors import KVCacheLimitError
 from .batch import Feed, run_feed, run_feeds
+from .cache import common_prefix_length
 from .costs import CostModel
 from .drafters import Draft, DraftAsk, propose_all
 from .loop import PREFILL_CHUNK, Steps
@@ -32,6 +33,10 @@ _WORKERS: dict[str, EngineWorker] = {}  # one per device
 _WORKERS_LOCK = threading.Lock()
 
 
+# A request whose prompt shares this many tokens with one still prefilling waits for it and reuses
+# its cache; a shorter overlap is cheaper to prefill twice than to leave out of the packed forward.
+SHARED_PREFIX = 32
+
 # Verification rows per batched forward: more requests than fit wait for the next round, in turn.
 MAX_BATCH_ROWS = 512
 
@@ -39,8 +44,9 @@ MAX_BATCH_ROWS = 512
 class _Job:
     """Worker-side state of one request: its steps (engine/loop.py), the feed it waits on, its outbox."""
 
-    def __init__(self, bursts: Steps, counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
+    def __init__(self, bursts: Steps, prompt: Sequence[int], counters: EngineCounters, budget: KVBudget | None, kv_bytes: int):
         self.bursts = bursts
+        self.prompt = prompt  # its prompt ids: who may prefill beside whom
         self.feed: Feed | DraftAsk | None = None  # what it waits on (None: not started)
         self.counters = counters  # its engine's totals
         self.budget = budget  # its engine's KV budget, which it holds kv_bytes of while it runs
@@ -182,9 +188,10 @@ class EngineWorker:
     Active requests (of every engine on the device) step together, round by round: each round drafts
     for every request waiting on a draft (one batch per drafter), verifies every pending draft in one
     batched target forward per model (engine/batch.py; past MAX_BATCH_ROWS rows the rest go first
-    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests, one request at a time,
-    so a new request's first burst does not wait for a long one to finish, every stream keeps moving,
-    and requests sharing a prompt prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
+    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests in one packed forward,
+    at most one chunk each, so a new request's first burst does not wait for a long one to finish,
+    every stream keeps moving, several new prompts share a forward, and requests sharing a prompt
+    prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
     (benchmarks/owner_thread_bench.py measures it; docs/research-notes.md, "Owner thread"). So engines share their device's thread, and it
@@ -220,7 +227,7 @@ class EngineWorker:
         self,
         bursts: Steps,
         stats: SpeculativeStats,
-        prompt_tokens: int,
+        prompt_ids: Sequence[int],
         counters: EngineCounters,
         budget: KVBudget | None = None,
         kv_bytes: int = 0,
@@ -229,7 +236,7 @@ class EngineWorker:
         `budget`, the request starts once `kv_bytes` fit beside the running requests' (in arrival order).
         The calling thread hands back its own idle OpenMP team first (engine/openmp.py says why)."""
         release_thread_team()
-        job = _Job(bursts, counters, budget, kv_bytes)
+        job = _Job(bursts, prompt_ids, counters, budget, kv_bytes)
         with self._lock:
             if self._stopping:
                 raise RuntimeError(f"the {self.name} owner thread was stopped (the interpreter is exiting); nothing runs after that")
@@ -237,7 +244,7 @@ class EngineWorker:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run_thread, name=f"gemma-mtp:{self.name}", daemon=True)
                 self._thread.start()
-        return RequestHandle(job, stats, prompt_tokens)
+        return RequestHandle(job, stats, len(prompt_ids))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread after its current step (pending requests end with it)."""
@@ -274,7 +281,7 @@ class EngineWorker:
     def _round(self) -> bool:
         """Step every active request once: admit waiting ones, draft for those waiting on a draft (one
         batch per drafter), verify every pending block in one batched forward per model, then feed
-        prompt chunks up to PREFILL_CHUNK tokens; each request runs on to what it needs next. False
+        prompt chunks up to PREFILL_CHUNK tokens in one more; each request runs on to what it needs next. False
         once the thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
@@ -302,10 +309,7 @@ class EngineWorker:
                 break
             batch.append((job, job.feed))
             rows += job.feed.width
-        by_target: dict[int, list[tuple[_Job, Feed]]] = {}
-        for job, feed in batch:
-            by_target.setdefault(id(feed.target.model), []).append((job, feed))
-        for group in by_target.values():
+        for group in _by_target(batch):
             self._run(group, run_feeds)
         self._prefill(prefilling)
         with self._lock:
@@ -315,18 +319,26 @@ class EngineWorker:
         return True
 
     def _prefill(self, jobs: list[_Job]) -> None:
-        """Prompt chunks up to PREFILL_CHUNK tokens, one request at a time in arrival order: a request
-        starts (looks up the prefix cache) only once the one before it has prefilled, so requests
-        sharing a prompt prefill it once."""
+        """Prompt chunks up to PREFILL_CHUNK tokens in all, at most one per request, in arrival order,
+        run as one packed forward per target (engine/batch.py). A request starts (looks up the prefix
+        cache) beside others still prefilling unless its prompt shares SHARED_PREFIX tokens with one
+        of theirs; then it waits for that prefill to end, so requests sharing a prompt prefill it once."""
+        chunks: list[tuple[_Job, Feed]] = []
         fed = 0
         for job in jobs:
             if job.feed is None:
+                if any(_prefilling(other) and common_prefix_length(job.prompt, other.prompt) >= SHARED_PREFIX for other in jobs):
+                    continue
                 self._advance(job, None)  # its prefix-cache lookup, then its first chunk
-            while isinstance(job.feed, Feed) and job.feed.prefill:
-                if fed and fed + job.feed.width > PREFILL_CHUNK:
-                    return
-                fed += job.feed.width
-                self._run([(job, job.feed)], lambda feeds: [run_feed(feeds[0])])
+            if not _prefilling(job):
+                continue  # it failed to start
+            feed = cast(Feed, job.feed)
+            if chunks and fed + feed.width > PREFILL_CHUNK:
+                break
+            chunks.append((job, feed))
+            fed += feed.width
+        for group in _by_target(chunks):
+            self._run(group, run_feeds)
 
     def _draft(self, jobs: list[_Job]) -> None:
         """The drafts every waiting request asked for, one batch per drafter; a drafter that fails
@@ -429,6 +441,19 @@ def run_alone(steps: Steps) -> Iterator[Burst]:
         else:
             answer = None
             yield item
+
+
+def _prefilling(job: _Job) -> bool:
+    """Whether a job has started and waits on a prompt chunk."""
+    return isinstance(job.feed, Feed) and job.feed.prefill
+
+
+def _by_target(feeds: list[tuple[_Job, Feed]]) -> list[list[tuple[_Job, Feed]]]:
+    """Jobs' feeds grouped by the target model they run on, in order: one forward per group."""
+    groups: dict[int, list[tuple[_Job, Feed]]] = {}
+    for job, feed in feeds:
+        groups.setdefault(id(feed.target.model), []).append((job, feed))
+    return list(groups.values())
 
 
 def _each(costs: list[CostModel | None]) -> list[CostModel]:

@@ -14,7 +14,7 @@ from tiny_models import VOCAB, build_target
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from langchain_gemma_mtp.engine import Engine, loop, packed, worker
-from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed
+from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed, run_feeds
 from langchain_gemma_mtp.engine.cache import kv_layers
 from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS
 from langchain_gemma_mtp.engine.drafters import (
@@ -86,6 +86,63 @@ def test_a_batched_forward_gives_each_request_what_it_gets_alone(kind, attention
         for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):  # each request's own cache got its rows, no padding
             if la.keys is not None:
                 torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_prompt_chunks_prefill_together_as_they_prefill_alone(kind):
+    """Several requests' prompt chunks (a first chunk, a later one, a last one after a cached
+    prefix) in one packed forward: each request's cache, hidden rows and last-row logits are what a
+    forward of its own gives. Gemma 4 targets that slice their prefill run the chunks apart."""
+    target = TargetModel(build_target(kind))
+    shapes = fed_shapes(target.model)
+
+    def chunks() -> list[Feed]:
+        feeds = []
+        for cached, chunk, last in [(0, prompt(1, 12), False), (9, prompt(2, 20), True), (30, prompt(3, 7), True)]:
+            cache = target.new_cache()
+            if cached:
+                target.forward(prompt(4, cached), cache, prefill=True)
+            feeds.append(Feed(target, chunk, cache, prefill=True, last=last))
+        return feeds
+
+    alone_feeds, packed_feeds = chunks(), chunks()
+    alone = [run_feed(f) for f in alone_feeds]
+    shapes.clear()
+    together = run_feeds(packed_feeds)
+    assert [n for n, _ in shapes] == ([1, 1, 1] if target.slices_prefill else [3])
+    for a, b, fa, fb in zip(alone, together, alone_feeds, packed_feeds):
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-5, rtol=1e-5)
+        assert (a.logits is None) == (b.logits is None) == (not fa.last)
+        if a.logits is not None:
+            assert b.logits is not None and b.logits.shape == (1, VOCAB)
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):
+            if la.keys is not None:
+                torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_new_requests_prefill_together_unless_they_share_a_prompt(checkpoints, monkeypatch):
+    """Requests arriving together prefill in one packed forward; one that shares SHARED_PREFIX
+    tokens with a prompt still prefilling waits for it and reuses its cache."""
+    engine = Engine.from_pretrained(checkpoints["gemma3"], drafter="ngram")
+    shapes = fed_shapes(engine.model)
+    first = prompt(40, 40)
+    asks = [first, prompt(41, 25), first[: worker.SHARED_PREFIX] + prompt(42, 6), first[:10] + prompt(43, 8)]
+    gate, round_ = threading.Event(), worker.EngineWorker._round
+
+    def gated(self):  # the owner thread starts its rounds once all four are queued
+        gate.wait()
+        return round_(self)
+
+    monkeypatch.setattr(worker.EngineWorker, "_round", gated)
+    handles = [engine.submit(ids, max_new_tokens=8, stop_token_ids=[]) for ids in asks]
+    gate.set()
+    results = [h.result() for h in handles]
+    for ids, result in zip(asks, results):
+        assert result.token_ids == hf_greedy(engine.model, ids, 8)
+    assert shapes[0] == (3, 40 + 25 + 18), shapes  # the first, second and fourth prompts in one forward
+    assert results[2].stats.cached_tokens >= worker.SHARED_PREFIX and results[3].stats.cached_tokens == 0
 
 
 class _Heads:
@@ -346,7 +403,9 @@ def test_requests_over_the_batch_limit_take_turns(checkpoints, monkeypatch):
     handles = [engine.submit(p, max_new_tokens=16, stop_token_ids=[], num_draft_tokens=1) for p in ids]
     for p, h in zip(ids, handles):
         assert h.result().token_ids == hf_greedy(engine.model, p, 16)
-    assert max(n for n, _ in shapes) == 1
+    # Verification forwards (2 tokens each: the pending one and its draft) held one request; the
+    # three prompts (10-12 tokens) prefilled together.
+    assert max(n for n, fed in shapes if fed == 2) == 1, shapes
     # While all three run, every request steps once before any steps again.
     steps = recorder.order[3:30]
     for i in range(0, len(steps) - 2, 3):

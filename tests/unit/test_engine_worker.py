@@ -302,7 +302,7 @@ def test_a_consumer_hands_back_its_team_on_submit_and_before_each_wait_for_a_bur
     release_thread_team()
     base = settled_threads()
     parallel_op()
-    handle = worker.submit(gated_bursts(gate, 3), SpeculativeStats(drafter="none"), 0, EngineCounters())
+    handle = worker.submit(gated_bursts(gate, 3), SpeculativeStats(drafter="none"), [], EngineCounters())
     assert settled_threads() == base + 1  # the owner thread, and no team of the caller's any more
     parallel_op()
     opener = open_when(lambda: os_threads() == base + 1, gate)
