@@ -6,7 +6,8 @@ double-wide MLPs in the shared layers; `--layers` scales the depth only, keeping
 the shared share), bf16, drafted by `testing.replay.ReplayDrafter` at acceptance 0.6, 0.8 and 0.9:
 it replays the target's own greedy continuation from a plain run, each position kept with that
 probability, and each draft token costs a matmul sized so that it takes `--draft-fraction` of a
-one-row forward (the released assistant's step: 1.7%). Per acceptance, tokens/s of
+one-row forward (the released assistant's step: 1.7%). With `--patterns N`, N patterns of kept
+positions in turn, each run by every policy, tokens/s summed over them. Per acceptance, tokens/s of
   measured   the engine's schedule, learning costs and acceptance online (warmed up by one call)
   constant   the same schedule priced with the drafter's constant cost (`CostModel.learning` off): today's
   k=N        a fixed draft length, for each N of `--ks`; the best of them is "best fixed"
@@ -135,15 +136,25 @@ def synthetic(args) -> list[dict]:
             )
         for engine in (measured, constant):  # warm-up: the schedules learn acceptance (and measured, costs)
             engine.generate(prompt, max_new_tokens=args.max_new, stop_token_ids=[])
-        timings = dict(zip(runs, timed_rounds(list(runs.values()), args.rounds)))
-        row: dict[str, Any] = {"acceptance": accept, "costs": measured.scheduler.costs.snapshot()}
-        for name, (result, secs) in timings.items():
+        # Each pattern of kept positions in turn (the schedules go on learning across them): one
+        # pattern's luck can favour one fixed length, its sum over patterns much less.
+        timings: dict[str, list[tuple[Any, list[float]]]] = {name: [] for name in runs}
+        for pattern in range(args.patterns):
+            drafter.repattern(2 + pattern)
+            for name, timing in zip(runs, timed_rounds(list(runs.values()), args.rounds)):
+                timings[name].append(timing)
+        row: dict[str, Any] = {"acceptance": accept, "patterns": args.patterns, "costs": measured.scheduler.costs.snapshot()}
+        for name, per_pattern in timings.items():
+            results = [result for result, _ in per_pattern]
+            drafts = [d for r in results for d in r.stats.draft_lengths]
+            widths = [w for r in results for w in r.stats.verify_widths]
             row[name] = {
-                "tok_s": args.max_new / min(secs),
-                "mean_draft": statistics.mean(result.stats.draft_lengths) if result.stats.draft_lengths else 0.0,
-                "mean_width": statistics.mean(result.stats.verify_widths) if result.stats.verify_widths else 0.0,
-                "acceptance": result.stats.acceptance_rate,
-                "kept_to_recording": result.token_ids == ref,
+                "tok_s": args.max_new * len(per_pattern) / sum(min(secs) for _, secs in per_pattern),
+                "tok_s_per_pattern": [args.max_new / min(secs) for _, secs in per_pattern],
+                "mean_draft": statistics.mean(drafts) if drafts else 0.0,
+                "mean_width": statistics.mean(widths) if widths else 0.0,
+                "acceptance": statistics.mean(r.stats.acceptance_rate for r in results),
+                "kept_to_recording": all(r.token_ids == ref for r in results),
             }
         best = max((n for n in runs if n.startswith("k=")), key=lambda n: row[n]["tok_s"])
         row["best_fixed"] = best
@@ -250,6 +261,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--patterns", type=int, default=1, help="synthetic part: patterns of kept positions per acceptance, timed in turn and summed"
+    )
     ap.add_argument("--dtype", default="bfloat16", help="embedded part: the 270M's dtype")
     ap.add_argument(
         "--synthetic-dtype",

@@ -43,14 +43,21 @@ class ReplayDrafter(StatelessDrafter):
         if not 0.0 <= accept <= 1.0:
             raise InvalidRequestError(f"accept must be a probability in [0, 1] (the share of draft positions kept), got {accept!r}.")
         self.continuation = list(continuation)
+        self.accept = accept
         self.vocab_size = vocab_size
         self.name = name
         self.cost_per_draft_token = cost_per_draft_token
-        g = torch.Generator().manual_seed(seed)
-        self.kept = (torch.rand(len(self.continuation), generator=g) < accept).tolist()
+        self.kept: list[bool] = []
+        self.repattern(seed)
         self._work = None
         if step_size:
+            g = torch.Generator().manual_seed(seed)
             self._work = (torch.randn(1, step_size, generator=g).to(dtype), torch.randn(step_size, step_size, generator=g).to(dtype))
+
+    def repattern(self, seed: int) -> None:
+        """Choose anew which positions are kept: another pattern at the same acceptance."""
+        g = torch.Generator().manual_seed(seed)
+        self.kept = (torch.rand(len(self.continuation), generator=g) < self.accept).tolist()
 
     def propose(self, step: DraftStep) -> Draft:
         done = len(step.tokens) - step.request.prompt_len  # new tokens so far, the pending one included
