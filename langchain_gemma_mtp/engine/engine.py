@@ -28,7 +28,7 @@ from .loading import (
     validate_mtp_pair,
 )
 from .loop import speculative_decode
-from .memory import VERIFY_BLOCK, KVBudget, default_kv_cache_mb, kv_bytes_per_position
+from .memory import HEADROOM, KVBudget, default_kv_cache_mb, kv_bytes_per_position
 from .processors import LogitsProcessing
 from .schedule import DraftScheduler
 from .target import TargetModel
@@ -208,7 +208,7 @@ class Engine:
 
     def kv_bytes(self, request: GenerationRequest) -> int:
         """The KV cache a request can grow to: every position it may hold at once, in every layer that stores K/V."""
-        return (len(request.prompt_ids) + request.max_new_tokens + VERIFY_BLOCK) * self.kv_bytes_per_position
+        return (len(request.prompt_ids) + request.max_new_tokens + HEADROOM) * self.kv_bytes_per_position
 
     def submit(self, prompt_ids: Iterable[int], **kwargs) -> RequestHandle:
         """Queue a request on the engine's owner thread; iterate the handle (sync or async) for

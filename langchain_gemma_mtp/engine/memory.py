@@ -1,7 +1,7 @@
 """What a request's KV cache will hold, and the budget that live requests share.
 
 A request reserves, before any forward, the KV cache it can grow to: (prompt + max_new_tokens +
-one verification block) positions times the bytes per position of every layer that stores K/V
+HEADROOM) positions times the bytes per position of every layer that stores K/V
 (kv-shared layers store none). Sliding-window layers are counted at full length because they
 are: `cache.HistorySlidingLayer` keeps a live request's whole history so that rollback and the
 prefix cache stay exact at any length (see docs/server.md, "Limits"). A request larger than the
@@ -20,12 +20,16 @@ from transformers.cache_utils import DynamicLayer
 
 from ..draft_settings import MAX_DRAFT_TOKENS, MAX_MTP_SIBLINGS
 from ..errors import KVCacheLimitError
+from .cache import GROW
 from .target import TargetModel
 
 MB = 2**20
 # Positions a verification forward appends before rollback: the pending token and the largest
 # draft tree (a chain of MAX_DRAFT_TOKENS with MAX_MTP_SIBLINGS runners-up at every depth).
 VERIFY_BLOCK = 1 + MAX_DRAFT_TOKENS * (1 + MAX_MTP_SIBLINGS)
+# Positions a live cache may hold beyond prompt + max_new_tokens: that block, and what a layer's
+# buffer grows by past it (cache.GROW).
+HEADROOM = VERIFY_BLOCK + GROW
 # Share of the memory free at load time that live KV caches may take by default: the rest is
 # left for activations, the prefix cache and whatever else the process holds.
 DEFAULT_SHARE = 0.5
@@ -83,8 +87,8 @@ class KVBudget:
     def check(self, nbytes: int, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise KVCacheLimitError for a request that could not run even alone."""
         if nbytes > self.limit_bytes:
-            per = nbytes / (prompt_tokens + max_new_tokens + VERIFY_BLOCK)
-            room = int(self.limit_bytes / per) - VERIFY_BLOCK - prompt_tokens
+            per = nbytes / (prompt_tokens + max_new_tokens + HEADROOM)
+            room = int(self.limit_bytes / per) - HEADROOM - prompt_tokens
             fix = f"ask for at most {room} max_tokens" if room > 0 else "shorten the prompt"
             raise KVCacheLimitError(
                 f"this request needs {nbytes / MB:.1f} MB of KV cache ({prompt_tokens} prompt tokens + {max_new_tokens} "

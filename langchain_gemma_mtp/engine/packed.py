@@ -5,19 +5,20 @@ heads instead of copying K/V per head.
 A batched forward (engine/batch.py) feeds every request's block of tokens as one sequence of batch
 1: embeddings, norms, projections, MLPs and the LM head run on the real rows only, with no padding
 row among them. Attention is the one step that needs each request apart (its own cache, its own
-mask): for it, and only while a packed forward runs, the model's attention implementation is
-swapped for one that spreads the packed queries into a (requests, longest block) batch, runs the
-model's own attention (sdpa or eager) on it with the per-request masks and the padded K/V that
-`BatchCache` hands over, and packs the output back.
+mask): for it the attention here spreads the packed queries into a (requests, longest block)
+batch, runs the model's own attention (sdpa or eager) on it with the per-request masks and the
+padded K/V that `BatchCache` hands over, and packs the output back.
 
 Grouped-query attention with a mask and several query rows (every verification forward) makes
 transformers' sdpa copy each K/V head once per query head it serves; `_sdpa` folds those query
 heads into the rows of their K/V head instead, as transformers does for a single row.
 
-The swap sets the text config's attention implementation to a name registered here for the length
-of the forward, on the owner thread. Another thread running the same model meanwhile gets the
-same function with no packing, which hands its call straight to the original implementation, and
-the mask functions registered under these names are the originals too.
+`engine_attention` sets the text config's attention implementation to a name registered here for
+the length of each target forward of the engine (TargetModel.run_decoder; not Gemma 4's sliced
+prefill, which tells sdpa apart by its name), on the owner thread. Another thread running the
+same model meanwhile gets the same function with no packing, which attends as `_sdpa` or the
+model's eager function would, and the mask functions registered under these names are the
+originals.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from langchain_gemma_mtp import ChatGemmaMTP
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import NoDrafter
-from langchain_gemma_mtp.engine.memory import MB, VERIFY_BLOCK
+from langchain_gemma_mtp.engine.memory import HEADROOM, MB
 from langchain_gemma_mtp.errors import KVCacheLimitError, ServerBusyError
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime
 from langchain_gemma_mtp.server import ServerSettings, running_server
@@ -106,7 +106,7 @@ def test_a_request_whose_kv_cache_can_never_fit_is_a_400_naming_the_limit_and_on
     engine = Engine(build_target(seed=5), NoDrafter(), AutoTokenizer.from_pretrained(TOKENIZER_DIR), name=NAME)
     runtime = ChatRuntime(engine)
     prompt_tokens = len(runtime.prepare(ChatRequest(messages=_body(1)["messages"], max_tokens=1)).prompt_ids)
-    engine.limit_kv_cache((prompt_tokens + 10 + VERIFY_BLOCK) * engine.kv_bytes_per_position / MB)  # one request of 10
+    engine.limit_kv_cache((prompt_tokens + 10 + HEADROOM) * engine.kv_bytes_per_position / MB)  # one request of 10
     with running_server(runtime, ServerSettings(NAME, max_tokens_limit=64)) as server:
         url = f"{server.base_url}/chat/completions"
         steps = engine.counters.steps

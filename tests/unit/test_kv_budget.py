@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from langchain_gemma_mtp import ChatGemmaMTP
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NoDrafter
-from langchain_gemma_mtp.engine.memory import MB, VERIFY_BLOCK, kv_bytes_per_position
+from langchain_gemma_mtp.engine.memory import HEADROOM, MB, kv_bytes_per_position
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import InvalidRequestError, KVCacheLimitError
 
@@ -59,7 +59,7 @@ def _engine(positions: int, **kwargs) -> Engine:
 
 
 def test_a_request_that_can_never_fit_is_refused_before_any_forward_and_the_fix_it_names_works() -> None:
-    engine = _engine(len(PROMPT) + 40 + VERIFY_BLOCK)
+    engine = _engine(len(PROMPT) + 40 + HEADROOM)
     forwards = []
     engine.target.decoder.register_forward_pre_hook(lambda *a: forwards.append(1))
     with pytest.raises(KVCacheLimitError, match=r"over the engine's limit of .* MB.*ask for at most 40 max_tokens.*kv_cache_mb") as caught:
@@ -78,7 +78,7 @@ def test_the_limit_must_be_a_positive_number() -> None:
 def test_requests_that_do_not_fit_together_run_one_after_the_other_with_their_exact_outputs() -> None:
     free = _engine(10_000)
     expected = [free.generate(prompt(s), max_new_tokens=LONG, stop_token_ids=[]).token_ids for s in (1, 2)]
-    engine = _engine(len(PROMPT) + LONG + VERIFY_BLOCK)  # room for one of them
+    engine = _engine(len(PROMPT) + LONG + HEADROOM)  # room for one of them
     first = engine.submit(prompt(1), max_new_tokens=LONG, stop_token_ids=[])
     second = engine.submit(prompt(2), max_new_tokens=LONG, stop_token_ids=[])
     seen_waiting = False
@@ -94,7 +94,7 @@ def test_requests_that_do_not_fit_together_run_one_after_the_other_with_their_ex
 
 
 def test_a_cancelled_waiting_request_never_runs_and_gives_nothing_back_twice() -> None:
-    engine = _engine(len(PROMPT) + LONG + VERIFY_BLOCK)
+    engine = _engine(len(PROMPT) + LONG + HEADROOM)
     first = engine.submit(prompt(1), max_new_tokens=LONG, stop_token_ids=[])
     second = engine.submit(prompt(2), max_new_tokens=LONG, stop_token_ids=[])
     second.cancel()
@@ -108,7 +108,7 @@ def test_a_cancelled_waiting_request_never_runs_and_gives_nothing_back_twice() -
 
 def test_chat_gemma_mtp_in_process_gets_the_same_clear_error() -> None:
     engine = Engine(build_chat_target(seed=1), NoDrafter(), AutoTokenizer.from_pretrained(TOKENIZER_DIR))
-    engine.limit_kv_cache(200 * engine.kv_bytes_per_position / MB)
+    engine.limit_kv_cache((HEADROOM + 60) * engine.kv_bytes_per_position / MB)  # a short answer fits, 500 tokens do not
     llm = ChatGemmaMTP(engine=engine, max_tokens=500)
     with pytest.raises(KVCacheLimitError, match="max_tokens"):
         llm.invoke("Hello")

@@ -8,7 +8,7 @@ from test_engine_greedy import hf_greedy, prompt
 from tiny_models import WINDOW, build_target
 
 from langchain_gemma_mtp.engine import Engine
-from langchain_gemma_mtp.engine.cache import PrefixCache, common_prefix_length
+from langchain_gemma_mtp.engine.cache import GROW, PrefixCache, common_prefix_length, kv_layers
 from langchain_gemma_mtp.engine.drafters import DraftModelDrafter, NgramDrafter, NoDrafter
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.errors import InvalidRequestError
@@ -154,6 +154,55 @@ def test_restored_cache_crops_anywhere(targets):
             b = target.logits(target.forward(ids, fresh, prefill=True).hidden[-1])
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             assert restored.get_seq_length() == len(ids)
+
+
+def test_a_forward_writes_its_rows_in_place_and_the_buffer_grows_by_chunks(targets):
+    """A layer's K/V live in a buffer a forward only appends to: over 2 * GROW one-token steps the
+    storage moves at most twice (concatenation would copy the whole cache at every step), and the
+    cache still gives the logits of a fresh prefill."""
+    target = TargetModel(targets["gemma3"])
+    ids = prompt(38, length=10) + prompt(39, length=2 * GROW)
+    with torch.inference_mode():
+        kv = target.new_cache()
+        target.forward(ids[:10], kv, prefill=True)
+        moved = 0
+        for token in ids[10:]:
+            before = [layer.keys.untyped_storage().data_ptr() for layer in kv_layers(kv) if layer.keys is not None]
+            out = target.forward([token], kv)
+            after = [layer.keys.untyped_storage().data_ptr() for layer in kv_layers(kv) if layer.keys is not None]
+            moved += before != after
+        assert moved <= 2, moved
+        fresh = target.new_cache()
+        torch.testing.assert_close(
+            target.logits(out.hidden[-1]), target.logits(target.forward(ids, fresh, prefill=True).hidden[-1]), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_positions_a_snapshot_holds_are_never_written_again(targets):
+    """A rollback below a stored length and new tokens there, and a request starting from the
+    stored prefix, leave the stored entry as it was; the live caches hold their own tokens."""
+    target = TargetModel(targets["gemma3"])
+    ids, other = prompt(40, length=20), prompt(41, length=5)
+    with torch.inference_mode():
+        kv = target.new_cache()
+        target.forward(ids, kv, prefill=True)
+        stored = PrefixCache()
+        stored.insert("t", ids, kv)
+        _, layers = stored.lookup("t", ids)
+        assert layers is not None
+        before = [(k.clone(), v.clone()) for k, v in filter(None, layers)]
+        kv.crop(-5)  # a rollback below the stored length, then other tokens at those positions
+        target.forward(other, kv)
+        restored = target.new_cache(layers, 10)
+        target.forward(other, restored)
+        for (k, v), (k0, v0) in zip(filter(None, layers), before):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        for live, tokens in ((kv, ids[:15] + other), (restored, ids[:10] + other)):
+            fresh = target.new_cache()
+            target.forward(tokens, fresh, prefill=True)
+            for a, b in zip(kv_layers(live), kv_layers(fresh)):
+                if b.keys is not None:
+                    torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
 def test_common_prefix_length():
