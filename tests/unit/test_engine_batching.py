@@ -244,9 +244,11 @@ def test_a_draft_model_drafts_in_a_batch_as_it_drafts_alone():
 
     alone = [session.propose(step) for session, step in steps()]
     batched_items = steps()
+    shapes.clear()
     together = drafter.propose_many(batched_items)
     assert [d.tokens for d in together] == [d.tokens for d in alone]
-    assert max(n for n, _ in shapes) >= 2  # later draft steps of several requests went through one forward
+    assert shapes[0] == (3, 10 + 31 + 15)  # the three prompts in one forward
+    assert max(n for n, _ in shapes[1:]) >= 2  # later draft steps of several requests went through one forward
     # The next step catches up after a partial accept, as after verification.
     for (session, step), d in zip(batched_items, together):
         session.commit([*step.tokens, *d.tokens[:1], 3], 1)

@@ -8,7 +8,7 @@ from typing import cast
 import torch
 from transformers import DynamicCache
 
-from ..batch import Feed, run_feed, run_feeds
+from ..batch import Feed, run_feeds
 from ..target import TargetModel
 from .base import NO_DRAFT, Draft, DraftRequest, DraftSession, DraftStep, draft_token, finish_draft
 
@@ -38,14 +38,15 @@ class DraftModelDrafter:
         drafted: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {i: ([], []) for i in live}
         for depth in range(max((steps[i].k for i in live), default=0)):
             going = [i for i in live if depth < steps[i].k]
-            # A request's first step feeds its whole prompt: alone, with logits of its last row only.
+            # A request's first step feeds its whole prompt, with logits of its last row only: the
+            # prompts in one forward, the other requests' steps in another.
             first = [i for i in going if feeds[i].prefill]
-            outs = {i: run_feed(feeds[i]) for i in first}
+            outs = dict(zip(first, run_feeds([feeds[i] for i in first])))
             rest = [i for i in going if not feeds[i].prefill]
             outs.update(zip(rest, run_feeds([feeds[i] for i in rest])))
             for i in going:
                 logits = outs[i].logits
-                assert logits is not None  # run_feed and run_feeds return the rows' logits
+                assert logits is not None  # run_feeds returns the rows' logits (a prompt's last row)
                 token, q = draft_token(logits[-1], sessions[i].request)
                 drafted[i][0].append(token)
                 drafted[i][1].append(q)
