@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,14 +146,6 @@ def test_new_requests_prefill_together_unless_they_share_a_prompt(checkpoints, m
     assert results[2].stats.cached_tokens >= worker.SHARED_PREFIX and results[3].stats.cached_tokens == 0
 
 
-class _Heads:
-    """What transformers' sdpa reads of an attention module: its query heads per K/V head."""
-
-    def __init__(self, groups: int):
-        self.num_key_value_groups = groups
-        self.is_causal = True
-
-
 def _sdpa_calls(monkeypatch) -> list[tuple[int, int]]:
     """(query heads, K/V heads) of every scaled_dot_product_attention call from now on: K/V heads
     beyond the model's own were repeated per query head."""
@@ -178,7 +171,7 @@ def test_query_heads_fold_onto_their_kv_heads_as_transformers_repeats_them(monke
     key, value = (torch.randn(3, kv_heads, 9, 16, generator=g).to(dtype) for _ in range(2))
     mask = torch.rand(3, 1, 5, 9, generator=g) > 0.4
     mask[..., 0] = True
-    module = _Heads(heads // kv_heads)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)  # what sdpa reads of the module
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     calls = _sdpa_calls(monkeypatch)
     out, _ = packed._sdpa(module, query, key, value, mask, scaling=0.25)
