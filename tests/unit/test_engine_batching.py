@@ -14,7 +14,7 @@ from test_engine_sampling import P_MIN, _chi2_ok, exact_marginals
 from tiny_models import VOCAB, build_target
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from langchain_gemma_mtp.engine import Engine, loop, packed, worker
+from langchain_gemma_mtp.engine import Engine, batch, loop, packed, worker
 from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed, run_feeds
 from langchain_gemma_mtp.engine.cache import kv_layers
 from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS
@@ -178,6 +178,17 @@ def test_query_heads_fold_onto_their_kv_heads_as_transformers_repeats_them(monke
     assert out.shape == expected.shape == (3, 5, heads, 16)
     torch.testing.assert_close(out, expected)
     assert calls == [(kv_heads, kv_heads) if dtype == torch.bfloat16 else (heads, heads)]
+
+
+@torch.inference_mode()
+def test_padded_kv_is_each_request_then_zeros_in_reused_memory():
+    """The batch's padded K/V: each request's rows, then exact zeros, even where the allocator hands
+    back memory that held NaNs (a masked padding value must stay finite: 0 * NaN poisons a row)."""
+    rows = [torch.randn(1, 2, n, 8) for n in (5, 9, 2)]
+    for _ in range(20):  # free NaN-filled blocks of the padded tensor's size for the allocator to reuse
+        torch.full((3, 2, 9, 8), float("nan"))
+        padded = batch._pad(rows)
+        assert torch.equal(padded, torch.cat([F.pad(r, (0, 0, 0, 9 - r.shape[-2])) for r in rows]))
 
 
 @pytest.mark.parametrize("kind", KINDS)
