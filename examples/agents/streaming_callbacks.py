@@ -38,15 +38,21 @@ class BurstPrinter(BaseCallbackHandler):
     def __init__(self, marks: bool = True) -> None:
         self.marks = marks
         self.sizes: list[int] = []
+        self.marked = False  # the last thing printed was a mark
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list, **kwargs: Any) -> None:
         self.sizes = []
+        self.marked = False
 
     def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
         bursts = chunk.message.additional_kwargs.get("burst_sizes", []) if chunk is not None else []
         self.sizes.extend(bursts)
-        mark = "+".join(map(str, bursts)).translate(SUPERSCRIPT) if self.marks else ""
+        mark = "+".join(map(str, bursts)).translate(SUPERSCRIPT) if self.marks and bursts else ""
+        if mark and not token and self.marked:  # text held back (a partial stop string): no text between two marks
+            mark = "+".translate(SUPERSCRIPT) + mark
         print(token + mark, end="", flush=True)
+        if token or mark:
+            self.marked = bool(mark)
 
     def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
         message = response.generations[0][0].message

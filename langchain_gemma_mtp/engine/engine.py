@@ -137,7 +137,8 @@ class Engine:
         return (
             f"Engine({self.name!r}, drafter={self.drafter.name!r}, device={self.device.type}, "
             f"forward={c['forward_s'] * 1e3:.1f} ms, row=+{c['row_s'] * 1e3:.2f} ms, draft_token={c['draft_token_s'] * 1e3:.2f} ms, "
-            f"costs={source}: row {c['row_cost']:.3f} draft {c['draft_cost']:.3f} of a forward)"
+            f"draft_call={c['draft_call_s'] * 1e3:.2f} ms, "
+            f"costs={source}: row {c['row_cost']:.3f} draft {c['draft_cost']:.3f} call {c['draft_call_cost']:.3f} of a forward)"
         )
 
     def limit_kv_cache(self, mb: float) -> None:

@@ -6,9 +6,10 @@ towards the kind's pooled rate where a position has few tries). It picks the k i
 [1, MAX_DRAFT_TOKENS] with the most expected tokens per unit of time,
 
     rate(k) = E[tokens | k] / time(k),   E = 1 + sum_j prod_{i<=j} alpha_i,
-    time(k) = share * (1 - row) + row * (k + 1) + draft * k   (in single-row target forwards, costs.StepCosts),
+    time(k) = share * (1 - row) + row * (k + 1) + call + draft * k   (in single-row target forwards, costs.StepCosts),
 
-where row is the measured cost of one more verified row, draft that of one draft token, and share
+where row is the measured cost of one more verified row, draft that of one draft token, call the
+fixed part of a drafter call (paid once, so it favours longer drafts), and share
 the request's part of the forward's fixed cost, 1 / the requests verified in one batched forward
 (costs.CostModel; before it has measured enough, the drafter's constant cost per draft token and
 share 1); a request verified alone also pays its width bucket's measured excess over that line,

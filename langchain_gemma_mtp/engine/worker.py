@@ -355,7 +355,7 @@ class EngineWorker:
                 # Every drafter copies its tokens to the host, so the clock includes its device work.
                 seconds, drafted = time.perf_counter() - started, sum(len(d) for d in drafts if d)
                 for costs in _each([ask.costs for _, ask in group]):
-                    costs.observe_draft(drafted, seconds)
+                    costs.observe_draft(drafted, seconds, len(group))
             except BaseException as exc:
                 if len(group) == 1:
                     self._end(group[0][0], exc)

@@ -59,12 +59,18 @@ def _cost_gauges(engine: Engine) -> Iterator[Metric]:
     gauges = (
         ("step_cost_forward_seconds", "Fitted seconds of a one-row target forward (0 before any was timed).", c["forward_s"]),
         ("step_cost_row_seconds", "Fitted seconds each further verified row adds to a target forward.", c["row_s"]),
-        ("step_cost_draft_token_seconds", "Measured seconds of the drafter per draft token (0 before any).", c["draft_token_s"]),
+        ("step_cost_draft_token_seconds", "Fitted seconds the drafter takes per draft token (0 before any).", c["draft_token_s"]),
+        ("step_cost_draft_call_seconds", "Fitted fixed seconds of a drafter call, per request it drafts for.", c["draft_call_s"]),
         ("step_cost_row_relative", "Cost of a verified row relative to a one-row forward, as the draft schedule prices it.", c["row_cost"]),
         (
             "step_cost_draft_relative",
             "Cost of a draft token relative to a one-row forward, as the draft schedule prices it.",
             c["draft_cost"],
+        ),
+        (
+            "step_cost_draft_call_relative",
+            "Fixed cost of a drafter call relative to a one-row forward, paid once per drafting step.",
+            c["draft_call_cost"],
         ),
         ("step_cost_measured", "1 once the draft schedule prices with measured costs, 0 while it uses the prior.", float(c["measured"])),
         (

@@ -194,6 +194,7 @@ def test_models_health_and_metrics(client, server, runtime) -> None:
     assert 'gemma_mtp:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
     # The fitted step costs: the request's forwards were timed.
     assert metric(server, "gemma_mtp:step_cost_forward_seconds") > 0
+    assert metric(server, "gemma_mtp:step_cost_draft_call_seconds") >= 0
     assert metric(server, "gemma_mtp:step_cost_sharing_requests") >= 1
     assert metric(server, "gemma_mtp:draft_schedule_length", '{hint="code"}') >= 1
 

@@ -115,6 +115,33 @@ def test_a_step_in_the_forward_cost_is_priced_where_it_was_seen():
     assert costs.relative().excess[(40).bit_length()] == 0.0
 
 
+def test_a_drafter_calls_fixed_part_is_paid_once_per_step():
+    """A drafter call costs a fixed part and a part per token (the distilled MTP drafter on the 270M:
+    about 1.8 ms a call and 2.8 ms a token). The fit tells them apart once calls draft different
+    counts, and the fixed part, paid once a step, buys longer drafts than the same seconds priced
+    per token would."""
+    costs = CostModel(0.1)
+    for _ in range(40):
+        for k in (1, 2, 4, 8):
+            costs.observe_forward(k + 1, 0.05 + 0.0006 * (k + 1))
+            costs.observe_draft(k, 0.0018 + 0.0028 * k)
+    snap = costs.snapshot()
+    # The pull towards the origin (calls that draft nothing) takes a little of the fixed part.
+    assert snap["draft_call_s"] == pytest.approx(0.0018, rel=0.15) and snap["draft_token_s"] == pytest.approx(0.0028, rel=0.1)
+    measured = costs.relative()
+    assert measured.call == pytest.approx(snap["draft_call_s"] / snap["forward_s"]) and measured.time(4, 3) > measured.time(4, 0)
+    per_token = dataclasses.replace(measured, draft=measured.draft + measured.call / 3, call=0.0)  # its seconds per token at 3 a call
+    alphas = [0.7] * MAX_DRAFT_TOKENS
+    assert plan_for(alphas, measured).k > plan_for(alphas, per_token).k
+    assert plan_for(alphas, measured).stop_below < plan_for(alphas, per_token).stop_below  # the marginal token is cheaper
+    # One call drafting for four requests shares its fixed part among them, as their forward does.
+    batched = CostModel(0.1)
+    for _ in range(40):
+        for k in (1, 2, 4, 8):
+            batched.observe_draft(4 * k, 0.0018 + 4 * 0.0028 * k, requests=4)
+    assert batched.snapshot()["draft_call_s"] == pytest.approx(0.0018 / 4, rel=0.15)
+
+
 def test_plans_follow_the_costs():
     alphas = [0.8] * MAX_DRAFT_TOKENS
     prior = plan_for(alphas, StepCosts.prior(0.1))
@@ -279,4 +306,4 @@ def test_costs_show_in_stats_and_repr(checkpoints):
     result = engine.generate(prompt(11), max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     assert result.stats.costs["forwards"] == result.stats.steps and result.stats.costs["forward_s"] > 0
     assert len(result.stats.verify_widths) == result.stats.steps
-    assert "costs=measured" in repr(engine)
+    assert "costs=measured" in repr(engine) and "draft_call=" in repr(engine)
