@@ -17,6 +17,7 @@ from ..errors import InvalidRequestError
 from .cache import PrefixCache
 from .constraint import Grammar, compile_lark, grammar_tokenizer
 from .drafters import Drafter, DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter
+from .heap import freeze_heap
 from .loading import (
     find_assistant,
     is_assistant_checkpoint,
@@ -129,6 +130,7 @@ class Engine:
         log.info("loaded %s with drafter %s (%s, %s)", spec.model, chosen.name, dev, dt)
         engine = cls(target, chosen, tokenizer, name=spec.model, prefix_cache_mb=spec.cache_mb, kv_cache_mb=kv_cache_mb)
         engine.spec = spec
+        freeze_heap(engine)  # what loading left alive stays out of Python's full collections (engine/heap.py)
         return engine
 
     def __repr__(self) -> str:
