@@ -18,15 +18,22 @@ reports the acceptance really reached and whether the output kept to the recordi
 Embedded part (`--embedded`): the embedded Gemma 3 270M with its distilled MTP drafter and with
 n-gram drafting, every workload prompt with its kind's hint, measured against constant.
 
+Graph part (`--graph`): the agent graph of `gemma-mtp demo` (four LangGraph nodes, each with its
+hint, reading the work so far) on the embedded 270M through ChatGemmaMTP (n-gram, as the demo
+runs), the engine's schedule learning costs against the same engine with learning off (constant),
+in interleaved rounds, each run cold (`forget`).
+
     python -m benchmarks.cost_policy_bench --out benchmarks/results/cost-policy-e2b-bf16.json
     python -m benchmarks.cost_policy_bench --layers 12 --out benchmarks/results/cost-policy-e2b12-bf16.json   # if 35 layers do not fit
     python -m benchmarks.cost_policy_bench --embedded --out benchmarks/results/cost-policy-270m-bf16.json
+    python -m benchmarks.cost_policy_bench --graph --rounds 5 --out benchmarks/results/cost-policy-graph-270m-bf16.json
     python -m benchmarks.cost_policy_bench --tiny          # smoke run (a tiny Gemma 4; seconds)
     python -m benchmarks.cost_policy_bench --embedded --tiny   # smoke run of the embedded part
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -239,6 +246,40 @@ def embedded(args) -> list[dict]:
     return rows
 
 
+def graph(args) -> dict:
+    """The demo's agent graph, measured-cost schedule against constant, interleaved rounds, each run cold."""
+    from langchain_gemma_mtp import ChatGemmaMTP
+    from langchain_gemma_mtp.demo import NODES, BurstPrinter, run_graph
+    from langchain_gemma_mtp.embedded import embedded_model_dir
+
+    engine = Engine.from_pretrained(embedded_model_dir(), drafter="ngram", dtype=args.dtype)
+    llm = ChatGemmaMTP(engine=engine, streaming=True)
+    models = {n.name: llm.bind(draft_hint=n.hint, max_tokens=n.max_tokens) for n in NODES}
+
+    def run(learning: bool) -> tuple[Any, float]:
+        engine.forget()
+        engine.scheduler.costs.learning = learning
+        with open(os.devnull, "w") as quiet:
+            result = run_graph(models, BurstPrinter(quiet))
+        return result.tokens, result.seconds
+
+    run(True), run(False)  # warm-up: kernels, and the hint kinds' acceptance
+    (new_tokens, new_s), (old_tokens, old_s) = timed_rounds([lambda: run(True), lambda: run(False)], args.rounds)
+    out = {
+        "measured_s": new_s,
+        "constant_s": old_s,
+        "measured_tok_s": new_tokens / min(new_s),
+        "constant_tok_s": old_tokens / min(old_s),
+        "costs": engine.scheduler.costs.snapshot(),
+    }
+    print(
+        f"agent graph: measured {out['measured_tok_s']:.1f} tok/s ({min(new_s):.2f} s), constant {out['constant_tok_s']:.1f} "
+        f"({min(old_s):.2f} s): x{out['measured_tok_s'] / out['constant_tok_s']:.3f}",
+        flush=True,
+    )
+    return out
+
+
 def embedded_table(rows: list[dict]) -> str:
     lines = ["| drafter | kind | new tok/s | old tok/s | new / old |", "|---|---|---|---|---|"]
     for drafter in dict.fromkeys(r["drafter"] for r in rows):
@@ -254,6 +295,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--tiny", action="store_true", help="smoke run on a tiny Gemma 4 (seconds)")
     ap.add_argument("--embedded", action="store_true", help="the embedded 270M part instead of the synthetic one")
+    ap.add_argument("--graph", action="store_true", help="the demo's agent graph on the embedded 270M instead of the synthetic part")
     ap.add_argument("--layers", type=int, default=E2B_LAYERS, help="synthetic target depth (widths stay E2B's)")
     ap.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8, 0.9])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 10, 12, 14, 16], help="fixed draft lengths swept")
@@ -276,7 +318,9 @@ def main() -> None:
         args.max_new, args.prompt_len, args.rounds = min(args.max_new, 24), min(args.prompt_len, 16), 1
         args.ks = args.ks[:3]
     set_threads(args.threads)
-    if args.embedded:
+    if args.graph:
+        write_results(args.out, args, part="graph", graph=graph(args))
+    elif args.embedded:
         rows = embedded(args)
         print("\n" + embedded_table(rows))
         write_results(args.out, args, part="embedded", rows=rows)
