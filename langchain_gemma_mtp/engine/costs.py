@@ -116,9 +116,10 @@ class _Mean:
         self.xx = DECAY * self.xx + x * x
         self.xy = DECAY * self.xy + x * y
 
-    def through_origin(self, weight: float) -> tuple[float, float]:
-        """(intercept, slope) of the least-squares line through these pairs and `weight` pairs at
-        (0, 0); both at least 0 (a negative part is noise: the other takes all)."""
+    def pulled_to_origin(self, weight: float) -> tuple[float, float]:
+        """(intercept, slope) of the least-squares line through these pairs and `weight` more at
+        (0, 0), which pull it towards the origin; both at least 0 (a negative part is noise: the
+        other takes all)."""
         n, sx, sy, sxx, sxy = self.weight + weight, self.x, self.y, self.xx, self.xy
         det = n * sxx - sx * sx
         intercept = (sy * sxx - sx * sxy) / det if det > 0 else 0.0
@@ -200,7 +201,7 @@ class CostModel:
             for bucket, m in self._buckets.items():
                 if m.weight >= MIN_BUCKET_WEIGHT:
                     excess[bucket] = (m.y / m.weight - base - slope * m.x / m.weight) / one_row
-            call, draft = self._draft.through_origin(DRAFT_ORIGIN_WEIGHT)
+            call, draft = self._draft.pulled_to_origin(DRAFT_ORIGIN_WEIGHT)
             return StepCosts(
                 slope / one_row, draft / one_row, measured=True, call=call / one_row, share=1.0 / self.sharing, excess=tuple(excess)
             )
@@ -213,7 +214,7 @@ class CostModel:
         costs = self.relative()
         with self._lock:
             line = self._line()
-            call_s, draft_s = self._draft.through_origin(DRAFT_ORIGIN_WEIGHT)
+            call_s, draft_s = self._draft.pulled_to_origin(DRAFT_ORIGIN_WEIGHT)
             return {
                 "forward_s": line[0] + line[1] if line else 0.0,
                 "row_s": line[1] if line else 0.0,
