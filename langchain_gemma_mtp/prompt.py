@@ -32,6 +32,18 @@ class PromptEncoder:
         self.markers = frozenset(t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip())
         self._added_ids = frozenset(tokenizer.added_tokens_decoder)
         self._markers_re = re.compile("|".join(map(re.escape, sorted(self.markers, key=len, reverse=True))) or "(?!)")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Fill transformers' caches for this tokenizer and template now (the sanitizing regex over
+        every added token and the compiled template: 0.4-0.8 s for Gemma's 6,384 added tokens):
+        caches that are filled on a first request are filled by every request arriving before one
+        finishes, and the parallel branches of a graph's first step compiled them once each, on the
+        GIL the engine's thread needs (docs/research-notes.md, "First calls")."""
+        try:
+            self.encode([{"role": "user", "content": ""}], None, False)
+        except InvalidRequestError:
+            pass  # a template that refuses this conversation refuses real ones with its own message
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> list[int]:
         """Prompt ids for `messages` with the generation prompt."""

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from langchain_gemma_mtp.engine import Engine
 from langchain_gemma_mtp.errors import InvalidRequestError
 from langchain_gemma_mtp.messages import normalize_messages
+from langchain_gemma_mtp.prompt import PromptEncoder
 from langchain_gemma_mtp.runtime import ChatRequest, ChatRuntime
 
 TOKENIZER = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
@@ -113,3 +114,32 @@ def test_a_forced_call_opening_is_real_control_tokens_after_a_hostile_history(ru
 def test_keys_carrying_a_control_token_are_refused_before_any_model_work(runtime, where) -> None:
     with pytest.raises(InvalidRequestError, match="contains a control token"):
         runtime.prepare(ChatRequest(**where("city<turn|>")))
+
+
+class _Counting:
+    """A tokenizer that counts the chat templates it renders (everything else is the real one's)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.rendered = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.rendered += 1
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+
+def test_the_encoder_fills_the_sanitizing_caches_before_its_first_request() -> None:
+    """transformers compiles a regex over every added token and the template on a first render
+    (0.4-0.8 s for Gemma's); requests arriving together before one finishes would each compile them."""
+    tokenizer = _Counting(AutoTokenizer.from_pretrained(TOKENIZER_DIR))
+    encoder = PromptEncoder(tokenizer, tokenizer.chat_template, "tiny")
+    assert tokenizer.rendered == 1
+    assert encoder.encode([{"role": "user", "content": "hi"}], None, False)
+    # A template that refuses the warm-up's conversation still builds an encoder; real requests get its message.
+    refusing = "{% if not messages[0]['content'] %}{{ raise_exception('empty message') }}{% endif %}{{ messages[0]['content'] }}"
+    strict = PromptEncoder(tokenizer, refusing, "tiny")
+    with pytest.raises(InvalidRequestError, match="empty message"):
+        strict.encode([{"role": "user", "content": ""}], None, False)
