@@ -29,9 +29,9 @@ class PromptEncoder:
         self.model_name = model_name
         # Every added token but whitespace ones counts as a marker here (a superset of what
         # transformers sanitizes: it refuses keys and decides where a continuation may join).
-        self.markers = frozenset(t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip())
+        markers = {t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip()}
         self._added_ids = frozenset(tokenizer.added_tokens_decoder)
-        self._markers_re = re.compile("|".join(map(re.escape, sorted(self.markers, key=len, reverse=True))) or "(?!)")
+        self._markers_re = re.compile("|".join(map(re.escape, sorted(markers, key=len, reverse=True))) or "(?!)")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -47,8 +47,8 @@ class PromptEncoder:
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, reasoning: bool) -> list[int]:
         """Prompt ids for `messages` with the generation prompt."""
-        _check_keys(messages, "messages", self.markers)
-        _check_keys(tools or [], "tools", self.markers)
+        _check_keys(messages, "messages", self._markers_re)
+        _check_keys(tools or [], "tools", self._markers_re)
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages,
@@ -103,16 +103,18 @@ class PromptEncoder:
         encode = self.tokenizer.encode
         start = max((i + 1 for i, t in enumerate(ids) if t in self._added_ids), default=0)
         tail = self.tokenizer.decode(ids[start:])
-        if encode(tail, add_special_tokens=False) == ids[start:] and not any(m in tail for m in self.markers):
+        if encode(tail, add_special_tokens=False) == ids[start:] and not self._markers_re.search(tail):
             return ids[:start] + encode(tail + continuation, add_special_tokens=False)
         return ids + encode(continuation, add_special_tokens=False)
 
 
-def _check_keys(value: Any, where: str, markers: frozenset[str]) -> None:
-    """Refuse object keys that carry a control token: the template writes keys as they are."""
+def _check_keys(value: Any, where: str, markers: re.Pattern) -> None:
+    """Refuse object keys that carry a control token (`markers` matches any): the template writes
+    keys as they are. One regex search a key, not a substring test per marker: Gemma's 6,384
+    markers made that 0.2 ms a key, 30 ms for the keys of ten tool schemas, on every call."""
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if isinstance(key, str) and any(m in key for m in markers):
+            if isinstance(key, str) and markers.search(key):
                 raise InvalidRequestError(
                     f"{where} has the key {key!r}, which contains a control token of the model's "
                     "tokenizer: rename the key (tool parameters and argument names must be plain text)."
