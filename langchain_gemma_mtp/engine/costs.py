@@ -105,7 +105,10 @@ class _Mean:
     xy: float = 0.0
 
     def add(self, x: float, y: float) -> None:
-        usual = (x * self.y / self.x if self.x else 0.0) if self.proportional else self.y / self.weight if self.weight else 0.0
+        if self.proportional:
+            usual = x * self.y / self.x if self.x else 0.0  # the seconds so many tokens usually take
+        else:
+            usual = self.y / self.weight if self.weight else 0.0
         if self.weight >= 3:
             y = min(y, OUTLIER * usual)
         elif self.weight and y * OUTLIER < usual:
