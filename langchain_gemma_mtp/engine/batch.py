@@ -14,6 +14,7 @@ forwards", has what that leaves on the 270M).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ class Feed:
 
     `tree`: the tokens are a draft tree's block (each attends to its ancestors only). `prefill`:
     a prompt chunk, whose logits are needed at its last row only when `last` is set (no row at
-    all before). The Forward sent back carries `logits` for those rows.
+    all before). The Forward sent back carries `logits` for those rows, or with `greedy` (a block
+    whose verdict needs each row's argmax and nothing else) `argmax` instead.
     """
 
     target: TargetModel
@@ -41,6 +43,7 @@ class Feed:
     prefill: bool = False
     last: bool = True
     costs: CostModel | None = None  # where the time of a verification forward is measured (its engine's)
+    greedy: bool = False
 
     @property
     def width(self) -> int:
@@ -111,9 +114,11 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
         packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the engine's attention
     )
     hidden = list(out.last_hidden_state[0].split(widths))
-    # Logits where each feed needs them: every row of a block, the last row of a prompt's last chunk.
+    # Logits where each feed needs them: every row of a block, the last row of a prompt's last
+    # chunk; greedy blocks' argmax in one pass over all their rows, the logits never kept.
     wanted = [h if not f.prefill else h[-1:] if f.last else h[:0] for f, h in zip(feeds, hidden)]
-    logits = target.logits(torch.cat(wanted)).split([len(w) for w in wanted])
+    logits = _each_feeds(target.logits, [w if not f.greedy else w[:0] for f, w in zip(feeds, wanted)])
+    argmax = _each_feeds(target.greedy, [w if f.greedy else w[:0] for f, w in zip(feeds, wanted)])
     forwards = []
     for i, (feed, h) in enumerate(zip(feeds, hidden)):
         shared = None
@@ -123,8 +128,21 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
                 t: (k[i : i + 1, :, : _visible(cache, target, t, i)], v[i : i + 1, :, : _visible(cache, target, t, i)])
                 for t, (k, v) in out.shared_kv_states.items()
             }
-        forwards.append(Forward(h, shared, logits[i] if not feed.prefill or feed.last else None))
+        fwd = Forward(h, shared)
+        if feed.greedy:
+            fwd.argmax = argmax[i]
+        elif not feed.prefill or feed.last:
+            fwd.logits = logits[i]
+        forwards.append(fwd)
     return forwards
+
+
+def _each_feeds(head: Callable[[torch.Tensor], torch.Tensor], rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`head` over every feed's rows at once, split back per feed (nothing run when no feed has rows)."""
+    counts = [len(r) for r in rows]
+    if not sum(counts):
+        return [r[:0] for r in rows]
+    return list(head(torch.cat(rows)).split(counts))
 
 
 def _visible(cache: BatchCache, target: TargetModel, layer_type: str, i: int) -> int:
@@ -150,6 +168,8 @@ def run_feed(feed: Feed) -> Forward:
     fwd = target.forward(feed.tokens, feed.cache, prefill=feed.prefill, tree=feed.tree)
     if feed.prefill:
         fwd.logits = target.logits(fwd.hidden[-1:]) if feed.last else None
+    elif feed.greedy:
+        fwd.argmax = target.greedy(fwd.hidden)
     else:
         fwd.logits = target.logits(fwd.hidden)
     return fwd

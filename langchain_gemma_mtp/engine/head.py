@@ -1,27 +1,43 @@
-"""Vocabulary projections, written for speed: the LM head over a few rows, and the centroid head's candidates.
-
-On CPU in float32, `linear(x, W)` with a 262k-row W and the few rows of x of a decode or verify
-step takes a slow path, while the same product written as `W @ x.T` streams W once. One row is fed
-as two, since the one-row product is a matrix-vector call with no fast path. Other devices and
-dtypes keep `linear` (bfloat16 on CPU: `linear` is as fast as any other form tried).
-benchmarks/head_bench.py measures both; docs/benchmarks.md has the numbers.
+"""Vocabulary projections, written for speed: the greedy choice over many rows a slice of the
+vocabulary at a time, and the centroid head's candidates. benchmarks/head_bench.py measures them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
+
+# From this many rows on CPU, the greedy choice is taken a slice of the vocabulary at a time, so the
+# rows x vocabulary logits are never written out: on the 270M's 262k x 640 head, head and choice
+# together, bf16 160 rows 100 -> 80 ms and 96 rows 70 -> 53 ms, level at 48, slower below; float32
+# faster from 32 rows (benchmarks/head_bench.py). A batch verifying several requests' drafts crosses it.
+SLICED_ARGMAX_ROWS = 48
+ARGMAX_SLICE = 32768
 
 
-def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`hidden @ weight.T` for hidden (..., H) and weight (V, H), in the fastest form for the device."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return F.linear(hidden, weight)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    n = rows.shape[0]
-    if n == 1:
-        rows = torch.cat([rows, rows])
-    return (weight @ rows.T).T[:n].reshape(*hidden.shape[:-1], weight.shape[0])
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row, the first index on ties as `argmax`. `max` gives the same indices and
+    is several times faster than `argmax` on a wide bfloat16 row on CPU, once per verified row;
+    benchmarks/head_bench.py measures it."""
+    return logits.max(-1).indices
+
+
+def greedy_rows(logits: Callable[[slice], torch.Tensor], rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """`greedy_ids` of the (rows, vocab) logits that `logits(columns)` computes a slice of columns at
+    a time: whole when few rows or off CPU, else slice by slice, keeping each row's best so far."""
+    if device.type != "cpu" or rows < SLICED_ARGMAX_ROWS:
+        return greedy_ids(logits(slice(None)))
+    best = ids = torch.empty(0)
+    for start in range(0, vocab, ARGMAX_SLICE):
+        top = logits(slice(start, start + ARGMAX_SLICE)).max(-1)
+        if not start:
+            best, ids = top.values, top.indices
+            continue
+        # Strictly greater: on a tie the earlier slice keeps it, as argmax keeps the first index.
+        better = top.values > best
+        best, ids = torch.where(better, top.values, best), torch.where(better, top.indices + start, ids)
+    return ids
 
 
 def centroid_candidates(embedder, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

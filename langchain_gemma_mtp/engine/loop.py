@@ -77,6 +77,8 @@ def speculative_decode(
     if request.processing.active:
         processors = RequestProcessors(request.processing, prompt, request.stop_token_ids, target.vocab_size, target.device)
     constraint = open_constraint(request, stats)  # a grammar the output must match, or no-op hooks
+    # A verdict that needs only each row's argmax lets the batch skip writing out the logits.
+    argmax_only = sampling.greedy and processors is None and request.constraint is None
     fwd = yield from _prefill(target, prompt[reused:], cache)
     assert fwd.logits is not None  # the last chunk's row
     logits = fwd.logits[-1]
@@ -114,13 +116,15 @@ def speculative_decode(
                 draft = drafted
             draft = constraint.draft(draft, room)
             tree = _tree(draft, request, target)
-            verified = yield Feed(target, tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens], cache, tree, costs=policy.costs)
-            assert isinstance(verified, Forward) and verified.logits is not None  # the worker sends a Forward for a Feed
-            fwd, logits = verified, verified.logits
-            if processors is not None:
-                logits = processors.apply(logits, tokens, row_paths(draft.tokens, tree))
-            logits = constraint.mask(logits, row_paths(draft.tokens, tree))
-            verdict = judge(logits, draft.tokens, draft.probs, tree, sampling, generator)
+            block = tree.tokens(tokens[-1]) if tree else [tokens[-1], *draft.tokens]
+            verified = yield Feed(target, block, cache, tree, costs=policy.costs, greedy=argmax_only)
+            assert isinstance(verified, Forward)  # the worker sends a Forward for a Feed
+            fwd, scores = verified, verified.logits
+            if scores is not None:
+                if processors is not None:
+                    scores = processors.apply(scores, tokens, row_paths(draft.tokens, tree))
+                scores = constraint.mask(scores, row_paths(draft.tokens, tree))
+            verdict = judge(scores, draft.tokens, draft.probs, tree, sampling, generator, fwd.argmax)
             shared_kv = target.rollback(cache, fwd, verdict.drop, then=verdict.kept_slot)
             hidden = fwd.hidden[verdict.hidden_row].view(1, 1, -1)
 

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..errors import IncompatibleDrafterError
 from .cache import LayerKV, cache_keep_then, keep_then, kv_layers, layer_kv, new_cache
-from .head import project
+from .head import greedy_rows
 from .packed import engine_attention
 from .tree import DraftTree
 
@@ -55,6 +56,7 @@ class Forward:
     hidden: torch.Tensor  # (L, H) final normed hidden states of the fed tokens
     shared_kv: KV | None  # keys/values the MTP drafter attends to, covering the cache
     logits: torch.Tensor | None = None  # the rows' logits, where the caller asked for them (engine/batch.py)
+    argmax: torch.Tensor | None = None  # each row's greedy token instead, where that is all the caller needs
 
 
 class TargetModel:
@@ -187,14 +189,18 @@ class TargetModel:
             return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         return mask
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits for the given hidden rows, with the model's final softcap."""
-        logits = project(hidden, self.lm_head.weight)
+    def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+        """Logits for the given hidden rows (of the `vocab` slice of tokens), with the model's final softcap."""
+        logits = F.linear(hidden, self.lm_head.weight[vocab])
         if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias
+            logits = logits + self.lm_head.bias[vocab]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each hidden row's greedy token: the argmax of its logits, without keeping them (engine/head.py)."""
+        return greedy_rows(lambda vocab: self.logits(hidden, vocab), hidden.shape[0], self.lm_head.weight.shape[0], self.device)
 
     def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int, then: int | None = None) -> KV | None:
         """Drop the last `n_rejected` fed tokens from the cache, then, with `then` (a slot of the

@@ -8,15 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .head import greedy_ids
 from .tree import DraftTree
 from .types import SamplingParams
-
-
-def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-    """The argmax of each row, the first index on ties as `argmax`. `max` gives the same indices and
-    is several times faster than `argmax` on a wide bfloat16 row on CPU, once per verified row;
-    benchmarks/head_bench.py measures it."""
-    return logits.max(-1).indices
 
 
 def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -44,15 +38,14 @@ def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tens
     return scores.softmax(-1)
 
 
-def verify_greedy(target_logits: torch.Tensor, draft: list[int], tree: DraftTree | None = None) -> tuple[list[int], int, int | None]:
+def verify_greedy(preds: list[int], draft: list[int], tree: DraftTree | None = None) -> tuple[list[int], int, int | None]:
     """Accept the longest draft prefix equal to the target's argmax; return (accepted tokens, next
     token, the slot of an accepted sibling or None).
 
-    `target_logits` holds a row per fed token: the predictions after the pending token and after
-    each draft token (then after each sibling, with `tree`). Where the chain fails, a sibling equal
-    to the target's own token there is accepted, and its row gives the next token.
+    `preds` holds the target's argmax per fed token: after the pending token and after each draft
+    token (then after each sibling, with `tree`). Where the chain fails, a sibling equal to the
+    target's own token there is accepted, and its row gives the next token.
     """
-    preds = greedy_ids(target_logits).tolist()
     n = 0
     while n < len(draft) and draft[n] == preds[n]:
         n += 1
@@ -129,17 +122,23 @@ class Verdict:
 
 
 def judge(
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     draft: list[int],
     draft_probs: torch.Tensor | None,
     tree: DraftTree | None,
     sampling: SamplingParams,
     generator: torch.Generator | None,
+    argmax: torch.Tensor | None = None,
 ) -> Verdict:
     """The verdict on a draft from the target's logits (a row per fed token): greedy prefix match
-    (with siblings when `tree`), or speculative sampling on the processed distributions."""
-    if sampling.greedy:
-        accepted, next_token, slot = verify_greedy(logits, draft, tree)
+    (with siblings when `tree`), or speculative sampling on the processed distributions. A greedy
+    request whose forward gave only each row's `argmax` (engine/batch.py) passes that instead."""
+    if sampling.greedy and argmax is not None:
+        accepted, next_token, slot = verify_greedy(argmax.tolist(), draft, tree)
+    elif logits is None:
+        raise ValueError("a verdict needs the forward's logits, or each row's argmax for a greedy request")
+    elif sampling.greedy:
+        accepted, next_token, slot = verify_greedy(greedy_ids(logits).tolist(), draft, tree)
     else:
         n, next_token = verify_sampled(process_logits(logits, sampling), draft, draft_probs, generator)
         accepted, slot = draft[:n], None

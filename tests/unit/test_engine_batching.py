@@ -14,7 +14,7 @@ from test_engine_sampling import P_MIN, _chi2_ok, exact_marginals
 from tiny_models import VOCAB, build_target
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from langchain_gemma_mtp.engine import Engine, batch, loop, packed, worker
+from langchain_gemma_mtp.engine import Engine, batch, head, loop, packed, worker
 from langchain_gemma_mtp.engine.batch import Feed, run_batch, run_feed, run_feeds
 from langchain_gemma_mtp.engine.cache import kv_layers
 from langchain_gemma_mtp.engine.costs import MIN_DRAFTS, MIN_FORWARDS
@@ -87,6 +87,29 @@ def test_a_batched_forward_gives_each_request_what_it_gets_alone(kind, attention
         for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):  # each request's own cache got its rows, no padding
             if la.keys is not None:
                 torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_greedy_blocks_get_each_rows_argmax_and_no_logits(monkeypatch, kind):
+    """A block whose verdict needs only each row's argmax gets that from the forward, batched or
+    alone, here taken a slice of the vocabulary at a time; the other blocks still get logits."""
+    target = TargetModel(build_target(kind))
+    monkeypatch.setattr(head, "SLICED_ARGMAX_ROWS", 1)
+    monkeypatch.setattr(head, "ARGMAX_SLICE", 100)
+    reference, batched_feeds, alone_feeds = _feeds(target), _feeds(target), _feeds(target)
+    for f in (*batched_feeds[::2], *alone_feeds[::2]):
+        f.greedy = True
+    expected = [run_feed(f).logits for f in reference]
+    for got in (run_batch(target, batched_feeds), [run_feed(f) for f in alone_feeds]):
+        for fwd, feed, logits in zip(got, batched_feeds, expected):
+            assert logits is not None
+            if feed.greedy:
+                assert fwd.logits is None and fwd.argmax is not None
+                assert torch.equal(fwd.argmax, logits.argmax(-1))
+            else:
+                assert fwd.argmax is None and fwd.logits is not None
+                torch.testing.assert_close(fwd.logits, logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -281,10 +304,18 @@ def _engines(checkpoints, kind: str) -> dict[str, Engine]:
     }
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["argmax-whole", "argmax-sliced"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, kind):
+def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, monkeypatch, kind, sliced):
     """Different drafters, prompt lengths, draft lengths, hints and max_new_tokens, one request
-    joining mid-flight: each output is transformers' greedy output, and forwards were shared."""
+    joining mid-flight: each output is transformers' greedy output, and forwards were shared;
+    also with every verified row's greedy token taken a slice of the vocabulary at a time."""
+    greedy_rows: list[int] = []
+    if sliced:
+        monkeypatch.setattr(head, "SLICED_ARGMAX_ROWS", 1)
+        monkeypatch.setattr(head, "ARGMAX_SLICE", 100)
+        greedy = TargetModel.greedy
+        monkeypatch.setattr(TargetModel, "greedy", lambda self, hidden: greedy_rows.append(len(hidden)) or greedy(self, hidden))
     engines = _engines(checkpoints, kind)
     model = engines["mtp"].model
     shapes = fed_shapes(model)
@@ -307,6 +338,7 @@ def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, kind)
         assert result.token_ids == hf_greedy(model, ids, n), f"{kind}/{e}"
         assert result.stats.steps == len(result.stats.draft_lengths) and len(result.token_ids) == n
     assert max(n for n, _ in shapes) >= 3, shapes  # verification blocks of several requests went through one forward
+    assert not sliced or max(greedy_rows) > 5  # the greedy requests' rows did take the sliced path, several requests' at once
 
 
 def test_a_batched_forward_tells_the_plans_how_many_share_it(checkpoints, monkeypatch):

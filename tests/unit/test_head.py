@@ -1,5 +1,6 @@
-"""The fast vocabulary projections: same values as transformers' own head, the greedy pick equal to
-`argmax`, and the MTP drafter's centroid head drafting exactly what the assistant's own forward would."""
+"""The vocabulary projections: the target's logits equal to transformers' own, the greedy pick equal
+to `argmax` (whole or a slice of the vocabulary at a time), and the MTP drafter's centroid head
+drafting exactly what the assistant's own forward would."""
 
 from __future__ import annotations
 
@@ -9,29 +10,21 @@ import torch.nn.functional as F
 from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
-from langchain_gemma_mtp.engine import Engine
+from langchain_gemma_mtp.engine import Engine, head
 from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
-from langchain_gemma_mtp.engine.head import centroid_candidates, project
+from langchain_gemma_mtp.engine.head import centroid_candidates, greedy_ids, greedy_rows
+from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
-from langchain_gemma_mtp.engine.verify import greedy_ids
 
 
-@pytest.mark.parametrize("shape", [(640,), (1, 640), (2, 640), (5, 640), (1, 3, 640), (17, 640)])
-def test_project_equals_linear_in_float32(shape):
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(4099, 640, generator=g)
-    hidden = torch.randn(*shape, generator=g)
-    out = project(hidden, weight)
-    assert out.shape == F.linear(hidden, weight).shape
-    torch.testing.assert_close(out, F.linear(hidden, weight), rtol=1e-5, atol=1e-4)
-    # Same greedy choice per row as the reference product.
-    assert torch.equal(out.argmax(-1), F.linear(hidden, weight).argmax(-1))
-
-
-def test_project_keeps_linear_for_other_dtypes():
-    weight = torch.randn(300, 64, dtype=torch.bfloat16)
-    hidden = torch.randn(3, 64, dtype=torch.bfloat16)
-    assert torch.equal(project(hidden, weight), F.linear(hidden, weight))
+@torch.inference_mode()
+def test_a_targets_logits_are_its_models_own(checkpoints):
+    """The engine runs the head and softcap itself, on the rows it needs: the values transformers' forward gives."""
+    engine = Engine.from_pretrained(checkpoints["shared_ple"], drafter="none")
+    ids = torch.tensor([list(range(3, 20))])
+    expected = engine.model(input_ids=ids).logits[0]
+    fwd = engine.target.forward(ids[0].tolist(), engine.target.new_cache(), prefill=False)
+    torch.testing.assert_close(engine.target.logits(fwd.hidden), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,6 +40,47 @@ def test_greedy_ids_pick_argmax_first_index_on_ties(dtype):
         smooth = torch.randn(rows, width, generator=g).to(dtype)
         assert torch.equal(greedy_ids(smooth), smooth.argmax(-1))
     assert greedy_ids(torch.tensor([1.0, 3.0, 3.0])).item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_greedy_choice_slice_by_slice_is_argmax_ties_included(monkeypatch, dtype):
+    """Many rows take their argmax a slice of the vocabulary at a time; a top value tied across
+    slices keeps its first index, as `argmax` does. Few rows compute the logits whole."""
+    g = torch.Generator().manual_seed(5)
+    # Small integers: every product is exact in both dtypes, and the top value ties often.
+    weight = torch.randint(-3, 4, (1000, 16), generator=g).to(dtype)
+    calls: list[slice] = []
+
+    def logits(hidden: torch.Tensor):
+        def of(columns: slice) -> torch.Tensor:
+            calls.append(columns)
+            return F.linear(hidden, weight[columns])
+
+        return of
+
+    monkeypatch.setattr(head, "ARGMAX_SLICE", 97)  # slices of uneven width: ties fall across their edges
+    many = torch.randint(-2, 3, (head.SLICED_ARGMAX_ROWS + 12, 16), generator=g).to(dtype)
+    full = F.linear(many, weight)
+    got = greedy_rows(logits(many), len(many), len(weight), torch.device("cpu"))
+    assert torch.equal(got, full.argmax(-1)) and len(calls) == -(-1000 // 97)
+    slice_of = lambda column: column // 97  # noqa: E731
+    tied_across = [
+        row for row, top in zip(full, full.max(-1).values) if len({slice_of(int(c)) for c in (row == top).nonzero().flatten()}) > 1
+    ]
+    assert len(tied_across) >= 5  # the case the strict comparison is for did occur
+    calls.clear()
+    few = many[:5]
+    assert torch.equal(greedy_rows(logits(few), 5, len(weight), torch.device("cpu")), F.linear(few, weight).argmax(-1))
+    assert calls == [slice(None)]
+
+
+@pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])
+@torch.inference_mode()
+def test_a_targets_greedy_choice_is_the_argmax_of_its_softcapped_logits(monkeypatch, kind):
+    target = TargetModel(build_target(kind))
+    monkeypatch.setattr(head, "ARGMAX_SLICE", 100)
+    hidden = torch.randn(head.SLICED_ARGMAX_ROWS, target.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(6))
+    assert torch.equal(target.greedy(hidden), target.logits(hidden).argmax(-1))
 
 
 def _step(engine: Engine, ids: list[int], sampling: SamplingParams, k: int, generator=None) -> DraftStep:

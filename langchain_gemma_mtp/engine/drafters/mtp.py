@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from transformers import Gemma4AssistantForCausalLM, PreTrainedModel
 
 from ...draft_settings import (
@@ -15,7 +16,7 @@ from ...draft_settings import (
     check_mtp_siblings,
     check_mtp_stop_below,
 )
-from ..head import centroid_candidates, project
+from ..head import centroid_candidates
 from ..target import KV, TargetModel
 from .base import NO_DRAFT, Draft, DraftRequest, DraftSession, DraftStep, StatelessDrafter, draft_token, finish_draft
 
@@ -151,7 +152,7 @@ class MTPDrafter(StatelessDrafter):
         weight = self.assistant.lm_head.weight
         embedder = self.assistant.masked_embedding
         if embedder is None:
-            logits = project(last, weight)
+            logits = F.linear(last, weight)
         else:
             ids, logits = centroid_candidates(embedder, last, weight)
             if request.sampling.greedy:
