@@ -111,7 +111,8 @@ def run_batch(target: TargetModel, feeds: list[Feed]) -> list[Forward]:
         cache,
         attention_mask=batched if target.layer_types else batched["full_attention"],
         position_ids=torch.cat(positions)[None].to(device),
-        packed_rows=PackedRows.of(widths, device),  # packed.PACKING_KWARG: read by the engine's attention
+        # packed.PACKING_KWARG, read by the engine's attention: prompt chunks attend apart from blocks.
+        packed_rows=PackedRows.of(widths, device, [i for i, f in enumerate(feeds) if not i or f.prefill != feeds[i - 1].prefill]),
     )
     hidden = list(out.last_hidden_state[0].split(widths))
     # Logits where each feed needs them: every row of a block, the last row of a prompt's last
@@ -176,9 +177,14 @@ def run_feed(feed: Feed) -> Forward:
 
 
 def run_feeds(feeds: list[Feed]) -> list[Forward]:
-    """Several requests' verification blocks, or their prompt chunks, on one target: one packed
-    forward when the target's attention takes explicit masks (and, for prompt chunks, its prefill
-    is not sliced: `TargetModel.slices_prefill`), else one forward each."""
-    if len(feeds) > 1 and feeds[0].target.verifies_trees and not (feeds[0].prefill and feeds[0].target.slices_prefill):
-        return run_batch(feeds[0].target, feeds)
-    return [run_feed(f) for f in feeds]
+    """Several requests' verification blocks and prompt chunks on one target: one packed forward
+    when the target's attention takes explicit masks, else one forward each. A target that slices
+    its prefill (`TargetModel.slices_prefill`) runs each prompt chunk in a forward of its own."""
+    if not feeds:
+        return []
+    target = feeds[0].target
+    together = [i for i, f in enumerate(feeds) if target.verifies_trees and not (f.prefill and target.slices_prefill)]
+    outs: dict[int, Forward] = {}
+    if len(together) > 1:
+        outs = dict(zip(together, run_batch(target, [feeds[i] for i in together])))
+    return [outs[i] if i in outs else run_feed(f) for i, f in enumerate(feeds)]

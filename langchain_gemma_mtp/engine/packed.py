@@ -24,8 +24,9 @@ originals.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +40,27 @@ PACKING_KWARG = "packed_rows"
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Where each packed row goes in the padded (requests, longest) layout."""
+    """Where each packed row goes in the padded (requests, longest) layout; with `groups`, each group
+    of requests (prompt chunks beside verification blocks) is padded and attends on its own."""
 
     index: torch.Tensor  # (rows,) flat slot of each packed row in requests * longest
     requests: int
     longest: int
+    groups: tuple[Group, ...] = ()
 
     @classmethod
-    def of(cls, widths: list[int], device: torch.device) -> PackedRows:
+    def of(cls, widths: list[int], device: torch.device, starts: Sequence[int] = (0,)) -> PackedRows:
+        """The layout of requests fed `widths` rows each; `starts`: the first request of each group
+        attending apart (one group: all attend together)."""
         longest = max(widths)
         index = torch.cat([i * longest + torch.arange(w) for i, w in enumerate(widths)]).to(device)
-        return cls(index, len(widths), longest)
+        if len(starts) < 2:
+            return cls(index, len(widths), longest)
+        bounds = [*starts, len(widths)]
+        groups = tuple(
+            Group(slice(a, b), slice(sum(widths[:a]), sum(widths[:b])), cls.of(widths[a:b], device)) for a, b in itertools.pairwise(bounds)
+        )
+        return cls(index, len(widths), longest, groups)
 
     def spread(self, query: torch.Tensor) -> torch.Tensor:
         """(1, heads, rows, dim) packed queries as (requests, heads, longest, dim), zero-padded."""
@@ -61,6 +72,21 @@ class PackedRows:
     def pack(self, out: torch.Tensor) -> torch.Tensor:
         """Attention's (requests, longest, heads, dim) output as (1, rows, heads, dim)."""
         return out.reshape(self.requests * self.longest, *out.shape[2:])[self.index].unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Requests of a batched forward that attend apart from the others: their requests and packed rows."""
+
+    requests: slice
+    rows: slice
+    layout: PackedRows
+
+
+def _keys_seen(mask: torch.Tensor) -> int:
+    """How many leading keys any row of a (requests, 1, rows, keys) mask sees (bool, or additive: 0 seen)."""
+    seen = mask if mask.dtype == torch.bool else mask == 0
+    return int(seen.flatten(0, 2).any(0).nonzero()[-1]) + 1
 
 
 def _eager_of(module: torch.nn.Module):
@@ -95,8 +121,25 @@ def _attention(base: str):
         original = _sdpa if base == "sdpa" else _eager_of(module)
         if packing is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        out, _ = original(module, packing.spread(query), key, value, attention_mask, **kwargs)
-        return packing.pack(out), None
+        if not packing.groups:
+            out, _ = original(module, packing.spread(query), key, value, attention_mask, **kwargs)
+            return packing.pack(out), None
+        # Each group padded to its own longest block and its own longest K/V: a 256-row prompt
+        # chunk would otherwise pad every verification block beside it to 256 query rows.
+        outs = []
+        for group in packing.groups:
+            mask = attention_mask[group.requests, :, : group.layout.longest]
+            keys = _keys_seen(mask)
+            out, _ = original(
+                module,
+                group.layout.spread(query[:, :, group.rows]),
+                key[group.requests, :, :keys],
+                value[group.requests, :, :keys],
+                mask[..., :keys],
+                **kwargs,
+            )
+            outs.append(group.layout.pack(out))
+        return torch.cat(outs, dim=1), None
 
     return attend
 

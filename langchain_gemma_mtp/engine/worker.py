@@ -280,9 +280,9 @@ class EngineWorker:
 
     def _round(self) -> bool:
         """Step every active request once: admit waiting ones, draft for those waiting on a draft (one
-        batch per drafter), verify every pending block in one batched forward per model, then feed
-        prompt chunks up to PREFILL_CHUNK tokens in one more; each request runs on to what it needs next. False
-        once the thread is let go (idle or stopping)."""
+        batch per drafter), then verify every pending block and feed prompt chunks up to
+        PREFILL_CHUNK tokens in one batched forward per model; each request runs on to what it needs
+        next. False once the thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
                 for job in (*self._active, *self._waiting):
@@ -309,20 +309,21 @@ class EngineWorker:
                 break
             batch.append((job, job.feed))
             rows += job.feed.width
-        for group in _by_target(batch):
+        # Prompt chunks join the verification forward: one forward's fixed cost (the weights read,
+        # the LM head's) a round instead of two while prompts prefill beside streams.
+        for group in _by_target([*batch, *self._chunks(prefilling)]):
             self._run(group, run_feeds)
-        self._prefill(prefilling)
         with self._lock:
             stepped = {id(job) for job, _ in batch}
             # Requests left out of a full batch go first next round.
             self._active = collections.deque(sorted((j for j in self._active if not j.done), key=lambda j: id(j) in stepped))
         return True
 
-    def _prefill(self, jobs: list[_Job]) -> None:
-        """Prompt chunks up to PREFILL_CHUNK tokens in all, at most one per request, in arrival order,
-        run as one packed forward per target (engine/batch.py). A request starts (looks up the prefix
-        cache) beside others still prefilling unless its prompt shares SHARED_PREFIX tokens with one
-        of theirs; then it waits for that prefill to end, so requests sharing a prompt prefill it once."""
+    def _chunks(self, jobs: list[_Job]) -> list[tuple[_Job, Feed]]:
+        """This round's prompt chunks: up to PREFILL_CHUNK tokens in all, at most one per request, in
+        arrival order. A request starts (looks up the prefix cache) beside others still prefilling
+        unless its prompt shares SHARED_PREFIX tokens with one of theirs; then it waits for that
+        prefill to end, so requests sharing a prompt prefill it once."""
         chunks: list[tuple[_Job, Feed]] = []
         fed = 0
         for job in jobs:
@@ -337,8 +338,7 @@ class EngineWorker:
                 break
             chunks.append((job, feed))
             fed += feed.width
-        for group in _by_target(chunks):
-            self._run(group, run_feeds)
+        return chunks
 
     def _draft(self, jobs: list[_Job]) -> None:
         """The drafts every waiting request asked for, one batch per drafter; a drafter that fails
@@ -382,9 +382,11 @@ class EngineWorker:
             if any(f.costs for f in feeds) and feeds[0].target.device.type == "cuda":
                 torch.cuda.synchronize(feeds[0].target.device)  # the clock must include the device's work
             seconds = time.perf_counter() - started
-            verified = None if feeds[0].prefill else len(feeds)
+            verified = sum(not f.prefill for f in feeds) or None
+            # A forward with prompt rows prices no width: those rows skip the LM head.
+            width = sum(f.width for f in feeds) if verified == len(feeds) else 0
             for costs in _each([f.costs for f in feeds]):
-                costs.observe_forward(sum(f.width for f in feeds), seconds, verified)
+                costs.observe_forward(width, seconds, verified)
         except BaseException as exc:
             for job, _ in jobs:
                 self._end(job, exc)

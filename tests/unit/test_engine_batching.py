@@ -146,6 +146,56 @@ def test_prompt_chunks_prefill_together_as_they_prefill_alone(kind):
                 torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", KINDS)
+@torch.inference_mode()
+def test_prompt_chunks_join_the_verification_forward_and_attend_apart(monkeypatch, kind, attention):
+    """Verification blocks and prompt chunks in one forward: each request gets what its own forward
+    gives, and attention runs per group, each padded to its own longest block, so a chunk does not
+    pad the blocks beside it to its width. A target that slices its prefill runs the chunks apart."""
+    model = build_target(kind)
+    model.config.get_text_config()._attn_implementation = attention
+    target = TargetModel(model)
+    shapes = fed_shapes(model)
+    queries: list[tuple[int, int]] = []
+    sdpa, eager_of = packed._sdpa, packed._eager_of
+
+    def recording(module, query, *args, **kwargs):
+        queries.append((query.shape[0], query.shape[2]))
+        return (sdpa if attention == "sdpa" else eager_of(module))(module, query, *args, **kwargs)
+
+    def mixed() -> list[Feed]:
+        feeds = _feeds(target)[:2] + _feeds(target)[2:]  # three chains and a tree
+        for cached, chunk, last in [(0, prompt(8, 40), False), (12, prompt(9, 33), True)]:
+            cache = target.new_cache()
+            if cached:
+                target.forward(prompt(10, cached), cache, prefill=True)
+            feeds.append(Feed(target, chunk, cache, prefill=True, last=last))
+        return feeds
+
+    alone_feeds, mixed_feeds = mixed(), mixed()
+    alone = [run_feed(f) for f in alone_feeds]
+    shapes.clear()
+    if attention == "sdpa":
+        monkeypatch.setattr(packed, "_sdpa", recording)
+    else:
+        monkeypatch.setattr(packed, "_eager_of", lambda module: lambda *a, **k: recording(*a, **k))
+    together = run_feeds(mixed_feeds)
+    assert [n for n, _ in shapes] == ([4, 1, 1] if target.slices_prefill else [6])
+    if not target.slices_prefill:
+        longest_block = max(f.width for f in mixed_feeds if not f.prefill)
+        assert (4, longest_block) in queries and (2, 40) in queries and all(rows <= 40 for _, rows in queries)
+        assert not any(n == 6 for n, _ in queries)  # no attention call padded blocks and chunks together
+    for a, b, fa, fb in zip(alone, together, alone_feeds, mixed_feeds):
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-5, rtol=1e-5)
+        assert (a.logits is None) == (b.logits is None)
+        if a.logits is not None:
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        for la, lb in zip(kv_layers(fa.cache), kv_layers(fb.cache)):
+            if la.keys is not None:
+                torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
 def test_new_requests_prefill_together_unless_they_share_a_prompt(checkpoints, monkeypatch):
     """Requests arriving together prefill in one packed forward; one that shares SHARED_PREFIX
     tokens with a prompt still prefilling waits for it and reuses its cache."""

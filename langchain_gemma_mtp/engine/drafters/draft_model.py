@@ -38,12 +38,10 @@ class DraftModelDrafter:
         drafted: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {i: ([], []) for i in live}
         for depth in range(max((steps[i].k for i in live), default=0)):
             going = [i for i in live if depth < steps[i].k]
-            # A request's first step feeds its whole prompt, with logits of its last row only: the
-            # prompts in one forward, the other requests' steps in another.
-            first = [i for i in going if feeds[i].prefill]
-            outs = dict(zip(first, run_feeds([feeds[i] for i in first])))
-            rest = [i for i in going if not feeds[i].prefill]
-            outs.update(zip(rest, run_feeds([feeds[i] for i in rest])))
+            # A request's first step feeds its whole prompt, with logits of its last row only; the
+            # prompts join the other requests' steps in one forward, attending apart from them.
+            going.sort(key=lambda i: feeds[i].prefill)
+            outs = dict(zip(going, run_feeds([feeds[i] for i in going])))
             for i in going:
                 logits = outs[i].logits
                 assert logits is not None  # run_feeds returns the rows' logits (a prompt's last row)
