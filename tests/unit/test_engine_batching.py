@@ -67,6 +67,17 @@ def _feeds(target: TargetModel) -> list[Feed]:
     return feeds
 
 
+def _chunks(target: TargetModel, specs: list[tuple[int, list[int], bool]]) -> list[Feed]:
+    """Prompt chunks, each (cached, chunk, last): `chunk` fed after `cached` prompt tokens already in its cache."""
+    feeds = []
+    for cached, chunk, last in specs:
+        cache = target.new_cache()
+        if cached:
+            target.forward(prompt(4, cached), cache, prefill=True)
+        feeds.append(Feed(target, chunk, cache, prefill=True, last=last))
+    return feeds
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", KINDS)
 @torch.inference_mode()
@@ -122,13 +133,7 @@ def test_prompt_chunks_prefill_together_as_they_prefill_alone(kind):
     shapes = fed_shapes(target.model)
 
     def chunks() -> list[Feed]:
-        feeds = []
-        for cached, chunk, last in [(0, prompt(1, 12), False), (9, prompt(2, 20), True), (30, prompt(3, 7), True)]:
-            cache = target.new_cache()
-            if cached:
-                target.forward(prompt(4, cached), cache, prefill=True)
-            feeds.append(Feed(target, chunk, cache, prefill=True, last=last))
-        return feeds
+        return _chunks(target, [(0, prompt(1, 12), False), (9, prompt(2, 20), True), (30, prompt(3, 7), True)])
 
     alone_feeds, packed_feeds = chunks(), chunks()
     alone = [run_feed(f) for f in alone_feeds]
@@ -164,14 +169,8 @@ def test_prompt_chunks_join_the_verification_forward_and_attend_apart(monkeypatc
         queries.append((query.shape[0], query.shape[2]))
         return (sdpa if attention == "sdpa" else eager_of(module))(module, query, *args, **kwargs)
 
-    def mixed() -> list[Feed]:
-        feeds = _feeds(target)[:2] + _feeds(target)[2:]  # three chains and a tree
-        for cached, chunk, last in [(0, prompt(8, 40), False), (12, prompt(9, 33), True)]:
-            cache = target.new_cache()
-            if cached:
-                target.forward(prompt(10, cached), cache, prefill=True)
-            feeds.append(Feed(target, chunk, cache, prefill=True, last=last))
-        return feeds
+    def mixed() -> list[Feed]:  # three chains and a tree, then two prompt chunks
+        return _feeds(target) + _chunks(target, [(0, prompt(8, 40), False), (12, prompt(9, 33), True)])
 
     alone_feeds, mixed_feeds = mixed(), mixed()
     alone = [run_feed(f) for f in alone_feeds]
