@@ -43,7 +43,7 @@ class Feed:
     prefill: bool = False
     last: bool = True
     costs: CostModel | None = None  # where the time of a verification forward is measured (its engine's)
-    greedy: bool = False
+    greedy: bool = False  # the verdict reads each row's argmax only: no logits kept (engine/head.py)
 
     @property
     def width(self) -> int:
