@@ -188,7 +188,7 @@ class EngineWorker:
     Active requests (of every engine on the device) step together, round by round: each round drafts
     for every request waiting on a draft (one batch per drafter), verifies every pending draft in one
     batched target forward per model (engine/batch.py; past MAX_BATCH_ROWS rows the rest go first
-    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests in one packed forward,
+    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests in that same forward,
     at most one chunk each, so a new request's first burst does not wait for a long one to finish,
     every stream keeps moving, several new prompts share a forward, and requests sharing a prompt
     prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:

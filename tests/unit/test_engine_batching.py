@@ -392,19 +392,20 @@ def test_mixed_requests_in_flight_together_match_plain_greedy(checkpoints, monke
 
 def test_a_batched_forward_tells_the_plans_how_many_share_it(checkpoints, monkeypatch):
     """The cost model hears how many requests each verification forward verified, and the next
-    plans are priced with that share (tests/unit/test_costs.py has the pricing itself)."""
+    plans are priced with that share (tests/unit/test_costs.py has the pricing itself). A forward
+    that also carried a prompt chunk prices no width (those rows skip the LM head)."""
     engine = Engine.from_pretrained(checkpoints["gemma3"], drafter="ngram")
     costs = engine.scheduler.costs
     for width in range(1, 4 * MIN_FORWARDS):  # measured costs from the start: the plans use them
         costs.observe_forward(width, 0.01 + 0.001 * width)
         costs.observe_draft(MIN_DRAFTS, 1e-4)
-    heard: list[int | None] = []
+    heard: list[tuple[int, int | None]] = []
     observe = costs.observe_forward
     shares: list[float] = []
     relative = costs.relative
 
     def spy_observe(width, seconds, requests=None):
-        heard.append(requests)
+        heard.append((width, requests))
         observe(width, seconds, requests)
 
     def spy_relative():
@@ -414,10 +415,16 @@ def test_a_batched_forward_tells_the_plans_how_many_share_it(checkpoints, monkey
     monkeypatch.setattr(costs, "observe_forward", spy_observe)
     monkeypatch.setattr(costs, "relative", spy_relative)
     handles = [engine.submit(prompt(s, 10 + 3 * s), max_new_tokens=24, stop_token_ids=[], draft_hint="code") for s in range(4)]
+    monkeypatch.setattr(loop, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(worker, "PREFILL_CHUNK", 16)
+    next(iter(handles[0]))  # a long prompt arrives while the others stream: its chunks join their forwards
+    handles.append(engine.submit(prompt(9, 120), max_new_tokens=4, stop_token_ids=[]))
     for h in handles:
         h.result()
-    assert max(heard) == 4 and None not in heard  # all four in one forward, at least once
+    requests = [r for _, r in heard]
+    assert None not in requests and max(r for r in requests if r is not None) >= 4  # all four in one forward, at least once
     assert 0.25 in shares  # a plan priced while four shared the forwards (once measured)
+    assert any(w == 0 for w, _ in heard) and any(w > 0 for w, _ in heard)  # chunk-carrying forwards priced no width
 
 
 class FailsOn(StatelessDrafter):
