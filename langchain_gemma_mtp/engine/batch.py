@@ -183,7 +183,7 @@ def run_feeds(feeds: list[Feed]) -> list[Forward]:
     if not feeds:
         return []
     target = feeds[0].target
-    together = [i for i, f in enumerate(feeds) if target.verifies_trees and not (f.prefill and target.slices_prefill)]
+    together = [i for i, f in enumerate(feeds) if not (f.prefill and target.slices_prefill)] if target.verifies_trees else []
     outs: dict[int, Forward] = {}
     if len(together) > 1:
         outs = dict(zip(together, run_batch(target, [feeds[i] for i in together])))
