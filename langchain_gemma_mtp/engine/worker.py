@@ -37,6 +37,12 @@ _WORKERS_LOCK = threading.Lock()
 # its cache; a shorter overlap is cheaper to prefill twice than to leave out of the packed forward.
 SHARED_PREFIX = 32
 
+# A round feeds up to PREFILL_CHUNK prompt tokens per request waiting to prefill, at most this many
+# chunks' worth in all: one long prompt beside streams still delays them by one chunk a round,
+# while a burst of new requests starts in half the rounds (16 clients on the 270M: the slowest first
+# chunk 1.8-1.9 -> 1.2 s; four chunks' worth started them no sooner and ran slower).
+PREFILL_ROUND_CHUNKS = 2
+
 # Verification rows per batched forward: more requests than fit wait for the next round, in turn.
 MAX_BATCH_ROWS = 512
 
@@ -188,9 +194,9 @@ class EngineWorker:
     Active requests (of every engine on the device) step together, round by round: each round drafts
     for every request waiting on a draft (one batch per drafter), verifies every pending draft in one
     batched target forward per model (engine/batch.py; past MAX_BATCH_ROWS rows the rest go first
-    next round), and feeds up to PREFILL_CHUNK prompt tokens of new requests in that same forward,
-    at most one chunk each, so a new request's first burst does not wait for a long one to finish,
-    every stream keeps moving, several new prompts share a forward, and requests sharing a prompt
+    next round), and feeds new requests' prompts in that same forward, at most one chunk each and
+    PREFILL_ROUND_CHUNKS chunks' worth in all, so a new request's first burst does not wait for a
+    long one to finish, every stream keeps moving, several new prompts share a forward, and requests sharing a prompt
     prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
@@ -280,9 +286,9 @@ class EngineWorker:
 
     def _round(self) -> bool:
         """Step every active request once: admit waiting ones, draft for those waiting on a draft (one
-        batch per drafter), then verify every pending block and feed prompt chunks up to
-        PREFILL_CHUNK tokens in one batched forward per model; each request runs on to what it needs
-        next. False once the thread is let go (idle or stopping)."""
+        batch per drafter), then verify every pending block and feed prompt chunks (see `_chunks`) in
+        one batched forward per model; each request runs on to what it needs next. False once the
+        thread is let go (idle or stopping)."""
         with self._lock:
             if self._stopping:
                 for job in (*self._active, *self._waiting):
@@ -320,12 +326,13 @@ class EngineWorker:
         return True
 
     def _chunks(self, jobs: list[_Job]) -> list[tuple[_Job, Feed]]:
-        """This round's prompt chunks: up to PREFILL_CHUNK tokens in all, at most one per request, in
-        arrival order. A request starts (looks up the prefix cache) beside others still prefilling
-        unless its prompt shares SHARED_PREFIX tokens with one of theirs; then it waits for that
-        prefill to end, so requests sharing a prompt prefill it once."""
+        """This round's prompt chunks: at most one per request, in arrival order, up to PREFILL_CHUNK
+        tokens per request waiting and PREFILL_ROUND_CHUNKS chunks' worth in all. A request starts
+        (looks up the prefix cache) beside others still prefilling unless its prompt shares
+        SHARED_PREFIX tokens with one of theirs; then it waits for that prefill to end, so requests
+        sharing a prompt prefill it once."""
         chunks: list[tuple[_Job, Feed]] = []
-        fed = 0
+        fed, budget = 0, PREFILL_CHUNK * min(len(jobs), PREFILL_ROUND_CHUNKS)
         for job in jobs:
             if job.feed is None:
                 if any(_prefilling(other) and common_prefix_length(job.prompt, other.prompt) >= SHARED_PREFIX for other in jobs):
@@ -334,7 +341,7 @@ class EngineWorker:
             if not _prefilling(job):
                 continue  # it failed to start
             feed = cast(Feed, job.feed)
-            if chunks and fed + feed.width > PREFILL_CHUNK:
+            if chunks and fed + feed.width > budget:
                 break
             chunks.append((job, feed))
             fed += feed.width

@@ -524,6 +524,44 @@ def test_a_long_prompt_prefills_in_chunks_while_others_stream(checkpoints, monke
     assert all(any(fed[j] == (1, 1) for j in range(a + 1, b)) for a, b in itertools.pairwise(chunks)), fed
 
 
+class Gate(StatelessDrafter):
+    """Drafts nothing; its first call holds the owner thread until the test opens it, so requests
+    submitted meanwhile all wait for the same round."""
+
+    name = "gate"
+    cost_per_draft_token = 0.1
+
+    def __init__(self):
+        self.entered, self.opened = threading.Event(), threading.Event()
+
+    def propose(self, step):
+        self.entered.set()
+        assert self.opened.wait(30)
+        return Draft([])
+
+
+def test_a_burst_of_new_prompts_prefills_several_chunks_a_round(checkpoints, monkeypatch):
+    monkeypatch.setattr(loop, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(worker, "PREFILL_CHUNK", 16)
+    engines = _engines(checkpoints, "noshare")
+    gate, model = Gate(), engines["none"].model
+    fed = fed_shapes(model)
+    streaming = Engine(engines["none"].target, gate).submit(prompt(40, 10), max_new_tokens=6, stop_token_ids=[])
+    assert gate.entered.wait(30)
+    ids = [prompt(41 + i, 12) for i in range(6)]
+    plain = Engine(engines["none"].target, NoDrafter(), prefix_cache_mb=0)  # every prompt prefilled whole
+    burst = [plain.submit(p, max_new_tokens=5, stop_token_ids=[]) for p in ids]
+    gate.opened.set()
+    for p, h in zip(ids, burst):
+        assert h.result().token_ids == hf_greedy(model, p, 5)
+    assert streaming.result().token_ids == hf_greedy(model, prompt(40, 10), 6)
+    # Six 12-token prompts waiting: a round's budget is PREFILL_ROUND_CHUNKS (2) chunks' worth, 32
+    # tokens, so they started two a round (one chunk's budget, 16 tokens, takes one a round), beside
+    # the stream's 1-row block and the 1-row blocks of those started before.
+    started = [(3, 1 + 24), (5, 3 + 24), (7, 5 + 24)]
+    assert [shape for shape in fed if shape in started] == started, fed
+
+
 def test_sampling_with_batch_partners_keeps_the_target_distribution(small_target):
     model, assistant = small_target
     engine = Engine(model, MTPDrafter(assistant, TargetModel(model), stop_below=0.0))
