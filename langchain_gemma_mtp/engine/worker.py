@@ -196,8 +196,8 @@ class EngineWorker:
     batched target forward per model (engine/batch.py; past MAX_BATCH_ROWS rows the rest go first
     next round), and feeds new requests' prompts in that same forward, at most one chunk each and
     PREFILL_ROUND_CHUNKS chunks' worth in all, so a new request's first burst does not wait for a
-    long one to finish, every stream keeps moving, several new prompts share a forward, and requests sharing a prompt
-    prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
+    long one to finish, every stream keeps moving, several new prompts share a forward, and
+    requests sharing a prompt prefill it once. One thread per device, and none while idle, because of how PyTorch's CPU kernels run:
     every thread that has run a parallel op keeps a team of OpenMP threads, and once these
     outnumber the cores, libgomp stops spinning between ops and every small op pays a wake-up
     (benchmarks/owner_thread_bench.py measures it; docs/research-notes.md, "Owner thread"). So engines share their device's thread, and it
