@@ -150,8 +150,10 @@ class Engine:
         self.kv_budget.limit_bytes = int(mb * 2**20)
 
     def forget(self) -> None:
-        """Drop everything learned across calls (prefix cache, the n-gram index): the next call runs
-        cold. Call it between unrelated workloads or before timing single calls."""
+        """Drop what earlier calls' texts left (the prefix cache, the drafter's index): the next call
+        copies nothing from them. Call it between unrelated workloads or before timing single calls.
+        The draft schedule keeps its measured costs and each hint kind's acceptance: they describe
+        the machine and the kind of text, not a call's words."""
         self.prefix_cache.clear()
         self.drafter.forget()
 
