@@ -1,5 +1,5 @@
-"""Parallel agents sharing forwards, on the real Gemma 3 270M: a LangGraph fan-out and a long prompt
-arriving beside streams.
+"""Parallel agents sharing forwards, on the real Gemma 3 270M: a LangGraph fan-out, a long prompt
+arriving beside streams, and a level of many requests arriving together.
 
 1. Fan-out: a LangGraph graph sends one task to 4 branch nodes at once (`Send`), each a
    ChatGemmaMTP call with its own draft hint writing `--max-new` tokens. Aggregate tokens/s of the
@@ -10,14 +10,20 @@ arriving beside streams.
    The longest gap between two bursts of a streaming request while the long prompt prefills
    (chunked, engine/loop.py PREFILL_CHUNK), against their median gap, and against the long
    prompt's whole prefill time (what the gap would be without chunking).
+3. A level: the first `--level` workload prompts (the server benchmark's 16 requests) submitted at
+   once, against the same requests one after another on the same engine, both cold, in
+   interleaved rounds. From each request's bursts, the fastest level's three phases: the ramp
+   (until the last request's first burst), all of them streaming (until the first one ends) and
+   the tail; the middle one's rate is what a steady batch of that many requests runs.
 
     python -m benchmarks.batch_bench --out benchmarks/results/batch-270m-bf16.json
     python -m benchmarks.batch_bench --drafter hybrid --out benchmarks/results/batch-270m-bf16-hybrid.json
-    python -m benchmarks.batch_bench --rounds 1 --max-new 8 --long-prompt 300     # smoke run
+    python -m benchmarks.batch_bench --rounds 1 --max-new 8 --long-prompt 300 --level 4     # smoke run
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import operator
 import statistics
@@ -34,7 +40,7 @@ from langchain_gemma_mtp import ChatGemmaMTP
 from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 from langchain_gemma_mtp.engine import Engine
 
-from .common import parser, set_threads, timed_rounds, workloads, write_results
+from .common import parser, set_threads, timed_rounds, workload_prompts, workloads, write_results
 
 # The four branches: a hint each, and the workload whose user message is the branch's task.
 BRANCHES = (("code", "code-fib"), ("prose", "prose-email"), ("tool_call", "tool-weather"), ("long_form", "rag-summary"))
@@ -153,6 +159,60 @@ def bench_prefill_beside_streams(engine: Engine, long_prompt: int, max_new: int)
     }
 
 
+def bench_level(engine: Engine, requests: int, max_new: int, rounds: int) -> dict:
+    """A level of `requests` prompts submitted at once against the same one after another, and the
+    fastest level's phases (module docstring, 3)."""
+    prompts = [ids for _, _, ids in workload_prompts(engine.tokenizer)][:requests]
+
+    async def stream_all() -> list[list[tuple[float, int]]]:
+        handles = [engine.submit(ids, max_new_tokens=max_new, stop_token_ids=[]) for ids in prompts]
+
+        async def stamps(handle) -> list[tuple[float, int]]:
+            return [(time.perf_counter(), len(burst.token_ids)) async for burst in handle]
+
+        return list(await asyncio.gather(*(stamps(h) for h in handles)))
+
+    def together() -> tuple[list[list[tuple[float, int]]], float]:
+        engine.forget()
+        start = time.perf_counter()
+        bursts = asyncio.run(stream_all())
+        return [[(t - start, n) for t, n in b] for b in bursts], time.perf_counter() - start
+
+    def one_after_another() -> tuple[int, float]:
+        engine.forget()
+        start = time.perf_counter()
+        tokens = sum(len(engine.generate(ids, max_new_tokens=max_new, stop_token_ids=[]).token_ids) for ids in prompts)
+        return tokens, time.perf_counter() - start
+
+    together(), one_after_another()  # warm-up
+    levels, seq = [], []
+    for _ in range(rounds):  # interleaved, as timed_rounds, keeping every level's bursts
+        levels.append(together())
+        seq.append(one_after_another())
+    bursts, level_secs = min(levels, key=operator.itemgetter(1))
+    seq_tokens, seq_secs = min(seq, key=operator.itemgetter(1))
+    tokens = sum(n for b in bursts for _, n in b)
+    ramp_end = max(b[0][0] for b in bursts)  # every request has had its first burst
+    tail_start = min(b[-1][0] for b in bursts)  # the first request has ended
+    steady = sum(n for b in bursts for t, n in b if ramp_end < t <= tail_start)
+    seq_rate = seq_tokens / seq_secs
+    steady_rate = steady / (tail_start - ramp_end) if tail_start > ramp_end else None
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "level_s": [round(x, 3) for _, x in levels],
+        "one_after_another_s": [round(x, 3) for _, x in seq],
+        "level_tok_s": round(tokens / level_secs, 1),
+        "one_after_another_tok_s": round(seq_rate, 1),
+        "level_over_one_after_another": round(tokens / level_secs / seq_rate, 2),
+        "ramp_s": round(ramp_end, 3),
+        "all_streaming_s": round(max(0.0, tail_start - ramp_end), 3),
+        "all_streaming_tok_s": round(steady_rate, 1) if steady_rate else None,
+        "all_streaming_over_one_after_another": round(steady_rate / seq_rate, 2) if steady_rate else None,
+        "tail_s": round(level_secs - max(ramp_end, tail_start), 3),
+    }
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--dtype", default="bfloat16")
@@ -160,6 +220,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--long-prompt", type=int, default=2000)
+    ap.add_argument("--level", type=int, default=16, help="requests in the level (the first N workloads)")
     args = ap.parse_args()
     set_threads(args.threads)
     assistant = str(EMBEDDED_ASSISTANT_DIR) if args.drafter in ("mtp", "hybrid") else None
@@ -175,7 +236,13 @@ def main() -> None:
         f"a {prefill['long_prompt_tokens']}-token prompt beside 3 streams: streams' longest gap {prefill['stream_gap_max_during_prefill_s']} s "
         f"(median before {prefill['stream_gap_median_before_s']} s; its prefill alone {prefill['prefill_alone_s']} s)"
     )
-    write_results(args.out, args, fan_out=fan, prefill_beside_streams=prefill)
+    level = bench_level(engine, args.level, args.max_new, args.rounds)
+    print(
+        f"{level['requests']} requests at once: {level['level_tok_s']} tok/s = {level['level_over_one_after_another']}x one after another; "
+        f"ramp {level['ramp_s']} s, all streaming {level['all_streaming_s']} s at {level['all_streaming_over_one_after_another']}x, "
+        f"tail {level['tail_s']} s"
+    )
+    write_results(args.out, args, fan_out=fan, prefill_beside_streams=prefill, level=level)
 
 
 if __name__ == "__main__":
