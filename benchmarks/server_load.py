@@ -4,7 +4,7 @@ By default the script builds the memorizing tiny chat fixture (tests/chat_fixtur
 with the real console command in a separate process on a loopback port, and runs N concurrent
 streaming chat requests through httpx (SSE, `stream_options.include_usage`). Every answer is
 checked against the transcript the model memorized, so "complete" means the right answer, not
-just a closed stream. With `--embedded` it serves the real Gemma 3 270M instead (bf16), the
+just a closed stream. With `--embedded` it serves the real Gemma 3 270M instead (bf16, or `--dtype`), the
 clients asking the agent workloads (benchmarks/workloads.jsonl) in turn, each answer written to
 `--max-tokens`. Each level gets a fresh server, warmed up on a question no client asks. Per N it
 reports aggregate throughput (completion tokens per second of wall time), first-chunk latency
@@ -43,7 +43,7 @@ QUESTIONS = (
 )
 
 
-def served(threads: int, embedded: bool, drafter: str, max_concurrent: int):
+def served(threads: int, embedded: bool, drafter: str, max_concurrent: int, dtype: str = "bfloat16"):
     """The memorizing fixture, or the embedded 270M, served by `gemma-mtp serve` in a child process."""
     from langchain_gemma_mtp.server import serve_in_subprocess
 
@@ -51,7 +51,7 @@ def served(threads: int, embedded: bool, drafter: str, max_concurrent: int):
         from langchain_gemma_mtp.embedded import EMBEDDED_ASSISTANT_DIR, embedded_model_dir
 
         model = str(embedded_model_dir())
-        extra = ["--dtype", "bfloat16", "--drafter", drafter]
+        extra = ["--dtype", dtype, "--drafter", drafter]
         if drafter in ("mtp", "hybrid"):
             extra += ["--assistant", str(EMBEDDED_ASSISTANT_DIR)]
     else:
@@ -209,6 +209,7 @@ def main() -> int:
     ap.add_argument(
         "--drafter", default="hybrid", help="with --embedded: the server's drafter (hybrid: the distilled MTP drafter and n-gram)"
     )
+    ap.add_argument("--dtype", default="bfloat16", help="with --embedded: the server's dtype (float32 on a CPU without native bf16)")
     ap.add_argument("--base-url", help="an already running server (default: serve the tiny fixture here)")
     ap.add_argument("--model", help="the served model name (with --base-url)")
     ap.add_argument("--api-key", default=None, help="the server's API key (never written to the results)")
@@ -238,7 +239,7 @@ def main() -> int:
         # cache makes the next level's faster.
         rounds.append([])
         for n in levels:
-            model, server_cm = served(args.threads, args.embedded, args.drafter, n)
+            model, server_cm = served(args.threads, args.embedded, args.drafter, n, args.dtype)
             with server_cm as server:
                 rounds[-1].append(level(server.base_url, model, n))
     expected = None if args.base_url or args.embedded else expected_answers()

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..errors import IncompatibleDrafterError
 from .cache import LayerKV, cache_keep_then, keep_then, kv_layers, layer_kv, new_cache
 from .head import greedy_rows
+from .matmul import measure_linears, project
 from .packed import engine_attention
 from .tree import DraftTree
 
@@ -89,6 +89,7 @@ class TargetModel:
         # assistant names others (read_kv_from).
         self.default_kv_layers = {t: max(i for i, lt in enumerate(self.layer_types) if lt == t) for t in set(self.layer_types)}
         self.kv_layers = dict(self.default_kv_layers)
+        measure_linears(self.decoder)
 
     def read_kv_from(self, chosen: dict[str, int]) -> None:
         """Hand the drafter the K/V of the layers in `chosen` (the last of each other type);
@@ -191,9 +192,8 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
         """Logits for the given hidden rows (of the `vocab` slice of tokens), with the model's final softcap."""
-        logits = F.linear(hidden, self.lm_head.weight[vocab])
-        if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias[vocab]
+        bias = getattr(self.lm_head, "bias", None)
+        logits = project(hidden, self.lm_head.weight[vocab], None if bias is None else bias[vocab])
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

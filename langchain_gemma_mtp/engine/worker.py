@@ -22,6 +22,7 @@ from .cache import common_prefix_length
 from .costs import CostModel
 from .drafters import Draft, DraftAsk, propose_all
 from .loop import PREFILL_CHUNK, Steps
+from .matmul import measured_forms
 from .memory import KVBudget
 from .openmp import release_thread_team
 from .target import Forward
@@ -420,7 +421,7 @@ class EngineWorker:
             self._end(job, exc)
 
     def _run_thread(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), measured_forms():
             while self._round():
                 pass
 

@@ -17,6 +17,7 @@ from ...draft_settings import (
     check_mtp_stop_below,
 )
 from ..head import centroid_candidates
+from ..matmul import measure_linears
 from ..target import KV, TargetModel
 from .base import NO_DRAFT, Draft, DraftRequest, DraftSession, DraftStep, StatelessDrafter, draft_token, finish_draft
 
@@ -63,6 +64,7 @@ class MTPDrafter(StatelessDrafter):
         self.assistant = cast(Gemma4AssistantForCausalLM, assistant)
         self.target = target
         target.pair(assistant)
+        measure_linears(self.assistant)
 
     def propose(self, step: DraftStep) -> Draft:
         return self.propose_many([(self, step)])[0]

@@ -1,0 +1,127 @@
+"""The product `x @ W.T` of a linear layer or the LM head, in whichever of two forms this CPU runs faster.
+
+`F.linear(x, W)` (what transformers runs) and the same product written `(W @ x.T).T` reach different
+BLAS kernels, and which is faster at the few rows a decode or verification step has depends on the
+CPU: float32 on an AMX Xeon, `linear` 23.5 ms against 74 for one row of the 270M's 262k-row head; on
+an AVX2 EPYC, `W @ x.T` 37 ms against 112 at 5 rows, and 16 against 41 ms for a 4-row body
+(docs/research-notes.md, "Kernel forms"). Neither is right everywhere, so on CPU every product shape
+and width bucket is decided by timing its own first calls, each form in turn, and keeps the faster.
+Both forms compute the same sums; only the rounding can differ.
+
+$GEMMA_MTP_MATMUL=linear, =transposed or =paired (one row fed as two) fixes the form (bit-reproducible runs across processes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidRequestError
+
+FORM_ENV = "GEMMA_MTP_MATMUL"
+# Timed calls per form before a bucket is decided; each form's first call is a warm-up and not counted.
+TRIALS = 3
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+def _transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Contiguous, as `linear` returns: the copy is part of what the form costs.
+    flat = x.reshape(-1, x.shape[-1])
+    return (weight @ flat.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _paired(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # One row fed as two: a matrix-vector product can take a slower kernel than a two-column one
+    # (the 270M's head on the EPYC, 42 -> 27 ms). Each row's sums are the same either way.
+    if x.numel() != x.shape[-1]:
+        return _transposed(x, weight)
+    return _transposed(x.reshape(1, x.shape[-1]).repeat(2, 1), weight)[:1].view(*x.shape[:-1], weight.shape[0])
+
+
+FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "linear": _linear,
+    "transposed": _transposed,
+    "paired": _paired,  # tried for one row only (more rows run `transposed`)
+}
+
+
+class FormChooser:
+    """Picks a form per (weight shape, dtype, power-of-two row bucket) from its own calls: until a
+    bucket is decided its calls alternate forms and are timed (real work, nothing run twice); then
+    the form with the fastest counted call runs. `clock` is injectable for tests. Used from the
+    engine's owner thread; off CPU (or with $GEMMA_MTP_MATMUL set) the form is fixed."""
+
+    def __init__(self, fixed: str | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        if fixed is not None and fixed not in FORMS:
+            raise InvalidRequestError(f"unknown ${FORM_ENV} {fixed!r}: use {', '.join(FORMS)}, or unset it to measure.")
+        self.fixed = fixed
+        self.clock = clock
+        self.chosen: dict[tuple, str] = {}
+        self._times: dict[tuple, dict[str, list[float]]] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None or x.device.type != "cpu":
+            return FORMS[self.fixed or "linear"](x, weight)
+        rows = x.numel() // x.shape[-1]
+        key = (tuple(weight.shape), weight.dtype, max(rows - 1, 0).bit_length())
+        form = self.chosen.get(key)
+        if form is not None:
+            return FORMS[form](x, weight)
+        times = self._times.setdefault(key, {name: [] for name in FORMS if rows == 1 or name != "paired"})
+        form = min(times, key=lambda name: len(times[name]))
+        start = self.clock()
+        out = FORMS[form](x, weight)
+        times[form].append(self.clock() - start)
+        if all(len(t) > TRIALS for t in times.values()):
+            self.chosen[key] = min(times, key=lambda name: min(times[name][1:]))
+            del self._times[key]
+        return out
+
+
+# One per process: a shape's best form is a property of the CPU, shared by every model using it.
+CHOOSER = FormChooser(os.environ.get(FORM_ENV) or None)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in the faster form (see the module docstring)."""
+    out = CHOOSER(x, weight)
+    return out if bias is None else out + bias
+
+
+_OWNER = threading.local()
+
+
+@contextmanager
+def measured_forms() -> Iterator[None]:
+    """On this thread (the engine's owner thread), measured linears run in their faster form; on
+    others (the user's own calls on the same model, transformers' `generate`) they run `linear`."""
+    _OWNER.on = True
+    try:
+        yield
+    finally:
+        _OWNER.on = False
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if getattr(_OWNER, "on", False):
+        return project(x, module.weight, module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
+def measure_linears(model: nn.Module) -> None:
+    """Let every `nn.Linear` of `model` run through `project` inside `measured_forms` (on CPU only;
+    the module computes as before everywhere else)."""
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            module.forward = partial(_forward, module)  # type: ignore[method-assign]
