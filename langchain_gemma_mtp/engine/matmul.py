@@ -1,10 +1,10 @@
-"""The product `x @ W.T` of a linear layer or the LM head, in whichever of two forms this CPU runs faster.
+"""The product `x @ W.T` of a linear layer or the LM head, in the form this CPU runs fastest.
 
 `F.linear(x, W)` (what transformers runs) and the same product written `(W @ x.T).T` reach different
 BLAS kernels, and which is faster at the few rows a decode or verification step has depends on the
 CPU: float32 on an AMX Xeon, `linear` 23.5 ms against 74 for one row of the 270M's 262k-row head; on
 an AVX2 EPYC, `W @ x.T` 37 ms against 112 at 5 rows, and 16 against 41 ms for a 4-row body
-(docs/research-notes.md, "Kernel forms"). Neither is right everywhere, so on CPU every product shape
+(docs/research-notes.md, "Kernel forms on an AVX2 CPU"). Neither is right everywhere, so on CPU every product shape
 and width bucket is decided by timing its own first calls, each form in turn, and keeps the faster.
 Both forms compute the same sums; only the rounding can differ.
 
@@ -85,7 +85,7 @@ class FormChooser:
         times[form].append(self.clock() - start)
         if all(len(t) > TRIALS for t in times.values()):
             self.chosen[key] = min(times, key=lambda name: min(times[name][1:]))
-            del self._times[key]
+            self._times.pop(key, None)  # another thread may have decided it too
         return out
 
 
