@@ -7,6 +7,10 @@ class GemmaMTPError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class EmulatedDtypeWarning(UserWarning):
+    """A half-precision dtype was asked for on a CPU that computes it only by emulation (slower than float32)."""
+
+
 class InvalidRequestError(GemmaMTPError, ValueError):
     """A generation request is malformed; raised before any forward pass."""
 

@@ -310,7 +310,7 @@ def build_drafter(spec: EngineSpec, target: TargetModel) -> Drafter:
     (which names the target's version).
     """
     options = {k: v for k, v in spec.load_options if k != "revision"}
-    dtype = resolve_dtype(spec.dtype, target.device)
+    dtype = target.dtype
     assistant = spec.assistant  # resolve_drafter found one for the drafters that need one, or refused them
     if spec.drafter in MTP_DRAFTERS:
         assert assistant is not None

@@ -175,6 +175,30 @@ def test_default_dtype_is_bf16_where_the_cpu_has_it(monkeypatch):
         resolve_dtype(None, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dtype", ["bf16", torch.float16])
+def test_half_precision_on_a_cpu_that_emulates_it_warns(monkeypatch, dtype):
+    """Asked for explicitly (the default never picks it there), an emulated half-precision dtype
+    still loads, with a warning that names the CPU's missing flags and float32 as the fix."""
+    import warnings
+
+    from langchain_gemma_mtp.engine import loading
+    from langchain_gemma_mtp.errors import EmulatedDtypeWarning
+
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: {"fpu", "avx2", "fma"})
+    with pytest.warns(EmulatedDtypeWarning, match=r"emulated on this CPU .*dtype='float32'"):
+        assert loading.resolve_dtype(dtype, torch.device("cpu")) in (torch.bfloat16, torch.float16)
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: {"avx2", "avx512_bf16", "avx512_fp16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loading.resolve_dtype(dtype, torch.device("cpu"))
+        loading.resolve_dtype(dtype, torch.device("cuda"))
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: {"avx2"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loading.resolve_dtype("float32", torch.device("cpu"))
+        loading.resolve_dtype(dtype, torch.device("cuda"))
+
+
 def test_a_loaded_engine_keeps_the_heap_frozen_until_it_is_freed(checkpoints, monkeypatch):
     """Loading freezes what is alive (full collections then skip it); freeing the engine thaws the
     heap, so its model, a reference cycle, is collected rather than kept for good."""
