@@ -1,14 +1,15 @@
 """The product `x @ W.T` of a linear layer or the LM head, in the form this CPU runs fastest.
 
-`F.linear(x, W)` (what transformers runs) and the same product written `(W @ x.T).T` reach different
-BLAS kernels, and which is faster at the few rows a decode or verification step has depends on the
+`F.linear(x, W)` (what transformers runs), the same product written `(W @ x.T).T`, and oneDNN's inner
+product reach different kernels, and which is faster at the few rows a decode or verification step has depends on the
 CPU: float32 on an AMX Xeon, `linear` 23.5 ms against 74 for one row of the 270M's 262k-row head; on
 an AVX2 EPYC, `W @ x.T` 37 ms against 112 at 5 rows, and 16 against 41 ms for a 4-row body
-(docs/research-notes.md, "Kernel forms on an AVX2 CPU"). Neither is right everywhere, so on CPU every product shape
-and width bucket is decided by timing its own first calls, each form in turn, and keeps the faster.
-Both forms compute the same sums; only the rounding can differ.
+(docs/research-notes.md, "Kernel forms on an AVX2 CPU"). None is right everywhere, so on CPU every product shape
+and width bucket is decided by timing its own first calls, each form in turn, and keeps the fastest.
+Every form computes the same sums; only the rounding can differ.
 
-$GEMMA_MTP_MATMUL=linear, =transposed or =paired (one row fed as two) fixes the form (bit-reproducible runs across processes).
+$GEMMA_MTP_MATMUL=linear, =transposed, =paired (one row fed as two) or =onednn fixes the form (bit-reproducible
+runs across processes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from ..errors import InvalidRequestError
 FORM_ENV = "GEMMA_MTP_MATMUL"
 # Timed calls per form before a bucket is decided; each form's first call is a warm-up and not counted.
 TRIALS = 3
+# ...and at least this much counted time per form: a body layer's product takes 0.1-0.5 ms, where
+# three calls (all within one forward) leave the choice to the timer's and the OS's noise.
+TRIAL_SECONDS = 0.005
+TRIAL_CALLS = 64  # ...or this many counted calls, for products too small for their form to matter
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,17 +54,58 @@ def _paired(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _transposed(x.reshape(1, x.shape[-1]).repeat(2, 1), weight)[:1].view(*x.shape[:-1], weight.shape[0])
 
 
+# oneDNN's inner product (what torch.compile emits for a float32 linear on CPU) with the weight as
+# it is: no packed copy. It has its own AVX2 kernels, where MKL's sgemm takes slower paths on some
+# CPUs at few rows (the 270M's head on the EPYC: 25 ms at one row against 48, 69 at 16 against 101).
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def _probe_onednn() -> bool:
+    """The op is private (torch.compile's): check once that this build has it and that it computes the product."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, weight = torch.ones(2, 8), torch.arange(24, dtype=torch.float32).view(3, 8)
+    try:
+        return torch.equal(_onednn_product(x, weight), F.linear(x, weight))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _probe_onednn()
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # float32 only: its bf16 kernels need avx512 or avx_ne_convert, and reject the call elsewhere.
+    return ONEDNN and x.dtype == weight.dtype == torch.float32
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _onednn_product(x, weight) if _onednn_applies(x, weight) else F.linear(x, weight)
+
+
 FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "linear": _linear,
     "transposed": _transposed,
     "paired": _paired,  # tried for one row only (more rows run `transposed`)
+    "onednn": _onednn,  # tried for float32 only (other dtypes run `linear`)
 }
+
+
+def _applies(form: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `form` is worth a trial for this call, not a copy of another form's work."""
+    if form == "paired":
+        return rows == 1
+    if form == "onednn":
+        return _onednn_applies(x, weight)
+    return True
 
 
 class FormChooser:
     """Picks a form per (weight shape, dtype, power-of-two row bucket) from its own calls: until a
-    bucket is decided its calls alternate forms and are timed (real work, nothing run twice); then
-    the form with the fastest counted call runs. `clock` is injectable for tests. Used from the
+    bucket is decided its calls alternate forms and are timed (real work, nothing run twice), each
+    form's first call not counted, until every form has TRIALS counted calls and TRIAL_SECONDS of
+    them (or TRIAL_CALLS); then the form with the fastest counted call runs. `clock` is injectable for tests. Used from the
     engine's owner thread; off CPU (or with $GEMMA_MTP_MATMUL set) the form is fixed."""
 
     def __init__(self, fixed: str | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -78,12 +124,12 @@ class FormChooser:
         form = self.chosen.get(key)
         if form is not None:
             return FORMS[form](x, weight)
-        times = self._times.setdefault(key, {name: [] for name in FORMS if rows == 1 or name != "paired"})
+        times = self._times.setdefault(key, {name: [] for name in FORMS if _applies(name, rows, x, weight)})
         form = min(times, key=lambda name: len(times[name]))
         start = self.clock()
         out = FORMS[form](x, weight)
         times[form].append(self.clock() - start)
-        if all(len(t) > TRIALS for t in times.values()):
+        if all(len(t) > TRIALS and (sum(t[1:]) >= TRIAL_SECONDS or len(t) > TRIAL_CALLS) for t in times.values()):
             self.chosen[key] = min(times, key=lambda name: min(times[name][1:]))
             self._times.pop(key, None)  # another thread may have decided it too
         return out

@@ -55,12 +55,13 @@ def test_the_chooser_keeps_the_form_its_own_calls_timed_fastest(monkeypatch) -> 
         "linear": lambda x: 2.0 if x.shape[0] != 2 else 0.5,
         "transposed": lambda x: 1.0,
         "paired": lambda x: 0.1,
+        "onednn": lambda x: 1.5,
     }
     timed_forms(monkeypatch, clock, costs, ran)
     chooser = FormChooser(clock=clock)
     weight = torch.randn(8, 4)
     one, two, five = torch.randn(1, 4), torch.randn(2, 4), torch.randn(5, 4)
-    for _ in range(3 * (matmul.TRIALS + 1)):
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
         chooser(one, weight)
     # Every form in turn, each timed TRIALS times after a warm-up call; nothing ran twice.
     assert sorted(ran) == sorted(list(FORMS) * (matmul.TRIALS + 1))
@@ -70,21 +71,85 @@ def test_the_chooser_keeps_the_form_its_own_calls_timed_fastest(monkeypatch) -> 
     assert ran == ["paired"]
     ran.clear()
     for rows in (two, five):
-        for _ in range(2 * (matmul.TRIALS + 1)):
+        for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
             chooser(rows, weight)
     assert chooser.chosen[((8, 4), torch.float32, 1)] == "linear"
     assert chooser.chosen[((8, 4), torch.float32, 3)] == "transposed"
     assert "paired" not in ran  # tried for one row only
 
 
+def test_cheap_products_are_timed_until_enough_time_is_counted(monkeypatch) -> None:
+    """A body layer's product takes 0.1-0.5 ms: three timed calls would let timer noise choose, so
+    each form runs until TRIAL_SECONDS of counted calls (a 60 ms head is decided after TRIALS)."""
+    clock, ran = FakeClock(), []
+    per_call = matmul.TRIAL_SECONDS / 10
+    timed_forms(monkeypatch, clock, {"linear": per_call, "transposed": per_call / 2, "paired": per_call, "onednn": per_call}, ran)
+    chooser = FormChooser(clock=clock)
+    weight, x = torch.randn(8, 4), torch.randn(3, 4)
+    key = ((8, 4), torch.float32, 2)
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
+        chooser(x, weight)
+    assert key not in chooser.chosen
+    while key not in chooser.chosen:
+        chooser(x, weight)
+    assert chooser.chosen[key] == "transposed"
+    # Every form tried got at least TRIAL_SECONDS of counted (non-warm-up) calls.
+    assert min(ran.count(form) - 1 for form in set(ran)) * per_call >= matmul.TRIAL_SECONDS * 0.99
+
+
+def test_a_product_too_small_to_matter_is_decided_after_trial_calls(monkeypatch) -> None:
+    clock, ran = FakeClock(), []
+    timed_forms(monkeypatch, clock, {name: 1e-9 for name in FORMS}, ran)
+    chooser = FormChooser(clock=clock)
+    key = ((8, 4), torch.float32, 2)
+    while key not in chooser.chosen:
+        chooser(torch.randn(3, 4), torch.randn(8, 4))
+    assert {ran.count(form) for form in set(ran)} == {matmul.TRIAL_CALLS + 1}
+
+
+def test_a_torch_build_without_a_working_onednn_op_never_tries_it(monkeypatch) -> None:
+    """The op is private to torch.compile: a build that lacks it, or computes something else, is found
+    by one probe on import, and the chooser then never runs it (the call would fail a request)."""
+
+    def missing(x, weight):
+        raise AttributeError("no mkldnn::_linear_pointwise in this build")
+
+    monkeypatch.setattr(matmul, "_onednn_product", missing)
+    assert not matmul._probe_onednn()
+    monkeypatch.setattr(matmul, "_onednn_product", lambda x, weight: F.linear(x, weight) + 1)
+    assert not matmul._probe_onednn()
+    monkeypatch.setattr(matmul, "ONEDNN", False)
+    clock, ran = FakeClock(), []
+    timed_forms(monkeypatch, clock, {name: 1.0 for name in FORMS}, ran)
+    chooser = FormChooser(clock=clock)
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
+        chooser(torch.randn(1, 4), torch.randn(8, 4))
+    assert "onednn" not in ran and ((8, 4), torch.float32, 0) in chooser.chosen
+
+
+@pytest.mark.skipif(not matmul.ONEDNN, reason="this torch build has no oneDNN")
+def test_onednn_is_tried_for_float32_only(monkeypatch) -> None:
+    """oneDNN's bf16 inner product needs avx512 or avx_ne_convert: in bf16 the form would only run
+    `linear` again, so it costs no trial there; in float32 it is measured, and wins where fastest."""
+    clock, ran = FakeClock(), []
+    timed_forms(monkeypatch, clock, {"linear": 2.0, "transposed": 3.0, "paired": 3.0, "onednn": 1.0}, ran)
+    chooser = FormChooser(clock=clock)
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
+        chooser(torch.randn(4, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16))
+    assert "onednn" not in ran and chooser.chosen[((8, 4), torch.bfloat16, 2)] == "linear"
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
+        chooser(torch.randn(4, 4), torch.randn(8, 4))
+    assert chooser.chosen[((8, 4), torch.float32, 2)] == "onednn"
+
+
 def test_a_warm_up_call_does_not_decide(monkeypatch) -> None:
     """Each form's first call (first touch of its buffers, kernel set-up) is not counted."""
     clock, ran = FakeClock(), []
     # `linear`'s first call looks fastest of all; the calls that count are slower than `transposed`.
-    costs = {"linear": lambda x: 0.1 if ran.count("linear") == 1 else 5.0, "transposed": 1.0, "paired": 1.0}
+    costs = {"linear": lambda x: 0.1 if ran.count("linear") == 1 else 5.0, "transposed": 1.0, "paired": 1.0, "onednn": 2.0}
     timed_forms(monkeypatch, clock, costs, ran)
     chooser = FormChooser(clock=clock)
-    for _ in range(2 * (matmul.TRIALS + 1)):
+    for _ in range(len(FORMS) * (matmul.TRIALS + 1)):
         chooser(torch.randn(3, 4), torch.randn(8, 4))
     assert chooser.chosen[((8, 4), torch.float32, 2)] == "transposed"
 
