@@ -1,12 +1,13 @@
 """The product `x @ W.T` of a linear layer or the LM head, in the form this CPU runs fastest.
 
 `F.linear(x, W)` (what transformers runs), the same product written `(W @ x.T).T`, and oneDNN's inner
-product reach different kernels, and which is faster at the few rows a decode or verification step has depends on the
-CPU: float32 on an AMX Xeon, `linear` 23.5 ms against 74 for one row of the 270M's 262k-row head; on
-an AVX2 EPYC, `W @ x.T` 37 ms against 112 at 5 rows, and 16 against 41 ms for a 4-row body
-(docs/research-notes.md, "Kernel forms on an AVX2 CPU"). None is right everywhere, so on CPU every product shape
-and width bucket is decided by timing its own first calls, each form in turn, and keeps the fastest.
-Every form computes the same sums; only the rounding can differ.
+product reach different kernels, and which is fastest at the few rows a decode or verification step
+has depends on the CPU: float32 on an AMX Xeon, `linear` 23.5 ms against 74 for one row of the 270M's
+262k-row head; on an AVX2 EPYC, `W @ x.T` 37 ms against 112 at 5 rows, and oneDNN 25 against 48 at
+one row (docs/research-notes.md, "Kernel forms on an AVX2 CPU" and "oneDNN's inner product"). None
+is right everywhere, so on CPU every product shape and width bucket is decided by timing its own
+first calls, each form in turn, and keeps the fastest. Every form computes the same sums; only the
+rounding can differ.
 
 $GEMMA_MTP_MATMUL=linear, =transposed, =paired (one row fed as two) or =onednn fixes the form (bit-reproducible
 runs across processes).
@@ -105,8 +106,9 @@ class FormChooser:
     """Picks a form per (weight shape, dtype, power-of-two row bucket) from its own calls: until a
     bucket is decided its calls alternate forms and are timed (real work, nothing run twice), each
     form's first call not counted, until every form has TRIALS counted calls and TRIAL_SECONDS of
-    them (or TRIAL_CALLS); then the form with the fastest counted call runs. `clock` is injectable for tests. Used from the
-    engine's owner thread; off CPU (or with $GEMMA_MTP_MATMUL set) the form is fixed."""
+    them (or TRIAL_CALLS); then the form with the fastest counted call runs. `clock` is injectable
+    for tests. Used from the engine's owner thread; off CPU (or with $GEMMA_MTP_MATMUL set) the
+    form is fixed."""
 
     def __init__(self, fixed: str | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         if fixed is not None and fixed not in FORMS:
