@@ -47,10 +47,14 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ flat.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1]
+
+
 def _paired(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # One row fed as two: a matrix-vector product can take a slower kernel than a two-column one
     # (the 270M's head on the EPYC, 42 -> 27 ms). Each row's sums are the same either way.
-    if x.numel() != x.shape[-1]:
+    if not _one_row(x, weight):
         return _transposed(x, weight)
     return _transposed(x.reshape(1, x.shape[-1]).repeat(2, 1), weight)[:1].view(*x.shape[:-1], weight.shape[0])
 
@@ -93,13 +97,14 @@ FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _applies(form: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `form` is worth a trial for this call, not a copy of another form's work."""
-    if form == "paired":
-        return rows == 1
-    if form == "onednn":
-        return _onednn_applies(x, weight)
-    return True
+# When a form is worth a trial rather than a copy of another form's work (the others: always); the
+# form itself falls back under the same test, for a fixed $GEMMA_MTP_MATMUL.
+TRIED_WHEN: dict[str, Callable[[torch.Tensor, torch.Tensor], bool]] = {"paired": _one_row, "onednn": _onednn_applies}
+
+
+def _applies(form: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    test = TRIED_WHEN.get(form)
+    return test is None or test(x, weight)
 
 
 class FormChooser:
@@ -126,7 +131,7 @@ class FormChooser:
         form = self.chosen.get(key)
         if form is not None:
             return FORMS[form](x, weight)
-        times = self._times.setdefault(key, {name: [] for name in FORMS if _applies(name, rows, x, weight)})
+        times = self._times.setdefault(key, {name: [] for name in FORMS if _applies(name, x, weight)})
         form = min(times, key=lambda name: len(times[name]))
         start = self.clock()
         out = FORMS[form](x, weight)
