@@ -14,11 +14,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import EOS, SMALL_VOCAB, VOCAB, build_assistant, build_target, memorize, save
 
-torch.set_num_threads(2)
+# The suite runs on pytest-xdist (pyproject's addopts): its workers share the cores, one torch
+# thread per core each, since more threads than cores spin against each other (on 2 cores, 2 workers
+# with 2 threads each ran 2x slower than one process). A plain run (`-n 0`) keeps 2 threads.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // WORKERS) if WORKERS > 1 else 2)
 # Loading defaults to bf16 on CPUs with native bf16; tests compare against plain greedy token for
 # token, which only fp32 guarantees (test_engine_loading checks the default itself).
 os.environ.setdefault("GEMMA_MTP_DTYPE", "float32")
 transformers.utils.logging.disable_progress_bar()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 4 (each builds the session's checkpoints and holds its own models)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
 
 TARGET_KINDS = ("shared_ple", "noshare", "conditional", "gemma3")
 

@@ -4,6 +4,7 @@ one thread per device shared by engines, and no thread (nor its OpenMP team) whi
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -210,10 +211,23 @@ def test_on_short_lived_thread_returns_the_result_raises_the_error_and_leaves_no
 
 # -- the callers' own OpenMP teams (engine/openmp.py) ----------------------------------------------
 
-needs_teams = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not _uses_libgomp(),
-    reason="counts the GNU libgomp pool threads a parallel op leaves behind (Linux, 2+ torch threads)",
+_teams_possible = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2 or not _uses_libgomp(),
+    reason="counts the GNU libgomp pool threads a parallel op leaves behind (Linux, 2+ cores)",
 )
+
+
+@pytest.fixture
+def two_torch_threads():
+    """A team needs 2+ torch threads; a pytest-xdist worker runs on one (conftest), so lend it two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def needs_teams(test):
+    return _teams_possible(pytest.mark.usefixtures("two_torch_threads")(test))
 
 
 def parallel_op() -> None:
