@@ -16,7 +16,7 @@ from tiny_models import EOS, SMALL_VOCAB, VOCAB, build_assistant, build_target, 
 
 # The suite runs on pytest-xdist (pyproject's addopts): its workers share the cores, one torch
 # thread per core each, since more threads than cores spin against each other (on 2 cores, 2 workers
-# with 2 threads each ran 2x slower than one process). A plain run (`-n 0`) keeps 2 threads.
+# with 2 threads each ran about 2x slower than one process). A plain run (`-n 0`) keeps 2 threads.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, (os.cpu_count() or 2) // WORKERS) if WORKERS > 1 else 2)
 # Loading defaults to bf16 on CPUs with native bf16; tests compare against plain greedy token for
