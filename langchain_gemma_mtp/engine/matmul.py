@@ -102,44 +102,52 @@ FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 TRIED_WHEN: dict[str, Callable[[torch.Tensor, torch.Tensor], bool]] = {"paired": _one_row, "onednn": _onednn_applies}
 
 
-def _applies(form: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    test = TRIED_WHEN.get(form)
-    return test is None or test(x, weight)
-
-
 class FormChooser:
-    """Picks a form per (weight shape, dtype, power-of-two row bucket) from its own calls: until a
+    """Picks a form (of `forms`: the products by default; the first is the fallback off CPU) per
+    (weight shape, dtype, power-of-two row bucket) from its own calls: until a
     bucket is decided its calls alternate forms and are timed (real work, nothing run twice), each
     form's first call not counted, until every form has TRIALS counted calls and TRIAL_SECONDS of
     them (or TRIAL_CALLS); then the form with the fastest counted call runs. `clock` is injectable
     for tests. Used from the engine's owner thread; off CPU (or with $GEMMA_MTP_MATMUL set) the
     form is fixed."""
 
-    def __init__(self, fixed: str | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
-        if fixed is not None and fixed not in FORMS:
-            raise InvalidRequestError(f"unknown ${FORM_ENV} {fixed!r}: use {', '.join(FORMS)}, or unset it to measure.")
+    def __init__(
+        self,
+        fixed: str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        forms: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = FORMS,
+        tried_when: dict[str, Callable[[torch.Tensor, torch.Tensor], bool]] = TRIED_WHEN,
+    ) -> None:
+        if fixed is not None and fixed not in forms:
+            raise InvalidRequestError(f"unknown ${FORM_ENV} {fixed!r}: use {', '.join(forms)}, or unset it to measure.")
         self.fixed = fixed
         self.clock = clock
+        self.forms = forms
+        self.tried_when = tried_when
         self.chosen: dict[tuple, str] = {}
         self._times: dict[tuple, dict[str, list[float]]] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fixed is not None or x.device.type != "cpu":
-            return FORMS[self.fixed or "linear"](x, weight)
+            return self.forms[self.fixed or next(iter(self.forms))](x, weight)
         rows = x.numel() // x.shape[-1]
         key = (tuple(weight.shape), weight.dtype, max(rows - 1, 0).bit_length())
         form = self.chosen.get(key)
         if form is not None:
-            return FORMS[form](x, weight)
-        times = self._times.setdefault(key, {name: [] for name in FORMS if _applies(name, x, weight)})
+            return self.forms[form](x, weight)
+        times = self._times.setdefault(key, {name: [] for name in self.forms if self._applies(name, x, weight)})
         form = min(times, key=lambda name: len(times[name]))
         start = self.clock()
-        out = FORMS[form](x, weight)
+        out = self.forms[form](x, weight)
         times[form].append(self.clock() - start)
         if all(len(t) > TRIALS and (sum(t[1:]) >= TRIAL_SECONDS or len(t) > TRIAL_CALLS) for t in times.values()):
             self.chosen[key] = min(times, key=lambda name: min(times[name][1:]))
             self._times.pop(key, None)  # another thread may have decided it too
         return out
+
+    def _applies(self, form: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        test = self.tried_when.get(form)
+        return test is None or test(x, weight)
 
 
 # One per process: a shape's best form is a property of the CPU, shared by every model using it.

@@ -12,8 +12,8 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..errors import IncompatibleDrafterError
 from .cache import LayerKV, cache_keep_then, keep_then, kv_layers, layer_kv, new_cache
-from .head import greedy_rows
-from .matmul import measure_linears, project
+from .head import ScreenedHead, greedy_rows
+from .matmul import CHOOSER, FormChooser, measure_linears, project
 from .packed import engine_attention
 from .tree import DraftTree
 
@@ -77,6 +77,16 @@ class TargetModel:
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
+        # The greedy choice in the faster of two forms, measured as the products are (engine/matmul.py):
+        # from the head's own logits, or through an fp16 screen that proves the same tokens
+        # (engine/head.py); with $GEMMA_MTP_MATMUL set, from the logits (bit-reproducible runs).
+        self._greedy = FormChooser(
+            "full" if CHOOSER.fixed else None,
+            forms={"full": self._greedy_full, "screened": self._greedy_screened},
+            tried_when={"screened": self._screens},
+        )
+        self._screen: ScreenedHead | None = None
+        self._screenable: bool | None = None
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.returns_shared_kv = hasattr(self.config, "kv_sharing_modes")
@@ -200,7 +210,23 @@ class TargetModel:
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each hidden row's greedy token: the argmax of its logits, without keeping them (engine/head.py)."""
-        return greedy_rows(lambda vocab: self.logits(hidden, vocab), hidden.shape[0], self.lm_head.weight.shape[0], self.device)
+        return self._greedy(hidden, self.lm_head.weight)
+
+    def _greedy_full(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return greedy_rows(lambda vocab: self.logits(hidden, vocab), hidden.shape[0], weight.shape[0], self.device)
+
+    def _screens(self, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+        if self._screenable is None:  # once: it reads the whole weight
+            self._screenable = ScreenedHead.applies(weight, getattr(self.lm_head, "bias", None))
+        return self._screenable and hidden.dtype == torch.float32
+
+    def _greedy_screened(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not self._screens(hidden, weight):
+            return self._greedy_full(hidden, weight)
+        if self._screen is None:
+            self._screen = ScreenedHead(weight, self.softcap)
+        ids = self._screen.greedy(hidden)
+        return self._greedy_full(hidden, weight) if ids is None else ids
 
     def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int, then: int | None = None) -> KV | None:
         """Drop the last `n_rejected` fed tokens from the cache, then, with `then` (a slot of the

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine_greedy import NEW_TOKENS, PROMPT_SEEDS, hf_greedy, prompt
 from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
-from langchain_gemma_mtp.engine import Engine, head
+from langchain_gemma_mtp.engine import Engine, head, matmul
 from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
 from langchain_gemma_mtp.engine.head import centroid_candidates, greedy_ids, greedy_rows
 from langchain_gemma_mtp.engine.target import TargetModel
@@ -151,3 +152,90 @@ def test_heldout_estimate_drafts_like_inference():
         batched = draft_argmax(assistant, states, weight)
         one_by_one = [int(ids[logits.argmax()]) for ids, logits in (centroid_candidates(embedder, s, weight) for s in states)]
     assert batched.tolist() == one_by_one
+
+
+# -- the fp16 screen of the greedy head (head.ScreenedHead) -----------------------------------------
+
+
+def screened_case(seed: int, rows: int = 40, vocab: int = 3000, width: int = 96):
+    """A float32 head with exact duplicates (ties: the first index wins) and near-duplicates (float32
+    tells them apart, fp16 cannot), and hidden rows with outliers, aimed at those tokens."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, width, generator=g) * 0.05
+    weight[7] = weight[2900]  # an exact tie, the lower index first
+    weight[11] = weight[1500] * (1 + 3e-4)  # a near tie the fp16 copy rounds away
+    weight[12] = weight[1501] * (1 - 3e-4)
+    hidden = torch.randn(rows, width, generator=g) * 3
+    hidden[:, 5] *= 20  # an outlier channel, as real hidden states have
+    for i, token in enumerate((2900, 1500, 1501, 11)):  # rows that want the tied tokens
+        hidden[i] = weight[token] / weight[token].norm() * 80 + torch.randn(width, generator=g) * 0.01
+    return weight, hidden
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fp16_screen_picks_the_float32_greedy_token_ties_and_near_ties_included(seed, softcap):
+    weight, hidden = screened_case(seed)
+    screen = head.ScreenedHead(weight, softcap)
+    logits = (hidden.double()[:, None] * weight.double()[None]).sum(-1)  # the real values: ties stay ties
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ids = screen.greedy(hidden)
+    assert ids is not None and torch.equal(ids, greedy_ids(logits))
+    assert int(ids[0]) == 7  # the exact tie: the first index
+    assert screen.rescored > 0  # some rows were too close to call from fp16 and were scored in float32
+
+
+def test_the_screens_bound_holds_for_every_token():
+    """The slack is a proof, not a fit: |fp16 logit - float32 logit| never exceeds |x| slack + floor,
+    for hidden rows with outliers and entries below fp16's normal range."""
+    for seed in range(3):
+        weight, hidden = screened_case(seed)
+        hidden[-1, :10] = 3e-6  # fp16 subnormals, if fbgemm rounds x to fp16
+        screen = head.ScreenedHead(weight)
+        approx = torch.ops.quantized.linear_dynamic_fp16(hidden, screen.packed).double()
+        exact = hidden.double() @ weight.double().T
+        bound = hidden.double().norm(dim=-1, keepdim=True) * screen.slack + screen.floor
+        assert ((approx - exact).abs() <= bound).all()
+        assert ((approx - exact).abs() > bound / 50).any()  # and not so loose that it proves nothing
+
+
+def test_the_screen_declines_rows_it_cannot_prove():
+    weight, hidden = screened_case(0)
+    screen = head.ScreenedHead(weight, softcap=5.0)
+    assert screen.greedy(hidden) is None  # logits past twice the softcap: tanh ties them in float32
+    nan = hidden.clone()
+    nan[3, 0] = float("nan")
+    assert head.ScreenedHead(weight).greedy(nan) is None
+
+
+def test_the_screen_is_for_float32_cpu_heads_without_bias():
+    weight = torch.randn(50, 8)
+    assert head.ScreenedHead.applies(weight, None)
+    assert not head.ScreenedHead.applies(weight, torch.zeros(50))
+    assert not head.ScreenedHead.applies(weight.bfloat16(), None)
+    assert not head.ScreenedHead.applies(weight * 1e5, None)  # past fp16's range
+
+
+@pytest.mark.parametrize("form", ["full", "screened"])
+@pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])  # with the final softcap, and without
+def test_greedy_output_is_transformers_with_either_greedy_form(checkpoints, kind, form):
+    """float32: the engine's speculative greedy output equals transformers' greedy output whether
+    the target's greedy tokens come from its logits or through the fp16 screen."""
+    engine = Engine.from_pretrained(checkpoints[kind])
+    engine.target._greedy.fixed = form
+    for seed in PROMPT_SEEDS:
+        expected = hf_greedy(engine.model, prompt(seed), NEW_TOKENS)
+        for k in (1, 4):
+            got = engine.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
+            assert got.token_ids == expected, f"{kind}/{form}/k={k}/prompt {seed}"
+    assert (engine.target._screen is not None) == (form == "screened")
+
+
+def test_the_target_measures_both_greedy_forms_and_fixes_full_with_the_matmul_form(checkpoints, monkeypatch):
+    engine = Engine.from_pretrained(checkpoints["gemma3"])
+    for seed in PROMPT_SEEDS:
+        engine.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=1, stop_token_ids=[])
+    assert engine.target._screen is not None  # tried beside the logits
+    monkeypatch.setattr(matmul.CHOOSER, "fixed", "linear")  # bit-reproducible runs: logits, no screen
+    assert Engine.from_pretrained(checkpoints["gemma3"]).target._greedy.fixed == "full"
