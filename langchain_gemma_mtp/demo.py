@@ -331,9 +331,11 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 
 def warm_up(engine: Engine, runtime: ChatRuntime) -> None:
-    """One short call on each side, outside the timings (kernels, allocator), leaving no state behind."""
+    """One short call on each side, outside the timings (kernels, allocator), leaving no state behind.
+    Ours takes a few steps: a float32 target tries its fp16 greedy screen on its second greedy step,
+    and packs the head's copy then (3 s on the 270M), once per process as loading is."""
     ids = runtime.tokenizer.encode("Hello", add_special_tokens=False)[:4] or [0]
-    engine.generate(ids, max_new_tokens=2)
+    engine.generate(ids, max_new_tokens=8)
     engine.forget()
     PlainGenerate(runtime=runtime, max_tokens=2).invoke("Hello")
 
