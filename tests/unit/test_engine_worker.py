@@ -212,7 +212,8 @@ def test_on_short_lived_thread_returns_the_result_raises_the_error_and_leaves_no
 # -- the callers' own OpenMP teams (engine/openmp.py) ----------------------------------------------
 
 # These count the process's threads: in a pytest-xdist worker, beside execnet's own threads and
-# with one torch thread (conftest), they run instead in a process of their own (the test below).
+# with one torch thread (conftest), they run instead in a process of their own while no other
+# worker runs a test (the test below: beside a busy neighbour worker one of them failed twice).
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 needs_teams = pytest.mark.skipif(
     not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not _uses_libgomp() or UNDER_XDIST,
@@ -223,7 +224,11 @@ needs_teams = pytest.mark.skipif(
 TEAM_TESTS = "release_thread_team_frees or hands_its_team_back or hands_back_its_team or callers_on_the_main_thread"
 
 
-@pytest.mark.skipif(not UNDER_XDIST or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2, reason="they run in place")
+@pytest.mark.skipif(
+    not UNDER_XDIST or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2 or not _uses_libgomp(),
+    reason="they run in place (or nowhere, as there)",
+)
+@pytest.mark.exclusive  # no other worker's test running beside them
 def test_the_openmp_team_tests_pass_in_a_process_of_their_own():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     done = subprocess.run(
