@@ -63,6 +63,11 @@ def _probe_fp16_gemm() -> bool:
 FP16_GEMM = _probe_fp16_gemm()
 
 
+def _fits_fp16(weight: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(weight)  # no weight-sized temporary, as `abs()` would make
+    return bool(hi < 65504 and lo > -65504)
+
+
 class ScreenedHead:
     """The exact greedy choice of a float32 head, screened through an fp16 copy of its weight.
 
@@ -104,7 +109,7 @@ class ScreenedHead:
     def applies(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """A float32 CPU head without bias whose weight fp16 holds (no entry past its range)."""
         cpu_float32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        return FP16_GEMM and bias is None and cpu_float32 and bool(weight.abs().max() < 65504)
+        return FP16_GEMM and bias is None and cpu_float32 and _fits_fp16(weight)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Each row's greedy token, as `greedy_ids` of the float32 logits (softcapped) gives it; None
