@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 from pathlib import Path
@@ -24,23 +23,6 @@ torch.set_num_threads(max(1, (os.cpu_count() or 2) // WORKERS) if WORKERS > 1 el
 # token, which only fp32 guarantees (test_engine_loading checks the default itself).
 os.environ.setdefault("GEMMA_MTP_DTYPE", "float32")
 transformers.utils.logging.disable_progress_bar()
-
-
-@pytest.fixture(autouse=True)
-def _one_exclusive_test_at_a_time(request, tmp_path_factory):
-    """Under xdist, a test marked `exclusive` runs while no other worker runs a test: every test
-    holds a shared lock on one file for its duration, an exclusive test the lock alone. (The
-    OpenMP-team tests count threads and time hand-backs: a busy neighbour worker failed them.)"""
-    if WORKERS < 2:
-        yield
-        return
-    exclusive = request.node.get_closest_marker("exclusive") is not None
-    with open(tmp_path_factory.getbasetemp().parent / "exclusive.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
