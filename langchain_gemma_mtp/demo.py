@@ -332,8 +332,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 def warm_up(engine: Engine, runtime: ChatRuntime) -> None:
     """One short call on each side, outside the timings (kernels, allocator), leaving no state behind.
-    Ours takes a few steps: a float32 target tries its fp16 greedy screen on its second greedy step,
-    and packs the head's copy then (3 s on the 270M), once per process as loading is."""
+    Ours takes a few steps: its first forward waits for a float32 target's fp16 greedy screen, whose
+    copy of the head loading packs in the background (4 s on the 270M), and the screen is tried from
+    the second greedy step; both once per process, as loading is."""
     ids = runtime.tokenizer.encode("Hello", add_special_tokens=False)[:4] or [0]
     engine.generate(ids, max_new_tokens=8)
     engine.forget()

@@ -126,6 +126,7 @@ class Engine:
         dt = resolve_dtype(spec.dtype, dev)
         target_model, tokenizer = load_causal_lm(spec.model, dev, dt, spec.gguf_file, dict(spec.load_options))
         target = TargetModel(target_model)
+        target.pack_screen()  # in the background, while the drafter and the rest load
         chosen = build_drafter(spec, target)
         log.info("loaded %s with drafter %s (%s, %s)", spec.model, chosen.name, dev, dt)
         engine = cls(target, chosen, tokenizer, name=spec.model, prefix_cache_mb=spec.cache_mb, kv_cache_mb=kv_cache_mb)

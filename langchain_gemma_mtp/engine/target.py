@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ from .head import ScreenedHead, greedy_rows
 from .matmul import CHOOSER, FormChooser, measure_linears, project
 from .packed import engine_attention
 from .tree import DraftTree
+
+log = logging.getLogger(__name__)
 
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # An assistant config may map a layer type to the target layer whose K/V its layers of that type read
@@ -87,6 +91,7 @@ class TargetModel:
         )
         self._screen: ScreenedHead | None = None
         self._screenable: bool | None = None
+        self._packing: threading.Thread | None = None  # the screen being built in the background (pack_screen)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.returns_shared_kv = hasattr(self.config, "kv_sharing_modes")
@@ -145,6 +150,7 @@ class TargetModel:
         """The decoder's own output for (B, L) ids after `cache` (a DynamicCache, or engine/batch.py's
         BatchCache), with explicit masks and positions where given; `keep`: Gemma 4's logits_to_keep;
         `extra`: keyword arguments the model hands down to its attention (engine/packed.py)."""
+        self._screen_packed()  # a forward beside the packing thread would share the cores with it
         kwargs = {self._cache_kw: cache, "use_cache": True, **extra}
         if attention_mask is not None:
             kwargs["attention_mask"], kwargs["position_ids"] = attention_mask, position_ids
@@ -215,15 +221,44 @@ class TargetModel:
     def _greedy_full(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return greedy_rows(lambda vocab: self.logits(hidden, vocab), hidden.shape[0], weight.shape[0], self.device)
 
-    def _screens(self, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    def pack_screen(self) -> None:
+        """Build the fp16 greedy screen (engine/head.py) on a thread of its own, where it applies and
+        the greedy form is measured: packing its copy of the head takes seconds on one core (4 s for
+        the 270M's), which the rest of loading and the caller's own set-up then hide, where the
+        first greedy request would otherwise wait for it. The target's first forward waits for it."""
+        if self._greedy.fixed is None and self._screenable is None and self._packing is None:
+            self._packing = threading.Thread(target=self._build_screen, name="gemma-mtp-screen", daemon=True)
+            self._packing.start()
+
+    def _build_screen(self) -> None:
+        weight = self.lm_head.weight
+        try:
+            with torch.inference_mode():
+                if self._screen_applies(weight):
+                    self._screen = ScreenedHead(weight, self.softcap)
+        except Exception as e:  # no room for the copy, say: it is a speed-up, the logits serve without it
+            self._screenable = False
+            log.warning("the fp16 greedy screen was not built (%r); greedy tokens come from the logits", e)
+
+    def _screen_packed(self) -> None:
+        """Wait for the screen's background build, if one is running."""
+        if self._packing is not None:
+            self._packing.join()
+            self._packing = None
+
+    def _screen_applies(self, weight: torch.Tensor) -> bool:
         if self._screenable is None:  # once: it reads the whole weight
             self._screenable = ScreenedHead.applies(weight, getattr(self.lm_head, "bias", None))
-        return self._screenable and hidden.dtype == torch.float32
+        return self._screenable
+
+    def _screens(self, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+        self._screen_packed()
+        return self._screen_applies(weight) and hidden.dtype == torch.float32
 
     def _greedy_screened(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self._screens(hidden, weight):
             return self._greedy_full(hidden, weight)
-        if self._screen is None:
+        if self._screen is None:  # not built at load (a target made by hand): built here, once
             self._screen = ScreenedHead(weight, self.softcap)
         ids = self._screen.greedy(hidden)
         return self._greedy_full(hidden, weight) if ids is None else ids

@@ -4,6 +4,9 @@ drafting exactly what the assistant's own forward would."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,11 +220,20 @@ def test_the_screen_is_for_float32_cpu_heads_without_bias():
     assert not head.ScreenedHead.applies(weight * 1e5, None)  # past fp16's range
 
 
+def screened_calls(monkeypatch) -> list[int]:
+    """The rows of every `ScreenedHead.greedy` call from now on."""
+    calls: list[int] = []
+    screen = head.ScreenedHead.greedy
+    monkeypatch.setattr(head.ScreenedHead, "greedy", lambda self, hidden: (calls.append(len(hidden)), screen(self, hidden))[1])
+    return calls
+
+
 @pytest.mark.parametrize("form", ["full", "screened"])
 @pytest.mark.parametrize("kind", ["shared_ple", "gemma3"])  # with the final softcap, and without
-def test_greedy_output_is_transformers_with_either_greedy_form(checkpoints, kind, form):
+def test_greedy_output_is_transformers_with_either_greedy_form(checkpoints, kind, form, monkeypatch):
     """float32: the engine's speculative greedy output equals transformers' greedy output whether
     the target's greedy tokens come from its logits or through the fp16 screen."""
+    calls = screened_calls(monkeypatch)
     engine = Engine.from_pretrained(checkpoints[kind])
     engine.target._greedy.fixed = form
     for seed in PROMPT_SEEDS:
@@ -229,7 +241,40 @@ def test_greedy_output_is_transformers_with_either_greedy_form(checkpoints, kind
         for k in (1, 4):
             got = engine.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=k, stop_token_ids=[])
             assert got.token_ids == expected, f"{kind}/{form}/k={k}/prompt {seed}"
-    assert (engine.target._screen is not None) == (form == "screened")
+    assert bool(calls) == (form == "screened")
+
+
+def test_loading_packs_the_screen_on_a_thread_of_its_own_and_the_first_forward_waits_for_it(checkpoints, monkeypatch):
+    events: list[tuple[str, str]] = []
+    build = head.ScreenedHead.__init__
+
+    def slow_build(self, *args):
+        time.sleep(0.5)  # a real head takes seconds: loading must not wait for it
+        build(self, *args)
+        events.append(("built", threading.current_thread().name))
+
+    monkeypatch.setattr(head.ScreenedHead, "__init__", slow_build)
+    engine = Engine.from_pretrained(checkpoints["gemma3"])
+    assert not events and engine.target._packing is not None and engine.target._packing.is_alive()
+    engine.target.decoder.register_forward_pre_hook(lambda *a: events.append(("forward", threading.current_thread().name)))
+    got = engine.generate(prompt(0), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
+    assert got.token_ids == hf_greedy(engine.model, prompt(0), NEW_TOKENS)
+    assert events[0] == ("built", "gemma-mtp-screen") and events[1][0] == "forward"
+    assert engine.target._screen is not None and engine.target._packing is None
+
+
+def test_a_screen_that_cannot_be_built_leaves_a_warning_and_the_logits(checkpoints, monkeypatch, caplog):
+    def no_room(self, *args):
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(head.ScreenedHead, "__init__", no_room)
+    engine = Engine.from_pretrained(checkpoints["gemma3"])
+    for seed in PROMPT_SEEDS:
+        got = engine.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
+        assert got.token_ids == hf_greedy(engine.model, prompt(seed), NEW_TOKENS)
+    assert engine.target._screen is None and "the fp16 greedy screen was not built" in caplog.text
+    chooser = engine.target._greedy  # the forms it timed or chose: the logits alone
+    assert {*chooser.chosen.values(), *(form for times in chooser._times.values() for form in times)} == {"full"}
 
 
 def test_the_target_measures_both_greedy_forms_and_fixes_full_with_the_matmul_form(checkpoints, monkeypatch):
