@@ -227,7 +227,8 @@ class TargetModel:
         the 270M's), which the rest of loading and the caller's own set-up then hide, where the
         first greedy request would otherwise wait for it. The target's first forward waits for it."""
         if self._greedy.fixed is None and self._screenable is None and self._packing is None:
-            self._packing = threading.Thread(target=self._build_screen, name="gemma-mtp-screen", daemon=True)
+            # Not a daemon: an exit meanwhile waits for it, as a thread still inside torch aborts the process.
+            self._packing = threading.Thread(target=self._build_screen, name="gemma-mtp-screen")
             self._packing.start()
 
     def _build_screen(self) -> None:

@@ -4,8 +4,11 @@ drafting exactly what the assistant's own forward would."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,6 +264,32 @@ def test_loading_packs_the_screen_on_a_thread_of_its_own_and_the_first_forward_w
     assert got.token_ids == hf_greedy(engine.model, prompt(0), NEW_TOKENS)
     assert events[0] == ("built", "gemma-mtp-screen") and events[1][0] == "forward"
     assert engine.target._screen is not None and engine.target._packing is None
+
+
+EXIT_WHILE_PACKING = """
+import sys, torch
+from langchain_gemma_mtp.engine import Engine, head
+build = head.ScreenedHead.__init__
+def slow_build(self, *args):  # a real head's pack: seconds inside fbgemm, not Python
+    torch.ops.quantized.linear_prepack_fp16(torch.randn(131072, 640), None)
+    build(self, *args)
+head.ScreenedHead.__init__ = slow_build
+engine = Engine.from_pretrained(sys.argv[1])
+print(engine.target._packing.is_alive(), flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_while_the_screen_is_packing(checkpoints):
+    # A script that loads and ends at once: a thread still inside torch at exit aborts the process.
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_PACKING, str(checkpoints["gemma3"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]
 
 
 def test_a_screen_that_cannot_be_built_leaves_a_warning_and_the_logits(checkpoints, monkeypatch, caplog):
