@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -249,10 +248,10 @@ def test_greedy_output_is_transformers_with_either_greedy_form(checkpoints, kind
 
 def test_loading_packs_the_screen_on_a_thread_of_its_own_and_the_first_forward_waits_for_it(checkpoints, monkeypatch):
     events: list[tuple[str, str]] = []
-    build = head.ScreenedHead.__init__
+    build, packed = head.ScreenedHead.__init__, threading.Event()
 
     def slow_build(self, *args):
-        time.sleep(0.5)  # a real head takes seconds: loading must not wait for it
+        packed.wait(30)  # a real head takes seconds: loading must not wait for it
         build(self, *args)
         events.append(("built", threading.current_thread().name))
 
@@ -260,6 +259,7 @@ def test_loading_packs_the_screen_on_a_thread_of_its_own_and_the_first_forward_w
     engine = Engine.from_pretrained(checkpoints["gemma3"])
     assert not events and engine.target._packing is not None and engine.target._packing.is_alive()
     engine.target.decoder.register_forward_pre_hook(lambda *a: events.append(("forward", threading.current_thread().name)))
+    threading.Timer(0.3, packed.set).start()  # the pack ends while the request would already run
     got = engine.generate(prompt(0), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
     assert got.token_ids == hf_greedy(engine.model, prompt(0), NEW_TOKENS)
     assert events[0] == ("built", "gemma-mtp-screen") and events[1][0] == "forward"
