@@ -64,7 +64,9 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_mb)
         # KV of running requests: each reserves what it can grow to before its first forward.
         self.kv_budget = KVBudget(0)
-        self.limit_kv_cache(default_kv_cache_mb(self.device, prefix_cache_mb) if kv_cache_mb is None else kv_cache_mb)
+        if kv_cache_mb is None:  # the screen's copy, still packing, counts as taken
+            kv_cache_mb = default_kv_cache_mb(self.device, prefix_cache_mb, self.target.packing_bytes)
+        self.limit_kv_cache(kv_cache_mb)
         self.kv_bytes_per_position = kv_bytes_per_position(self.target)
         draft_model = getattr(self.drafter, "model", None)  # a separate draft model keeps a cache of its own
         if isinstance(draft_model, TargetModel):

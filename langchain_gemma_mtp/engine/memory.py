@@ -66,12 +66,13 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def default_kv_cache_mb(device: torch.device, prefix_cache_mb: float) -> float:
-    """Half the memory free when the model has loaded, less the prefix cache's budget (at least 64 MB)."""
+def default_kv_cache_mb(device: torch.device, prefix_cache_mb: float, pending_bytes: int = 0) -> float:
+    """Half the memory free when the model has loaded, less what loading is still to take
+    (`pending_bytes`: the greedy screen's copy while it packs) and the prefix cache's budget (at least 64 MB)."""
     free = free_memory_bytes(device)
     if free is None:
         return FALLBACK_MB
-    return max(64.0, free * DEFAULT_SHARE / MB - prefix_cache_mb)
+    return max(64.0, (free - pending_bytes) * DEFAULT_SHARE / MB - prefix_cache_mb)
 
 
 @dataclass

@@ -226,17 +226,20 @@ class TargetModel:
         the greedy form is measured: packing its copy of the head takes seconds on one core (4 s for
         the 270M's), which the rest of loading and the caller's own set-up then hide, where the
         first greedy request would otherwise wait for it. The target's first forward waits for it."""
-        if self._greedy.fixed is None and self._screenable is None and self._packing is None:
+        if self._greedy.fixed is None and self._packing is None and self._screen is None and self._screen_applies(self.lm_head.weight):
             # Not a daemon: an exit meanwhile waits for it, as a thread still inside torch aborts the process.
             self._packing = threading.Thread(target=self._build_screen, name="gemma-mtp-screen")
             self._packing.start()
 
+    @property
+    def packing_bytes(self) -> int:
+        """Memory the screen's copy is still to take: all of it while it packs (some may be in use already)."""
+        return self.lm_head.weight.numel() * 2 if self._packing is not None and self._packing.is_alive() else 0
+
     def _build_screen(self) -> None:
-        weight = self.lm_head.weight
         try:
             with torch.inference_mode():
-                if self._screen_applies(weight):
-                    self._screen = ScreenedHead(weight, self.softcap)
+                self._screen = ScreenedHead(self.lm_head.weight, self.softcap)
         except Exception as e:  # no room for the copy, say: it is a speed-up, the logits serve without it
             self._screenable = False
             log.warning("the fp16 greedy screen was not built (%r); greedy tokens come from the logits", e)

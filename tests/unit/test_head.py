@@ -16,7 +16,7 @@ from test_engine_greedy import NEW_TOKENS, PROMPT_SEEDS, hf_greedy, prompt
 from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
-from langchain_gemma_mtp.engine import Engine, head, matmul
+from langchain_gemma_mtp.engine import Engine, head, matmul, memory
 from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
 from langchain_gemma_mtp.engine.head import centroid_candidates, greedy_ids, greedy_rows
 from langchain_gemma_mtp.engine.target import TargetModel
@@ -264,6 +264,21 @@ def test_loading_packs_the_screen_on_a_thread_of_its_own_and_the_first_forward_w
     assert got.token_ids == hf_greedy(engine.model, prompt(0), NEW_TOKENS)
     assert events[0] == ("built", "gemma-mtp-screen") and events[1][0] == "forward"
     assert engine.target._screen is not None and engine.target._packing is None
+
+
+def test_the_default_kv_budget_counts_the_screens_copy_while_it_packs(checkpoints, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 8 * 2**30)
+    build, packed = head.ScreenedHead.__init__, threading.Event()
+    monkeypatch.setattr(head.ScreenedHead, "__init__", lambda self, *args: (packed.wait(30), build(self, *args))[1])
+    try:
+        engine = Engine.from_pretrained(checkpoints["gemma3"], prefix_cache_mb=64)
+        copy = engine.target.lm_head.weight.numel() * 2  # fp16
+        assert engine.target.packing_bytes == copy
+        assert engine.kv_budget.limit_bytes == int(((8 * 2**30 - copy) / 2 / 2**20 - 64) * 2**20)
+    finally:
+        packed.set()
+    engine.generate(prompt(0), max_new_tokens=4, stop_token_ids=[])
+    assert engine.target.packing_bytes == 0  # packed: what it took is in the free memory read from now on
 
 
 EXIT_WHILE_PACKING = """
