@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from .openmp import release_thread_team
+
 # From this many rows on CPU, the greedy choice is taken a slice of the vocabulary at a time, so the
 # rows x vocabulary logits are never written out: on the 270M's 262k x 640 head, head and choice
 # together, bf16 160 rows 100 -> 80 ms and 96 rows 70 -> 53 ms, level at 48, slower below; float32
@@ -105,6 +107,9 @@ class ScreenedHead:
         self.slack = 1.01 * worst
         # x's entries below fp16's normal range round by up to 2^-25 each, whatever |x| is.
         self.floor = d**0.5 * 2.0**-25 * float(weight.norm(dim=1).max()) * 1.01
+        # The norms ran on an OpenMP team of this thread's own; the pack runs on this thread alone,
+        # for seconds, and a parked team beside other threads' would slow their ops (openmp.py).
+        release_thread_team()
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
         self.rescored = 0  # rows whose candidates were scored in float32 (the rest: proved by the screen alone)
 
