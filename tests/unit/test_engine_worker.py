@@ -408,15 +408,16 @@ print(len(engine.generate(ids, max_new_tokens=5, stop_token_ids=[]).token_ids), 
 """
 
 
+def output_of_a_clean_exit(script: str, *args: str) -> str:
+    """What `script` printed, run in a fresh interpreter from the repository root that must exit with 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def test_the_interpreter_exits_cleanly_while_a_request_is_in_flight(checkpoints):
     # The owner thread is stopped at exit (a thread inside torch then would abort the process), the
     # main thread having handed its team back meanwhile.
-    done = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, str(checkpoints["shared_ple"])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["5"]
+    assert output_of_a_clean_exit(EXIT_SCRIPT, str(checkpoints["shared_ple"])).split() == ["5"]

@@ -4,15 +4,13 @@ drafting exactly what the assistant's own forward would."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_engine_greedy import NEW_TOKENS, PROMPT_SEEDS, hf_greedy, prompt
+from test_engine_worker import output_of_a_clean_exit
 from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
@@ -296,15 +294,7 @@ print(engine.target._packing.is_alive(), flush=True)
 
 def test_the_interpreter_exits_cleanly_while_the_screen_is_packing(checkpoints):
     # A script that loads and ends at once: a thread still inside torch at exit aborts the process.
-    done = subprocess.run(
-        [sys.executable, "-c", EXIT_WHILE_PACKING, str(checkpoints["gemma3"])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True"]
+    assert output_of_a_clean_exit(EXIT_WHILE_PACKING, str(checkpoints["gemma3"])).split() == ["True"]
 
 
 def test_a_screen_that_cannot_be_built_leaves_a_warning_and_the_logits(checkpoints, monkeypatch, caplog):
