@@ -317,4 +317,5 @@ def test_the_target_measures_both_greedy_forms_and_fixes_full_with_the_matmul_fo
         engine.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=1, stop_token_ids=[])
     assert engine.target._screen is not None  # tried beside the logits
     monkeypatch.setattr(matmul.CHOOSER, "fixed", "linear")  # bit-reproducible runs: logits, no screen
-    assert Engine.from_pretrained(checkpoints["gemma3"]).target._greedy.fixed == "full"
+    fixed = Engine.from_pretrained(checkpoints["gemma3"]).target
+    assert fixed._greedy.fixed == "full" and fixed._packing is None and fixed._screen is None  # no copy packed
