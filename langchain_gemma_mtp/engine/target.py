@@ -263,8 +263,8 @@ class TargetModel:
         if not self._screens(hidden, weight):
             return self._greedy_full(hidden, weight)
         if self._screen is None:  # not built at load (a target made by hand): built here, once
-            self._screen = ScreenedHead(weight, self.softcap)
-        ids = self._screen.greedy(hidden)
+            self._build_screen()
+        ids = self._screen.greedy(hidden) if self._screen is not None else None
         return self._greedy_full(hidden, weight) if ids is None else ids
 
     def rollback(self, cache: DynamicCache, fwd: Forward, n_rejected: int, then: int | None = None) -> KV | None:

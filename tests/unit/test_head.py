@@ -15,7 +15,7 @@ from tiny_models import build_assistant, build_target
 
 from langchain_gemma_mtp.distill.objective import draft_argmax
 from langchain_gemma_mtp.engine import Engine, head, matmul, memory
-from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep
+from langchain_gemma_mtp.engine.drafters import DraftRequest, DraftStep, NgramDrafter
 from langchain_gemma_mtp.engine.head import centroid_candidates, greedy_ids, greedy_rows
 from langchain_gemma_mtp.engine.target import TargetModel
 from langchain_gemma_mtp.engine.types import SamplingParams
@@ -309,6 +309,12 @@ def test_a_screen_that_cannot_be_built_leaves_a_warning_and_the_logits(checkpoin
     assert engine.target._screen is None and "the fp16 greedy screen was not built" in caplog.text
     chooser = engine.target._greedy  # the forms it timed or chose: the logits alone
     assert {*chooser.chosen.values(), *(form for times in chooser._times.values() for form in times)} == {"full"}
+    caplog.clear()
+    by_hand = Engine(engine.model, NgramDrafter(), engine.tokenizer)  # nothing packed at load: built at its first trial
+    for seed in PROMPT_SEEDS:
+        got = by_hand.generate(prompt(seed), max_new_tokens=NEW_TOKENS, num_draft_tokens=4, stop_token_ids=[])
+        assert got.token_ids == hf_greedy(engine.model, prompt(seed), NEW_TOKENS)
+    assert by_hand.target._screen is None and "the fp16 greedy screen was not built" in caplog.text
 
 
 def test_the_target_measures_both_greedy_forms_and_fixes_full_with_the_matmul_form(checkpoints, monkeypatch):
